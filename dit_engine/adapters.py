@@ -1,0 +1,173 @@
+"""Adapter slots: which LoRA each sequence (or token) uses, with stacked weights per module.
+
+A forward pass may stack several slots on one base model. Slot 0 is usually the weight diff (a
+different one per sequence), slot 1 the shared DIT adapter. Each slot holds, per adapted linear
+(full HF name, e.g. ``model.layers.3.self_attn.q_proj``), ``A: [n, r, d_in]`` and
+``B: [n, d_out, r]`` (PEFT convention, ``dW = scale * B @ A``), a scale per adapter and an index per
+sequence ``[batch]`` or per token ``[batch, seq]`` (-1 = no adapter). Mixed ranks are zero-padded
+to the slot's max rank. A slot is trainable when its tensors require grad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from .config import TARGET_MODULES, ModelConfig
+from .kernels.multi_lora import LoraMeta, build_lora_meta, multi_lora
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model: names the module and expected vs. found shape."""
+
+
+@dataclasses.dataclass
+class LoraSlot:
+    A: dict[str, Tensor]  # module name -> [n, r, d_in]
+    B: dict[str, Tensor]  # module name -> [n, d_out, r]
+    scale: Tensor  # [n] fp32
+    index: Tensor  # [batch] or [batch, seq] int64, -1 = none
+    name: str = "slot"
+
+    @property
+    def n_adapters(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.A.values())).shape[1] if self.A else 0
+
+    @property
+    def trainable(self) -> bool:
+        return any(t.requires_grad for t in self.A.values()) or any(t.requires_grad for t in self.B.values())
+
+    def parameters(self) -> list[Tensor]:
+        return [t for name in self.A for t in (self.A[name], self.B[name])]
+
+    def with_index(self, index: Tensor) -> "LoraSlot":
+        return dataclasses.replace(self, index=index)
+
+    def select_rows(self, rows: Tensor) -> "LoraSlot":
+        """The same weights for a subset of the batch rows (used when finished rows leave a batch)."""
+        return dataclasses.replace(self, index=self.index[rows.to(self.index.device)])
+
+    def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
+        shapes = config.linear_shapes()
+        known = set(config.module_names())
+        n = self.n_adapters
+        if set(self.A) != set(self.B):
+            raise AdapterError(f"{self.name}: modules with A but no B (or B but no A): {sorted(set(self.A) ^ set(self.B))}")
+        for name, a in self.A.items():
+            if name not in known:
+                raise AdapterError(f"{self.name}: {name} is not a linear layer of this model ({config.name or config.model_type})")
+            d_in, d_out = shapes[name.rsplit(".", 1)[1]]
+            b = self.B[name]
+            if a.dim() != 3 or a.shape[0] != n or a.shape[2] != d_in:
+                raise AdapterError(f"{self.name}: {name} A has shape {tuple(a.shape)}, expected [{n}, r, {d_in}]")
+            if b.dim() != 3 or b.shape[0] != n or b.shape[1] != d_out or b.shape[2] != a.shape[1]:
+                raise AdapterError(
+                    f"{self.name}: {name} B has shape {tuple(b.shape)}, expected [{n}, {d_out}, {a.shape[1]}]"
+                )
+        if self.scale.shape != (n,):
+            raise AdapterError(f"{self.name}: scale has shape {tuple(self.scale.shape)}, expected [{n}]")
+        if self.index.shape[0] != batch or (self.index.dim() == 2 and seq is not None and self.index.shape[1] != seq):
+            want = f"[{batch}]" + (f" or [{batch}, {seq}]" if seq is not None else "")
+            raise AdapterError(f"{self.name}: index has shape {tuple(self.index.shape)}, expected {want}")
+        if self.index.numel() and (int(self.index.max()) >= n or int(self.index.min()) < -1):
+            raise AdapterError(f"{self.name}: index values must lie in [-1, {n - 1}], found "
+                               f"[{int(self.index.min())}, {int(self.index.max())}]")
+
+    def token_meta(self, batch: int, seq: int) -> LoraMeta:
+        """Routing metadata for a [batch, seq] block of tokens flattened row-major."""
+        idx = self.index
+        if idx.dim() == 1:
+            idx = idx[:, None].expand(batch, seq)
+        return build_lora_meta(idx.reshape(-1), self.n_adapters)
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        config: ModelConfig,
+        n: int,
+        rank: int,
+        *,
+        targets: tuple[str, ...] | list[str] = TARGET_MODULES,
+        scale: float | None = None,
+        init: str = "peft",
+        index: Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        trainable: bool = False,
+        generator: torch.Generator | None = None,
+        name: str = "slot",
+    ) -> "LoraSlot":
+        """``n`` fresh adapters of rank ``rank`` on ``targets``.
+
+        init: ``"peft"`` (A Kaiming-uniform, B zero: the adapters start as the base model),
+        ``"dit"`` (A zero, B Kaiming-uniform, as the DIT paper), ``"random"`` (both random; tests and
+        benches), ``"zeros"``. ``scale`` defaults to ``1 / rank`` (alpha = 1, as the DIT paper).
+        """
+        shapes = config.linear_shapes()
+        A: dict[str, Tensor] = {}
+        B: dict[str, Tensor] = {}
+        for name_ in config.module_names(targets):
+            d_in, d_out = shapes[name_.rsplit(".", 1)[1]]
+            a = torch.zeros(n, rank, d_in, dtype=torch.float32)
+            b = torch.zeros(n, d_out, rank, dtype=torch.float32)
+            if init in ("peft", "random"):
+                bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on [r, d_in]
+                a.uniform_(-bound, bound, generator=generator)
+            if init in ("dit", "random"):
+                bound = 1.0 / math.sqrt(rank)
+                b.uniform_(-bound, bound, generator=generator)
+            if init not in ("peft", "dit", "random", "zeros"):
+                raise ValueError(f"unknown init {init!r}")
+            A[name_] = a.to(device=device, dtype=dtype).requires_grad_(trainable)
+            B[name_] = b.to(device=device, dtype=dtype).requires_grad_(trainable)
+        sc = torch.full((n,), 1.0 / rank if scale is None else float(scale), dtype=torch.float32, device=device)
+        if index is None:
+            index = torch.arange(n, device=device)
+        return cls(A=A, B=B, scale=sc, index=index.to(device=device, dtype=torch.int64), name=name)
+
+
+@dataclasses.dataclass
+class AdapterBatch:
+    """The adapter slots applied in one forward pass, in order (slot 0 first)."""
+
+    slots: list[LoraSlot]
+
+    def __init__(self, *slots: LoraSlot):
+        self.slots = list(slots)
+
+    def select_rows(self, rows: Tensor) -> "AdapterBatch":
+        return AdapterBatch(*(s.select_rows(rows) for s in self.slots))
+
+    def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
+        for s in self.slots:
+            s.validate(config, batch, seq)
+
+    def bind(self, batch: int, seq: int) -> "BoundAdapters":
+        """Build the routing metadata once for a [batch, seq] forward; every layer reuses it."""
+        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots])
+
+
+@dataclasses.dataclass
+class BoundAdapters:
+    """Adapter slots with their per-forward routing; what each adapted linear receives."""
+
+    slots: list[tuple[LoraSlot, LoraMeta]]
+
+    def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N, d_in] -> [N, d_out] or None
+        """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels."""
+        out = None
+        for slot, meta in self.slots:
+            a = slot.A.get(name)
+            if a is None:
+                continue
+            d = multi_lora(x, a, slot.B[name], slot.scale, meta)
+            out = d if out is None else out + d
+        return out
