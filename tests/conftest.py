@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight configs of each supported family."""
+
+from __future__ import annotations
+
+import pytest
+
+from dit_engine.config import ModelConfig
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    eos_token_id=2,
+    bos_token_id=1,
+)
+
+
+def tiny_config(model_type: str = "llama", **overrides) -> ModelConfig:
+    d = dict(TINY, model_type=model_type)
+    if model_type == "qwen3":
+        d["head_dim"] = 16  # Qwen3 sets head_dim apart from hidden/heads
+    if model_type == "llama" and "tie_word_embeddings" not in overrides:
+        d["tie_word_embeddings"] = True
+    d.update(overrides)
+    return ModelConfig.from_dict(d, source="tiny", name=f"tiny-{model_type}")
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def any_tiny_config(request) -> ModelConfig:
+    return tiny_config(request.param)
