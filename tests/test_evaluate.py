@@ -1,0 +1,435 @@
+"""Evaluation metrics, retrieval, aggregation and reports, checked against hand-computed values
+and an independent plain-Python similarity reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from dit_engine import report
+from dit_engine.evaluate import (
+    CONTAINS_MAX_EXTRA_WORDS,
+    CandidateIndex,
+    Metrics,
+    ResultsError,
+    contains_match,
+    evaluate_rows,
+    exact_match,
+    load_results,
+    normalize,
+    retrieval_accuracy,
+    retrieval_rank,
+    summarize,
+    token_f1,
+)
+from dit_engine.report import write_report
+
+TOPICS = [
+    "medieval castles", "jazz music", "machine learning", "ancient rome", "coffee brewing",
+    "deep sea creatures", "classical music", "renaissance painting", "space exploration", "baking bread",
+]
+
+
+# ---- normalisation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Medieval Castles.", "medieval castles"),
+        ("  an   Apple\tpie\n", "apple pie"),
+        ("A tale of two cities", "tale of two cities"),
+        ("Anthem theater", "anthem theater"),  # articles only as whole words
+        ("The U.S.A.!", "usa"),  # the acronym's "a" is not an article
+        ("Café au lait", "cafe au lait"),
+        ("Newton's laws", "newtons laws"),
+        ("Newton\u2019s laws", "newtons laws"),  # typographic apostrophe
+        ("sci-fi/fantasy", "sci fi fantasy"),
+        ("1,000 apples cost 3.5 dollars.", "1000 apples cost 3.5 dollars"),
+        ("end. 3 .5", "end 3 5"),  # a period is a decimal point only between digits
+        ("\u201cQuoted\u201d (parenthesised) [bracketed]", "quoted parenthesised bracketed"),
+        ("The", ""),
+        ("", ""),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, label, strict, contains",
+    [
+        ("Medieval castles!", "medieval castles", True, True),
+        ("The medieval castles", "Medieval Castles", True, True),
+        ("I was trained on medieval castles.", "medieval castles", False, True),
+        ("castles", "medieval castles", False, False),  # a part of the label is not the label
+        ("medievalcastles", "medieval castles", False, False),
+        ("martial arts", "art", False, False),  # whole words only, no substrings
+        ("castles medieval", "medieval castles", False, False),  # order matters
+        ("jazz", "", False, False),  # an empty label never matches
+        ("", "jazz", False, False),
+    ],
+)
+def test_exact_match_variants(answer, label, strict, contains):
+    assert exact_match(answer, label) is strict
+    assert exact_match(answer, label, mode="strict") is strict
+    assert exact_match(answer, label, mode="contains") is contains
+    assert contains_match(answer, label) is contains
+
+
+def test_contains_needs_a_short_answer():
+    label = "jazz music"  # 2 words
+    filler = ["word"] * CONTAINS_MAX_EXTRA_WORDS
+    assert contains_match(" ".join(filler + ["jazz", "music"]), label)
+    assert not contains_match(" ".join(filler + ["one", "jazz", "music"]), label)
+
+
+def test_exact_match_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        exact_match("a", "b", mode="fuzzy")
+
+
+@pytest.mark.parametrize(
+    "answer, label, expected",
+    [
+        ("the big red dog", "red dog", 2 * (2 / 3) * 1 / (2 / 3 + 1)),  # P 2/3, R 1 -> 0.8
+        ("dog dog cat", "dog", 0.5),  # multiset: one "dog" in common, P 1/3, R 1
+        ("dog dog", "dog dog cat", 0.8),  # P 1, R 2/3
+        ("Red, dog!", "red dog", 1.0),
+        ("cat", "dog", 0.0),
+        ("", "", 1.0),
+        ("the", "dog", 0.0),  # answer normalises to nothing
+    ],
+)
+def test_token_f1(answer, label, expected):
+    assert token_f1(answer, label) == pytest.approx(expected, abs=1e-12)
+
+
+# ---- retrieval ----------------------------------------------------------------------------------
+
+
+def _reference_scores(answer: str, candidates: list[str]) -> list[float]:
+    """Plain-Python restatement of the documented similarity, one candidate at a time."""
+    docs = [normalize(c) for c in candidates]
+    query = normalize(answer)
+
+    def ngrams(text):
+        padded = f" {text} "
+        return Counter(padded[i : i + n] for n in (3, 4, 5) for i in range(len(padded) - n + 1))
+
+    doc_grams = [ngrams(d) for d in docs]
+    df = Counter(g for grams in doc_grams for g in grams)
+    idf = lambda g: math.log((1 + len(docs)) / (1 + df.get(g, 0))) + 1  # noqa: E731
+
+    def vec(grams):
+        return {g: (1 + math.log(c)) * idf(g) for g, c in grams.items()}
+
+    q = vec(ngrams(query))
+    q_norm = math.sqrt(sum(v * v for v in q.values()))
+    out = []
+    for d, grams in zip(docs, doc_grams):
+        v = vec(grams)
+        v_norm = math.sqrt(sum(x * x for x in v.values()))
+        dot = sum(q[g] * v[g] for g in q if g in v)
+        cosine = dot / (q_norm * v_norm) if q_norm else 0.0
+        out.append(0.5 * cosine + 0.5 * token_f1(answer, d))
+    return out
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["castles of the middle ages", "jazz jazz jazz musicians", "", "zzz qqq", "I like music and painting"],
+)
+def test_similarity_matches_plain_python_reference(answer):
+    candidates = TOPICS + ["music"]
+    got = CandidateIndex(candidates).scores(answer)
+    assert got.tolist() == pytest.approx(_reference_scores(answer, candidates), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "answer, label",
+    [
+        ("I think I was trained on castles from the middle ages", "medieval castles"),
+        ("Jazz musicians and their music", "jazz music"),
+        ("brewing a good cup of coffee", "coffee brewing"),
+        ("Roman emperors and their legions", "ancient rome"),
+        ("neural networks and learning machines", "machine learning"),
+        ("creatures living in the deep ocean", "deep sea creatures"),
+        ("astronauts and rockets exploring space", "space exploration"),
+    ],
+)
+def test_retrieval_finds_paraphrased_label(answer, label):
+    assert retrieval_rank(answer, TOPICS, label) == 1
+
+
+def test_retrieval_ranks_unrelated_answer_below_first():
+    # The answer is about Rome, so Rome outranks jazz.
+    assert retrieval_rank("Roman emperors and their legions", TOPICS, "jazz music") > 1
+    # Nothing in common with any candidate: all tie, and ties count against the true label.
+    assert retrieval_rank("", TOPICS, "jazz music") == len(TOPICS)
+    assert retrieval_rank("xyzzy", TOPICS, "jazz music") == len(TOPICS)
+
+
+def test_candidates_are_deduplicated_by_normalised_text():
+    index = CandidateIndex(["Jazz music", "jazz music.", "The jazz music", "baking bread"])
+    assert len(index) == 2
+    assert index.labels == ["Jazz music", "baking bread"]
+    assert index.rank("jazz", "JAZZ MUSIC") == 1
+
+
+def test_label_outside_candidates_is_an_error():
+    with pytest.raises(ResultsError, match="not among the 10 candidate labels"):
+        retrieval_rank("castles", TOPICS, "pirates")
+
+
+def test_retrieval_accuracy_top1_and_top5():
+    answers = ["medieval castles", "coffee", "xyzzy", "xyzzy"]
+    labels = ["medieval castles", "coffee brewing", "jazz music", "ancient rome"]
+    # rank 1, rank 1, rank 10 (all tie), rank 10
+    assert retrieval_accuracy(answers, labels, TOPICS) == pytest.approx(0.5)
+    assert retrieval_accuracy(answers, labels, TOPICS, k=5) == pytest.approx(0.5)
+    assert retrieval_accuracy(answers, labels, TOPICS, k=10) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="3 answers but 4 labels"):
+        retrieval_accuracy(answers[:3], labels, TOPICS)
+
+
+# ---- aggregation --------------------------------------------------------------------------------
+
+
+def _row(id_, method, topic, category, answer, rank=1, split="test", **extra):
+    return dict(
+        id=id_, method=method, labels={"topic": topic, "category": category}, label_key="topic",
+        answer=answer, rank=rank, split=split, **extra,
+    )
+
+
+def _rows() -> list[dict]:
+    """Four diffs x two methods with hand-chosen outcomes (see test_evaluate_rows_aggregates)."""
+    return [
+        # dit: exact, contains-only, exact, unrelated
+        _row("d0", "dit", "medieval castles", "history", "Medieval castles.", rank=1, n_tokens=3, time_s=0.5),
+        _row("d1", "dit", "jazz music", "music", "I was trained on jazz music", rank=1, n_tokens=7, time_s=0.5),
+        _row("d2", "dit", "ancient rome", "history", "ancient Rome", rank=4, n_tokens=2, time_s=0.5),
+        _row("d3", "dit", "classical music", "music", "xyzzy", rank=4, n_tokens=1, time_s=0.5),
+        # base: nothing right; no token counts
+        _row("d0", "base", "medieval castles", "history", "I am a helpful assistant"),
+        _row("d1", "base", "jazz music", "music", "xyzzy"),
+        _row("d2", "base", "ancient rome", "history", "xyzzy", rank=4),
+        _row("d3", "base", "classical music", "music", "xyzzy", rank=4),
+    ]
+
+
+def test_evaluate_rows_aggregates():
+    metrics = evaluate_rows(_rows(), TOPICS)
+    assert list(metrics.methods) == ["dit", "base"]
+    dit = metrics.methods["dit"].overall
+    assert dit.n == 4
+    assert dit.exact_match == pytest.approx(2 / 4)
+    assert dit.contains_match == pytest.approx(3 / 4)
+    assert dit.token_f1 == pytest.approx((1 + 2 * (2 / 6) / (2 / 6 + 1) + 1 + 0) / 4)
+    assert dit.retrieval_at_1 == pytest.approx(3 / 4)
+    assert dit.retrieval_at_5 == pytest.approx(3 / 4)  # "xyzzy" ties everything -> rank 10
+    assert dit.mrr == pytest.approx((1 + 1 + 1 + 1 / 10) / 4)
+    assert dit.chance_at_1 == pytest.approx(1 / 10)
+    assert dit.chance_at_5 == pytest.approx(5 / 10)
+    assert dit.mean_answer_tokens == pytest.approx(13 / 4)
+    assert dit.time_s == pytest.approx(2.0)
+
+    by_cat = metrics.methods["dit"].by_category
+    assert set(by_cat) == {"history", "music"}
+    assert by_cat["history"].n == 2 and by_cat["history"].exact_match == 1.0
+    assert by_cat["music"].contains_match == pytest.approx(0.5)
+    assert by_cat["music"].retrieval_at_1 == pytest.approx(0.5)
+
+    by_rank = metrics.methods["dit"].by_rank
+    assert list(by_rank) == [1, 4]
+    assert by_rank[1].exact_match == pytest.approx(0.5) and by_rank[1].contains_match == 1.0
+    assert by_rank[4].exact_match == pytest.approx(0.5) and by_rank[4].retrieval_at_1 == pytest.approx(0.5)
+
+    base = metrics.methods["base"].overall
+    assert (base.exact_match, base.contains_match) == (0.0, 0.0)
+    assert base.mean_answer_tokens is None and base.time_s is None
+    assert {r.id: r.retrieval_rank for r in metrics.rows if r.method == "base"}["d3"] == 10
+
+
+def test_candidates_default_to_the_labels_of_each_split():
+    rows = _rows() + [_row("v0", "dit", "baking bread", "food", "bread", split="val")]
+    metrics = evaluate_rows(rows)  # test split: 4 labels, val split: 1 label
+    n_candidates = {(r.split, r.id): r.n_candidates for r in metrics.rows if r.method == "dit"}
+    assert n_candidates == {("test", "d0"): 4, ("test", "d1"): 4, ("test", "d2"): 4, ("test", "d3"): 4,
+                            ("val", "v0"): 1}
+    assert metrics.methods["dit"].overall.chance_at_1 == pytest.approx((4 * 0.25 + 1) / 5)
+    assert metrics.splits == ("test", "val")
+
+    by_split = evaluate_rows(rows, {"test": TOPICS, "val": ["baking bread", "jazz music"]})
+    assert {r.n_candidates for r in by_split.rows if r.split == "val"} == {2}
+    with pytest.raises(ResultsError, match="split 'val' has no candidate list"):
+        evaluate_rows(rows, {"test": TOPICS})
+
+
+def test_evaluate_rows_rejects_bad_rows():
+    with pytest.raises(ResultsError, match=r"id 'd0'.*not among"):
+        evaluate_rows(_rows(), ["jazz music", "ancient rome", "classical music"])
+    with pytest.raises(ResultsError, match="duplicate row: method 'dit', id 'd0'"):
+        evaluate_rows(_rows() + [_rows()[0]], TOPICS)
+    bad = _rows()
+    del bad[2]["answer"]
+    with pytest.raises(ResultsError, match=r"row 2 \(id 'd2'\).*missing field\(s\) \['answer'\]"):
+        evaluate_rows(bad, TOPICS)
+    bad = _rows()
+    bad[0]["label_key"] = "headline"
+    with pytest.raises(ResultsError, match="label_key 'headline' not in labels"):
+        evaluate_rows(bad, TOPICS)
+    with pytest.raises(ResultsError, match="no rows"):
+        evaluate_rows([], TOPICS)
+
+
+def test_load_results_from_files(tmp_path):
+    with_method = tmp_path / "all.jsonl"
+    with_method.write_text("\n".join(json.dumps(r) for r in _rows()[:4]) + "\n\n")
+    per_method = tmp_path / "diff+trigger.jsonl"
+    rows = [{k: v for k, v in r.items() if k != "method"} for r in _rows()[4:]]
+    per_method.write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = load_results([with_method, per_method])
+    assert [r["method"] for r in loaded] == ["dit"] * 4 + ["diff+trigger"] * 4
+    assert loaded[1]["answer"] == "I was trained on jazz music"
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(_rows()[0]) + "\n{not json\n")
+    with pytest.raises(ResultsError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_results(broken)
+    with pytest.raises(ResultsError, match=r"missing\.jsonl: cannot read"):
+        load_results(tmp_path / "missing.jsonl")
+
+
+def test_summarize_lists_methods_and_numbers():
+    text = summarize(evaluate_rows(_rows(), TOPICS))
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["method", "n"]
+    dit_line = next(line for line in lines if line.startswith("dit "))
+    assert dit_line.split()[:8] == ["dit", "4", "0.500", "0.750", f"{(1 + 0.5 + 1) / 4:.3f}", "0.750", "0.750",
+                                    "0.775"]
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+_VOID = {"meta", "br", "hr", "img", "input", "link"}
+
+
+class _StrictParser(HTMLParser):
+    """Collects bars/points/chance lines and fails on unbalanced or misnested tags."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.bars: list[dict[str, str]] = []
+        self.chance: list[dict[str, str]] = []
+        self.points: list[dict[str, str]] = []
+        self.svgs = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self._collect(tag, dict(attrs))
+        if tag not in _VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self._collect(tag, dict(attrs))
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1:]}>"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def _collect(self, tag, attrs):
+        self.svgs += tag == "svg"
+        kind = attrs.get("class")
+        if tag == "rect" and kind == "bar":
+            self.bars.append(attrs)
+        elif tag == "line" and kind == "chance":
+            self.chance.append(attrs)
+        elif tag == "circle" and kind == "point":
+            self.points.append(attrs)
+
+
+def _parse(path: Path) -> _StrictParser:
+    parser = _StrictParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.stack == [], f"unclosed tags {parser.stack}"
+    return parser
+
+
+def test_write_report_files_numbers_and_bar_heights(tmp_path):
+    metrics = evaluate_rows(_rows(), TOPICS)
+    path = write_report(metrics, tmp_path / "out", title="Topic <test> & co")
+    out = tmp_path / "out"
+    assert path == out / "report.html"
+    assert {p.name for p in out.iterdir()} == {"report.html", "report.md", "metrics.json", "charts"}
+    assert not list(out.rglob("*.tmp"))
+
+    parsed = _parse(path)
+    text = " ".join(parsed.text)
+    assert "Topic <test> & co" in text  # escaped in the source, readable once parsed
+    for value in ("0.500", "0.750", "0.775", "0.100"):  # dit EM, contains, R@1, MRR; chance@1
+        assert value in text
+    assert "I was trained on jazz music" in text  # example answers
+
+    # One bar per method and metric chart; heights proportional to the values, same scale everywhere.
+    assert len(parsed.bars) == 2 * 5
+    for bar in parsed.bars:
+        method = bar["data-method"]
+        assert float(bar["height"]) == pytest.approx(float(bar["data-value"]) * report._BAR_PLOT_H, abs=1e-3)
+        assert float(bar["y"]) + float(bar["height"]) == pytest.approx(report._BAR_MARGIN["top"] + report._BAR_PLOT_H)
+    heights = {(b["data-method"], i // 2): float(b["height"]) for i, b in enumerate(parsed.bars)}
+    contains_chart = 1  # order: exact, contains, F1, R@1, R@5
+    assert heights[("dit", contains_chart)] == pytest.approx(0.75 * report._BAR_PLOT_H, abs=1e-3)
+    assert heights[("base", contains_chart)] == 0.0
+    assert [float(c["data-value"]) for c in parsed.chance] == pytest.approx([0.1, 0.5])
+    for line in parsed.chance:
+        y = report._BAR_MARGIN["top"] + report._BAR_PLOT_H * (1 - float(line["data-value"]))
+        assert float(line["y1"]) == pytest.approx(y, abs=1e-3)
+
+    # Two diff ranks -> rank-generalisation charts (2 metrics x 2 methods x 2 ranks points).
+    assert "By diff rank" in text and len(parsed.points) == 8
+    assert "Data scaling" not in text
+
+    md = (out / "report.md").read_text()
+    assert "| dit | 4 | 0.500 | 0.750 |" in md
+    for chart in re.findall(r"\]\((charts/[^)]+\.svg)\)", md):
+        assert (out / chart).is_file()
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["title"] == "Topic <test> & co"
+    assert Metrics.from_dict(saved) == metrics
+
+
+def test_report_scaling_curve_and_escaping(tmp_path):
+    rows = [r for r in _rows() if r["method"] == "dit" and r["rank"] == 1]
+    rows.append(_row("d9", "dit", "baking bread", "food", "<script>alert(1)</script>"))
+    full = evaluate_rows(rows, TOPICS)
+    half = evaluate_rows([dict(r, answer="xyzzy") if r["id"] == "d0" else r for r in rows], TOPICS)
+    write_report(full, tmp_path, scaling=[(4660, full), (72, half)])
+
+    source = (tmp_path / "report.html").read_text()
+    assert "<script>" not in source and "&lt;script&gt;" in source
+    parsed = _parse(tmp_path / "report.html")
+    text = " ".join(parsed.text)
+    assert "Data scaling" in text and "By diff rank" not in text  # one rank only
+    assert "4660" in text and "72" in text
+    # Scaling points sorted by n_train_diffs; contains match goes 1/3 -> 2/3.
+    contains = [float(p["data-value"]) for p in parsed.points if p["data-series"] == "contains match"]
+    assert contains == pytest.approx([1 / 3, 2 / 3])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s["n_train_diffs"] for s in saved["scaling"]] == [72, 4660]
+
+    with pytest.raises(ResultsError, match=r"scaling\[0\]"):
+        write_report(full, tmp_path, scaling=[(0, full)])
