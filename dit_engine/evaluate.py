@@ -29,7 +29,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -543,7 +543,7 @@ def _score_row(row: Mapping[str, Any], index: CandidateIndex) -> RowScore:
     )
 
 
-def _group(scored: list[RowScore], key) -> dict[Any, Scores]:
+def _group(scored: list[RowScore], key: Callable[[RowScore], Hashable]) -> dict[Any, Scores]:
     groups: dict[Any, list[RowScore]] = {}
     for s in scored:
         groups.setdefault(key(s), []).append(s)

@@ -266,7 +266,9 @@ def _svg_lines(
                 f'cy="{y:.4f}" r="3.5" fill="{colour}"><title>{_esc(name)}: {value:.3f}</title></circle>'
             )
         ly = top + 8 + 18 * i
-        parts.append(f'<line x1="{right + 12}" y1="{ly}" x2="{right + 32}" y2="{ly}" stroke="{colour}" stroke-width="2"/>')
+        parts.append(
+            f'<line x1="{right + 12}" y1="{ly}" x2="{right + 32}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'
+        )
         parts.append(f'<text x="{right + 37}" y="{ly + 4}">{_esc(_short(name, 100))}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
