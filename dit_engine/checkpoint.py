@@ -1,0 +1,236 @@
+"""Hugging Face checkpoint directories -> weights and a ready model.
+
+A checkpoint dir holds ``config.json`` and either ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` with its shards. Tensors stream one at a time from the file
+(safetensors memory-maps it), are checked against the model's own ``state_dict`` keys and shapes,
+and are assigned straight into a model built on the meta device, so the weights never exist twice
+in memory. The spec ``"default"`` names the engine's default model (SmolLM2-135M-Instruct), which
+is fetched and converted once into :func:`engine_home` (see :mod:`dit_engine.gguf_convert`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+DEFAULT_SPEC = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Tensors some exporters write that carry nothing the model needs (RoPE tables are recomputed).
+_HARMLESS_EXTRA = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.(cos|sin)_cached$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint the engine cannot load: names the file or tensor and expected vs. found."""
+
+
+def engine_home() -> Path:
+    """Where the engine caches models: ``$DIT_ENGINE_HOME``, else ``$XDG_CACHE_HOME/dit-engine``,
+    else ``~/.cache/dit-engine``."""
+    if os.environ.get("DIT_ENGINE_HOME"):
+        return Path(os.environ["DIT_ENGINE_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "dit-engine"
+
+
+def default_model_dir(home: Path | None = None) -> Path:
+    return (home or engine_home()) / "models" / DEFAULT_MODEL_NAME
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """``"default"`` -> the cached default model dir (fetched and converted on first use);
+    anything else -> an existing HF checkpoint directory holding a config.json."""
+    if str(spec) == DEFAULT_SPEC:
+        target = default_model_dir()
+        if (target / "config.json").is_file():
+            return target
+        # Imported here because the converter itself writes through save_checkpoint below.
+        from .gguf_convert import fetch_default_model
+
+        return fetch_default_model()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: model directory not found (pass an HF checkpoint dir or 'default')")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected an HF checkpoint directory, found a file")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json in this directory; it is not an HF checkpoint dir")
+    return path
+
+
+def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of a checkpoint dir, one at a time.
+
+    Reads ``model.safetensors`` or, failing that, the shards named by ``model.safetensors.index.json``
+    (every shard is checked to exist before the first tensor is yielded)."""
+    path = Path(path)
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the :class:`~dit_engine.model.Transformer` of a checkpoint and fill it with its weights.
+
+    Floating-point tensors are cast to ``dtype``; the model is returned in eval mode, its base
+    weights frozen (``requires_grad=False``), with ``model.config`` the checkpoint's :class:`ModelConfig`."""
+    from .model import Transformer  # the model module is heavy; keep `import checkpoint` light
+
+    path = resolve_model(spec)
+    config = ModelConfig.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    device = torch.device(device)
+
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in iter_checkpoint_tensors(path):
+        if name not in expected:
+            if _HARMLESS_EXTRA.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(tensor.shape)}, the model ({config.model_type}, "
+                f"config.json) expects {list(expected[name])}"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _assign(model, name, tensor.to(device))
+        loaded.add(name)
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensor(s) the {config.model_type} model does not have: {_preview(unexpected)}"
+        )
+
+    if config.tie_word_embeddings and "lm_head.weight" in expected:
+        # A model that registers a tied lm_head shares the embedding Parameter; re-share it,
+        # since assigning the embedding above replaced the object it pointed to.
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {_preview(missing)}")
+
+    model.init_buffers(device)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensors left without values after loading: {_preview(still_meta)}")
+    model.config = config
+    return model.eval()
+
+
+def save_checkpoint(state: Mapping[str, Tensor], config: ModelConfig, out_dir: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    seen_storage: set[int] = set()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (tied weights): give each its own copy.
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:
+            t = t.clone()
+        seen_storage.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    _atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return out_dir
+
+
+def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """A cheap, stable hash of base weights: names, shapes and a strided sample of values.
+
+    Sampled values are rounded to bfloat16 before hashing so that one checkpoint loaded in fp32
+    or bf16 gets one fingerprint; any real change of base model changes names, shapes or values."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        if t.is_meta:
+            raise CheckpointError(f"weights_fingerprint: {name} is on the meta device (weights not loaded)")
+        h.update(f"{name}:{list(t.shape)};".encode())
+        flat = t.reshape(-1)
+        if flat.numel() == 0:
+            continue
+        steps = min(_SAMPLES_PER_TENSOR, flat.numel())
+        # Integer strides: float positions round past the last element in tensors of ~2**24+ values.
+        picks = torch.arange(steps, dtype=torch.int64) * (flat.numel() - 1) // max(steps - 1, 1)
+        sample = flat[picks.to(flat.device)].to("cpu", torch.float32)
+        h.update(sample.to(torch.bfloat16).to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+_SAMPLES_PER_TENSOR = 257  # odd, so the samples do not fall on a power-of-two stride of a row
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    single, index = path / WEIGHTS_FILE, path / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) that do not exist in {path}: {missing}")
+        return [path / s for s in shards]
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    hint = " (.bin/.pt weights are not read: convert them to safetensors)" if any(
+        n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} found; the dir holds {found}{hint}")
+
+
+def _assign(model: nn.Module, name: str, value: Tensor) -> None:
+    """Put ``value`` in place of the meta tensor ``name`` (a parameter or persistent buffer)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        # Base weights are never trained here (diffs and the DIT adapter live in adapter slots).
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _preview(names: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via ``write(tmp_path)`` into a temp file beside ``target``, then rename it in place,
+    so a killed writer never leaves a half file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; checkpoints are meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
