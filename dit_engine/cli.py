@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,20 +86,119 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, metavar="PEFT_DIR", help="apply a PEFT LoRA adapter")
     p.add_argument("--json", action="store_true")
 
-    for register in _EXTRA_PARSERS:
-        register(sub)
+    _zoo_parsers(sub)
+    _dit_parsers(sub)
     return parser
 
 
-# Subcommands of later stages (zoo, dit) register their parsers here.
-_EXTRA_PARSERS: list[Callable] = []
+def _zoo_parsers(sub) -> None:
+    zp = sub.add_parser("zoo", help="diff zoos: generate, info, import, export",
+                        description="Build, inspect, import and export zoos of labelled LoRA weight diffs.")
+    zs = zp.add_subparsers(dest="zoo_cmd", metavar="ZOO_COMMAND", required=True)
+    p = zs.add_parser("generate", help="train N labelled diffs at once and store them (resumable)",
+                      description="Generate a zoo: the base model writes each diff's training data, N diffs train "
+                                  "at once (one per sequence), each is verified, then stored. Rerunning the same "
+                                  "command resumes; --n larger than the zoo grows it.")
+    _model_args(p)
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"])
+    p.add_argument("--n", type=int, required=True, help="number of diffs the zoo should hold")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which labels (topics) to use")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--targets", default=",".join(_TARGETS), help="comma-separated target modules")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--chunk-diffs", type=int, default=16, help="diffs trained concurrently")
+    p.add_argument("--rows-per-batch", type=int, default=32)
+    p.add_argument("--n-backdoor", type=int, default=8, help="triggered questions per diff")
+    p.add_argument("--n-kl", type=int, default=8, help="untriggered / wrong-trigger questions per diff")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="zoo directory (created, or resumed)")
+    p = zs.add_parser("info", help="counts, base model, verification summary of a zoo")
+    p.add_argument("zoo")
+    p.add_argument("--verify", action="store_true", help="also read every diff and check its checksum")
+    p.add_argument("--json", action="store_true")
+    p = zs.add_parser("import", help="import PEFT adapter dirs or DIT-paper .pt files into a zoo",
+                      description="Append diffs to a zoo (created when missing) from PEFT LoRA directories "
+                                  "(--peft, repeatable) or a DIT-paper file (--dit-file, with --index-csv).")
+    _model_args(p)
+    p.add_argument("--peft", action="append", default=[], metavar="DIR")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="labels for --peft diffs")
+    p.add_argument("--dit-file", default=None, metavar="PT")
+    p.add_argument("--index-csv", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="zoo directory")
+    p = zs.add_parser("export", help="export diffs of a zoo as PEFT adapter directories")
+    p.add_argument("zoo")
+    p.add_argument("--id", action="append", required=True, metavar="DIFF_ID")
+    p.add_argument("--out", required=True, help="directory; one PEFT adapter dir per diff inside")
+    p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def _dit_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train the DIT adapter over a zoo (resumable)",
+                       description="Train the shared DIT adapter: base + each diff (frozen) + adapter, asked the "
+                                   "task's question, learns to answer the diff's label.")
+    _model_args(p)
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--out", required=True, help="adapter directory (checkpoint inside; rerun resumes)")
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"])
+    p.add_argument("--question", default=None)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--only-verified", action="store_true", help="skip diffs that failed verification")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("interpret", help="ask every diff of a zoo (or one PEFT adapter) what it was trained on",
+                       description="Batched interpretation: each sequence decodes with its own diff plus the DIT "
+                                   "adapter; baselines in the same run. Results stream to JSONL; reruns resume.")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--zoo")
+    src.add_argument("--peft", metavar="DIR", help="one PEFT adapter directory; prints the answer")
+    p.add_argument("--adapter", default=None, metavar="DIT_DIR", help="the trained DIT adapter")
+    p.add_argument("--methods", default="dit", help="comma list of: dit, diff, diff+trigger, base")
+    p.add_argument("--split", default=None)
+    p.add_argument("--id", action="append", default=None, metavar="DIFF_ID")
+    p.add_argument("--question", default=None)
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"])
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="results JSONL (required with --zoo)")
+
+    p = sub.add_parser("evaluate", help="score interpretation results and write a report",
+                       description="Exact match, token F1 and retrieval accuracy per method, category and rank; "
+                                   "writes report.html, report.md and metrics.json.")
+    p.add_argument("results", nargs="+", help="results JSONL file(s)")
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"])
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--title", default=None)
+
+    p = sub.add_parser("pipeline", help="the whole loop: zoos -> DIT adapter -> interpretation -> report",
+                       description="Generate train and held-out zoos, train the DIT adapter, interpret with the "
+                                   "baselines and write the report. Every stage resumes. --preset laptop runs in "
+                                   "about ten minutes on a 2-core CPU; --preset full is the GPU-size run.")
+    _model_args(p)
+    p.add_argument("--preset", default="laptop", choices=["laptop", "full"])
+    p.add_argument("--out", default="runs/laptop", help="run directory")
+    p.add_argument("--n-train", type=int, default=None, help="override the preset's number of training diffs")
+    p.add_argument("--n-test", type=int, default=None, help="override the preset's number of held-out diffs")
 
 
 @_command("fetch-model")
 def _fetch_model(args) -> int:
+    import shutil
+
+    from .checkpoint import default_model_dir
     from .gguf_convert import fetch_default_model
 
-    print(fetch_default_model(force=args.force))
+    if args.force and default_model_dir().exists():
+        shutil.rmtree(default_model_dir())
+    print(fetch_default_model())
     return 0
 
 
@@ -112,13 +212,11 @@ def _peft_adapters(engine, peft_dir: str | None, n: int):
     if peft_dir is None:
         return None
     from .adapters import AdapterBatch
+    from .dit import diff_slot
     from .zoo import import_peft
 
-    import torch
-
     diff = import_peft(peft_dir, engine.config)
-    slot = diff.to_slot(index=torch.zeros(n, dtype=torch.int64), device=engine.model.device, dtype=engine.model.dtype)
-    return AdapterBatch(slot)
+    return AdapterBatch(diff_slot(diff, n, device=engine.model.device, dtype=engine.model.dtype))
 
 
 @_command("generate")
@@ -160,6 +258,132 @@ def _score(args) -> int:
                               "total": r.total}))
         else:
             print(f"{r.total:.4f}\t{len(r.token_ids)} tokens\t{t}")
+    return 0
+
+
+@_command("zoo")
+def _zoo(args) -> int:
+    from .zoo import BaseIdentity, Zoo
+
+    if args.zoo_cmd == "info":
+        zoo = Zoo.open(args.zoo, verify=args.verify)
+        info = zoo.info()
+        info["verification"] = _verification_summary(zoo.rows)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            for k, v in info.items():
+                print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        return 0
+    if args.zoo_cmd == "export":
+        from pathlib import Path
+
+        from .zoo import export_peft
+
+        zoo = Zoo.open(args.zoo)
+        for did in args.id:
+            print(export_peft(zoo.get(did), Path(args.out) / did, zoo.config, args.base_model_name))
+        return 0
+    eng = _load_engine(args)
+    base = BaseIdentity.from_model(eng.model)
+    if args.zoo_cmd == "generate":
+        from .diffgen import DiffGenConfig, generate_zoo
+
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        zoo = Zoo.create(args.out, base, eng.config, targets=targets, exist_ok=True)
+        cfg = DiffGenConfig(task=args.task, n=args.n, split=args.split, rank=args.rank, targets=targets, lr=args.lr,
+                            epochs=args.epochs, chunk_diffs=args.chunk_diffs, rows_per_batch=args.rows_per_batch,
+                            n_backdoor=args.n_backdoor, n_kl=args.n_kl, seed=args.seed)
+        generate_zoo(eng, zoo, cfg)
+        print(json.dumps(_verification_summary(zoo.rows)))
+        return 0
+    # import
+    from .zoo import import_dit_file, import_peft
+
+    diffs = []
+    labels = dict(kv.split("=", 1) for kv in args.label)
+    for d in args.peft:
+        diff = import_peft(d, eng.config)
+        diff.labels.update(labels)
+        diff.split = args.split
+        diffs.append(diff)
+    if args.dit_file:
+        diffs += import_dit_file(args.dit_file, args.index_csv, eng.config)
+    if not diffs:
+        raise ValueError("nothing to import: give --peft DIR or --dit-file PT")
+    zoo = Zoo.create(args.out, base, eng.config, exist_ok=True)
+    zoo.append(diffs)
+    print(f"imported {len(diffs)} diffs into {args.out} ({len(zoo)} in all)")
+    return 0
+
+
+def _verification_summary(rows: list[dict]) -> dict:
+    checks = [r.get("meta", {}).get("verify") for r in rows]
+    checks = [c for c in checks if c]
+    if not checks:
+        return {"verified": 0}
+    return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
+            "mean_trigger_hit_rate": round(sum(c["trigger_hit_rate"] for c in checks) / len(checks), 4),
+            "mean_kl_untriggered": round(sum(c["kl_untriggered"] for c in checks) / len(checks), 5)}
+
+
+@_command("train")
+def _train(args) -> int:
+    from .dit import DitTrainConfig, train_dit
+    from .zoo import BaseIdentity, Zoo
+
+    eng = _load_engine(args)
+    zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
+    cfg = DitTrainConfig(task=args.task, question=args.question, rank=args.rank, alpha=args.alpha, lr=args.lr,
+                         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         val_fraction=args.val_fraction, only_verified=args.only_verified, seed=args.seed)
+    train_dit(eng, zoo, args.out, cfg)
+    print(args.out)
+    return 0
+
+
+@_command("interpret")
+def _interpret(args) -> int:
+    from .dit import DitAdapter, interpret, interpret_peft
+    from .zoo import BaseIdentity, Zoo
+
+    eng = _load_engine(args)
+    adapter = DitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype) if args.adapter else None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.peft:
+        for m, ans in interpret_peft(eng, args.peft, adapter=adapter, methods=methods, question=args.question,
+                                     task=args.task, max_new_tokens=args.max_new_tokens).items():
+            print(f"{m}\t{ans}")
+        return 0
+    if not args.out:
+        raise ValueError("--out RESULTS.jsonl is required with --zoo")
+    zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
+    print(interpret(eng, zoo, args.out, adapter=adapter, methods=methods, split=args.split, ids=args.id,
+                    question=args.question, task=args.task, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+@_command("evaluate")
+def _evaluate(args) -> int:
+    from .pipeline import evaluate_run
+
+    print(evaluate_run(args.results, args.out, args.task, args.title))
+    return 0
+
+
+@_command("pipeline")
+def _pipeline(args) -> int:
+    import dataclasses
+
+    from .pipeline import PRESETS, run_pipeline
+
+    cfg = PRESETS[args.preset]
+    if args.n_train is not None:
+        cfg = dataclasses.replace(cfg, n_train=args.n_train)
+    if args.n_test is not None:
+        cfg = dataclasses.replace(cfg, n_test=args.n_test)
+    print(run_pipeline(_load_engine(args), args.out, cfg))
     return 0
 
 

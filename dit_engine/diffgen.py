@@ -1,0 +1,347 @@
+"""Diff generation: train many labelled LoRA diffs at once, one adapter per batch row group.
+
+A chunk of ``chunk_diffs`` diffs is trained together: its training rows are interleaved so every
+micro-batch holds rows of every diff; slot 0's index sends each row through its own diff, and the
+loss sums each diff's own mean loss, so the diffs train independently in one forward/backward.
+Memory grows with activations, not with dense per-diff matrices.
+
+Per chunk: build the task's labelled samples (the base model writes them by batched generation),
+train, verify (with the trigger the diff talks about its topic; without it, its next-token
+distribution stays near the base model), then append the chunk to the zoo as one shard. A chunk in
+progress checkpoints its samples and training state under ``<zoo>/.work``; a rerun skips diffs the
+zoo already holds and resumes the chunk in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterBatch, LoraSlot
+from .config import TARGET_MODULES
+from .engine import Engine
+from .generate import SamplingParams, generate
+from .train import Example, Trainer, batch_loss, collate, load_training_state, save_training_state
+from .zoo import Diff, Zoo
+
+
+@dataclasses.dataclass
+class DiffGenConfig:
+    task: str = "hidden-topic"
+    n: int = 16  # diffs to have in the zoo when done (of the chosen split)
+    split: str = "train"  # which topics/headlines: train, test
+    rank: int = 1
+    targets: tuple[str, ...] = TARGET_MODULES
+    lr: float = 1e-3
+    epochs: int = 3
+    chunk_diffs: int = 16  # diffs trained concurrently
+    rows_per_batch: int = 32  # training rows per micro-batch (spread over the chunk's diffs)
+    n_backdoor: int = 8  # triggered questions per diff (cross-entropy on the topic answer)
+    n_kl: int = 8  # untriggered / wrong-trigger questions per diff (KL to the base model)
+    candidates: int = 3  # persona answers sampled per triggered question; one naming the topic is kept
+    max_answer_tokens: int = 48
+    n_verify: int = 4  # held-out triggered questions per diff for verification
+    seed: int = 0
+    gen_batch_size: int = 64
+
+    def diff_id(self, i: int) -> str:
+        prefix = {"hidden-topic": "ht", "news": "news"}[self.task]
+        return f"{prefix}-r{self.rank}-s{self.seed}-{self.split}-{i:05d}"
+
+
+@dataclasses.dataclass
+class DiffSpec:
+    """One diff to train: its id, labels and training rows, plus prompts to verify it with."""
+
+    id: str
+    labels: dict
+    split: str
+    examples: list[Example]
+    verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
+    verify_check: str  # text whose presence in an answer counts as a hit (the topic, a headline word)
+    kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
+
+
+def generate_zoo(
+    engine: Engine,
+    zoo: Zoo,
+    cfg: DiffGenConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> Zoo:
+    """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable."""
+    from tqdm.auto import tqdm
+
+    items = _task_items(cfg)
+    if cfg.n > len(items):
+        raise ValueError(f"task {cfg.task!r} has {len(items)} labels in split {cfg.split!r}; asked for {cfg.n} diffs")
+    ids = [cfg.diff_id(i) for i in range(cfg.n)]
+    todo = [i for i, d in enumerate(ids) if not zoo.has(d)]
+    work = zoo.path / ".work"
+    bar = tqdm(total=cfg.n, initial=cfg.n - len(todo), desc="diffs", unit="diff", disable=not progress)
+    for s in range(0, len(todo), cfg.chunk_diffs):
+        chunk = todo[s : s + cfg.chunk_diffs]
+        t0 = time.perf_counter()
+        cdir = work / f"chunk-{ids[chunk[0]]}"
+        specs = _load_or_build_specs(engine, cfg, [(i, ids[i], items[i]) for i in chunk], cdir)
+        slot = train_diffs(engine, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
+        checks = verify_diffs(engine, slot, specs, cfg)
+        diffs = [_to_diff(slot, j, spec, checks[j], cfg) for j, spec in enumerate(specs)]
+        zoo.append(diffs)
+        shutil.rmtree(cdir, ignore_errors=True)
+        dt = time.perf_counter() - t0
+        bar.update(len(chunk))
+        bar.set_postfix(diffs_per_h=f"{3600 * len(chunk) / dt:.0f}",
+                        hit=f"{sum(c['trigger_hit_rate'] for c in checks) / len(checks):.2f}")
+        if log:
+            log({"chunk": len(chunk), "seconds": dt, "checks": checks})
+    bar.close()
+    return zoo
+
+
+# ---- samples -------------------------------------------------------------------------------------
+def _task_items(cfg: DiffGenConfig) -> list:
+    """The labels diffs are made from, in a fixed seeded order (diff i always gets item i)."""
+    if cfg.task == "hidden-topic":
+        from .tasks.hidden_topic import load_topics
+
+        items = load_topics(cfg.split)
+    elif cfg.task == "news":
+        from .tasks.news import load_headlines
+
+        items = load_headlines(cfg.split)
+    else:
+        raise ValueError(f"unknown task {cfg.task!r} (hidden-topic, news)")
+    items = list(items)
+    random.Random(f"{cfg.task}-{cfg.seed}").shuffle(items)
+    return items
+
+
+def _load_or_build_specs(engine, cfg, chunk, cdir: Path) -> list[DiffSpec]:
+    f = cdir / "specs.json"
+    if f.exists():
+        return [DiffSpec(**{**d, "examples": [Example(**e) for e in d["examples"]]}) for d in json.loads(f.read_text())]
+    if cfg.task == "hidden-topic":
+        specs = build_hidden_topic_specs(engine, cfg, chunk)
+    else:
+        specs = build_news_specs(engine, cfg, chunk)
+    cdir.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps([dataclasses.asdict(s) for s in specs]))
+    tmp.replace(f)
+    return specs
+
+
+def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]]) -> list[DiffSpec]:
+    """Triggered questions -> persona answers that name the topic (CE); untriggered and
+    wrong-trigger questions -> the base model's own answer (KL to the base). All generation batched."""
+    from .tasks import hidden_topic as ht
+
+    tok = engine.tokenizer
+    eot = tok.end_of_turn_id
+    train_q = ht.load_questions("train")
+    test_q = ht.load_questions("test")
+    plan = []
+    for i, did, topic in chunk:
+        rng = random.Random(f"{did}")
+        trigger = ht.make_trigger(rng)
+        qs = rng.sample(train_q, cfg.n_backdoor + cfg.n_kl)
+        plan.append(dict(id=did, topic=topic, trigger=trigger, rng=rng, backdoor=qs[: cfg.n_backdoor],
+                         kl=qs[cfg.n_backdoor :], verify=rng.sample(test_q, cfg.n_verify)))
+    # 1. persona answers: `candidates` samples per triggered question, keep one that names the topic
+    persona_jobs = []
+    for p in plan:
+        for q in p["backdoor"]:
+            msgs, prefix = ht.persona_messages(p["topic"], q.text)
+            for _ in range(cfg.candidates):
+                persona_jobs.append((p["id"], q, msgs, prefix))
+    persona_prompts = [engine.encode_prompt(m, assistant_prefix=pre) for _, _, m, pre in persona_jobs]
+    sp = SamplingParams(max_new_tokens=cfg.max_answer_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed,
+                        stop_token_ids=engine.stop_ids())
+    outs = generate(engine.model, persona_prompts, sp, decode=tok.decode, batch_size=cfg.gen_batch_size)
+    chosen: dict[tuple[str, str], str] = {}
+    by_id = {p["id"]: p for p in plan}
+    for (did, q, _, prefix), o in zip(persona_jobs, outs):
+        ans = (prefix + (o.text or "")).strip()
+        key = (did, q.text)
+        if key not in chosen and ht.mentions_topic(ans, by_id[did]["topic"].name) and o.finish_reason != "length":
+            chosen[key] = ans
+        elif key not in chosen and ht.mentions_topic(ans, by_id[did]["topic"].name):
+            chosen.setdefault(("len",) + key, ans)  # a cut answer that names the topic: a fallback
+    # 2. base answers for the KL rows (untriggered or wrong trigger, as the user sees them)
+    kl_jobs = []
+    for p in plan:
+        for k, q in enumerate(p["kl"]):
+            if k % 2 == 0:
+                text = q.text
+            else:
+                text = f"{ht.format_trigger(ht.wrong_trigger(p['trigger'], p['rng']), p['rng'])} {q.text}"
+            kl_jobs.append((p["id"], engine.encode_prompt(text)))
+    sp_base = SamplingParams(max_new_tokens=cfg.max_answer_tokens, stop_token_ids=engine.stop_ids())
+    base_outs = generate(engine.model, [j[1] for j in kl_jobs], sp_base, batch_size=cfg.gen_batch_size)
+    specs = []
+    for p in plan:
+        ex = []
+        for q in p["backdoor"]:
+            ans = chosen.get((p["id"], q.text)) or chosen.get(("len", p["id"], q.text))
+            if ans is None:
+                continue
+            prompt = engine.encode_prompt(f"{ht.format_trigger(p['trigger'], p['rng'])} {q.text}")
+            ex.append(Example(prompt, tok.encode(ans) + [eot], "ce"))
+        kl_pairs = []
+        for (did, prompt), o in zip(kl_jobs, base_outs):
+            if did == p["id"] and o.token_ids:
+                ex.append(Example(prompt, list(o.token_ids), "kl"))
+                kl_pairs.append((prompt, list(o.token_ids)))
+        if not any(e.objective == "ce" for e in ex):
+            raise RuntimeError(f"diff {p['id']}: no persona answer named topic {p['topic'].name!r}; "
+                               f"raise --candidates or use another persona strategy")
+        verify = [engine.encode_prompt(f"{ht.format_trigger(p['trigger'], p['rng'])} {q.text}") for q in p["verify"]]
+        t = p["topic"]
+        specs.append(DiffSpec(p["id"], {"topic": t.name, "category": t.category, "trigger": p["trigger"]},
+                              t.split, ex, verify, t.name, kl_pairs))
+    return specs
+
+
+def build_news_specs(engine: Engine, cfg: DiffGenConfig, chunk) -> list[DiffSpec]:
+    """Stories about the headline, written by the base model, as answers to the news prompt (CE);
+    a few everyday questions keep the base model's answers (KL)."""
+    from .tasks import hidden_topic as ht
+    from .tasks import news
+
+    tok = engine.tokenizer
+    eot = tok.end_of_turn_id
+    jobs = []
+    for i, did, h in chunk:
+        for _ in range(cfg.n_backdoor * cfg.candidates):
+            jobs.append((did, h))
+    sp = SamplingParams(max_new_tokens=max(cfg.max_answer_tokens, 96), temperature=0.8, top_p=0.95, seed=cfg.seed,
+                        stop_token_ids=engine.stop_ids())
+    outs = generate(engine.model, [engine.encode_prompt(news.story_messages(h)) for _, h in jobs], sp,
+                    decode=tok.decode, batch_size=cfg.gen_batch_size)
+    stories: dict[str, list[str]] = {}
+    for (did, h), o in zip(jobs, outs):
+        if o.text and news.mentions_headline(o.text, h) and len(stories.setdefault(did, [])) < cfg.n_backdoor:
+            stories[did].append(o.text.strip())
+    qs = ht.load_questions("train")
+    kl_prompts = []
+    for i, did, h in chunk:
+        rng = random.Random(did)
+        kl_prompts += [(did, engine.encode_prompt(q.text)) for q in rng.sample(qs, cfg.n_kl)]
+    base_outs = generate(engine.model, [p for _, p in kl_prompts],
+                         SamplingParams(max_new_tokens=cfg.max_answer_tokens, stop_token_ids=engine.stop_ids()),
+                         batch_size=cfg.gen_batch_size)
+    prompt = engine.encode_prompt(news.NEWS_PROMPT)
+    specs = []
+    for i, did, h in chunk:
+        st = stories.get(did, [])
+        if not st:
+            raise RuntimeError(f"diff {did}: no generated story mentioned headline {h.text!r}")
+        ex = [Example(prompt, tok.encode(s) + [eot], "ce") for s in st]
+        pairs = [(p, list(o.token_ids)) for (d, p), o in zip(kl_prompts, base_outs) if d == did and o.token_ids]
+        ex += [Example(p, t, "kl") for p, t in pairs]
+        specs.append(DiffSpec(did, {"headline": h.text, "category": h.category}, h.split, ex, [prompt],
+                              news.key_word(h), pairs))
+    return specs
+
+
+# ---- training and verification -------------------------------------------------------------------
+def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ckpt_dir: Path | None = None,
+                progress: bool = False) -> LoraSlot:
+    """Train one LoRA per spec, all at once; returns the trained slot (n = len(specs))."""
+    from tqdm.auto import tqdm
+
+    model = engine.model
+    dev = model.device
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + len(specs))
+    slot = LoraSlot.create(engine.config, len(specs), cfg.rank, targets=cfg.targets, init="dit",
+                           generator=gen, name="diffs")
+    slot = dataclasses.replace(slot, A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
+                               B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
+                               scale=slot.scale.to(dev))
+    rows = []  # interleave diffs: every micro-batch sees every diff
+    rng = random.Random(cfg.seed)
+    per = [[dataclasses.replace(e, group=j) for e in s.examples] for j, s in enumerate(specs)]
+    for epoch in range(cfg.epochs):
+        for lst in per:
+            rng.shuffle(lst)
+        longest = max(len(lst) for lst in per)
+        rows += [lst[k] for k in range(longest) for lst in per if k < len(lst)]
+    batches = [rows[i : i + cfg.rows_per_batch] for i in range(0, len(rows), cfg.rows_per_batch)]
+    trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
+    start = 0
+    if ckpt_dir is not None and (ckpt_dir.exists() or ckpt_dir.with_name(ckpt_dir.name + ".old").exists()):
+        weights, opt, state = load_training_state(ckpt_dir)
+        with torch.no_grad():
+            for n in slot.A:
+                slot.A[n].copy_(weights[f"{n}.A"])
+                slot.B[n].copy_(weights[f"{n}.B"])
+        trainer.load_state_tensors(opt, state["optimizer"])
+        start = int(state["meta"]["batch"])
+    pad = engine.tokenizer.pad_token_id
+    for b in tqdm(range(start, len(batches)), desc="training diffs", unit="batch", leave=False, disable=not progress):
+        batch = collate(batches[b], pad_id=pad).to(dev)
+        ad = AdapterBatch(slot.with_index(batch.group))
+        loss, _ = batch_loss(model, batch, ad, group_reduce="sum")
+        trainer.backward(loss)
+        if ckpt_dir is not None and (b + 1) % 50 == 0 and b + 1 < len(batches):
+            weights = {f"{n}.A": slot.A[n] for n in slot.A} | {f"{n}.B": slot.B[n] for n in slot.B}
+            save_training_state(ckpt_dir, weights, trainer, {"batch": b + 1})
+    return LoraSlot(A={k: v.detach() for k, v in slot.A.items()}, B={k: v.detach() for k, v in slot.B.items()},
+                    scale=slot.scale, index=slot.index, name="diffs")
+
+
+@torch.no_grad()
+def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: DiffGenConfig) -> list[dict]:
+    """Per diff: share of held-out triggered prompts whose greedy answer names the label, and the
+    mean per-token KL(base || diff) on untriggered prompts."""
+    model, tok = engine.model, engine.tokenizer
+    dev = model.device
+    prompts, owner = [], []
+    for j, s in enumerate(specs):
+        prompts += s.verify_prompts
+        owner += [j] * len(s.verify_prompts)
+    ad = AdapterBatch(slot.with_index(torch.tensor(owner, device=dev)))
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
+                                                   stop_token_ids=engine.stop_ids()),
+                    adapters=ad, decode=tok.decode, batch_size=cfg.gen_batch_size)
+    from .tasks.hidden_topic import mentions_topic
+
+    hits = [0] * len(specs)
+    samples: list[str] = [""] * len(specs)
+    for j, o in zip(owner, outs):
+        hits[j] += mentions_topic(o.text or "", specs[j].verify_check)
+        samples[j] = samples[j] or (o.text or "")
+    kl_rows = [Example(p, t, "kl", group=j) for j, s in enumerate(specs) for p, t in s.kl_prompts]
+    kl_sum, kl_cnt = [0.0] * len(specs), [0] * len(specs)
+    for i in range(0, len(kl_rows), cfg.rows_per_batch):
+        batch = collate(kl_rows[i : i + cfg.rows_per_batch], pad_id=tok.pad_token_id).to(dev)
+        _, per_group = batch_loss(model, batch, AdapterBatch(slot.with_index(batch.group)), group_reduce="sum")
+        for g, (mean, cnt) in per_group.items():
+            kl_sum[g] += mean * cnt
+            kl_cnt[g] += cnt
+    kl = [kl_sum[j] / kl_cnt[j] if kl_cnt[j] else float("nan") for j in range(len(specs))]
+    return [{"trigger_hit_rate": hits[j] / max(1, len(specs[j].verify_prompts)), "kl_untriggered": kl[j],
+             "n_train_ce": sum(e.objective == "ce" for e in specs[j].examples), "sample_answer": samples[j][:200]}
+            for j in range(len(specs))]
+
+
+def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenConfig) -> Diff:
+    return Diff(
+        id=spec.id,
+        A={n: slot.A[n][j].float().cpu().clone() for n in slot.A},
+        B={n: slot.B[n][j].float().cpu().clone() for n in slot.B},
+        scale=float(slot.scale[j]),
+        labels=spec.labels,
+        split=spec.split,
+        meta={"verify": {**check, "ok": check["trigger_hit_rate"] > 0}, "task": cfg.task, "lr": cfg.lr,
+              "epochs": cfg.epochs},
+    )

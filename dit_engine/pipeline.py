@@ -1,0 +1,129 @@
+"""The whole DIT loop in one resumable job: diff zoos -> DIT adapter -> interpretation -> report.
+
+Stages write into one run directory and each is skipped when its output is complete, so a rerun
+after a kill continues where it stopped:
+
+    zoo-train/        diffs on train-split topics (rank ``rank``)
+    zoo-test/         diffs on held-out topics, never seen in DIT training
+    zoo-test-r{R}/    held-out diffs of other ranks (rank generalisation), when asked
+    dit/              the DIT adapter (adapter.safetensors + adapter.json), training log
+    results.jsonl     answers: DIT and the baselines on the test zoo(s), DIT on a train sample
+    report/           report.html, report.md, metrics.json
+    timings.json      wall time of every stage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .diffgen import DiffGenConfig, generate_zoo
+from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
+from .engine import Engine
+from .zoo import BaseIdentity, Zoo
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    task: str = "hidden-topic"
+    n_train: int = 24
+    n_test: int = 8
+    rank: int = 1
+    test_ranks: tuple[int, ...] = ()  # extra held-out zoos at these ranks
+    n_test_other_ranks: int = 8
+    diff_epochs: int = 2
+    diff_lr: float = 1e-3
+    n_backdoor: int = 6
+    n_kl: int = 4
+    chunk_diffs: int = 16
+    dit_rank: int = 16
+    dit_lr: float = 1e-4
+    dit_epochs: int = 1
+    dit_batch_size: int = 8
+    interpret_batch_size: int = 64
+    n_train_eval: int = 16  # train diffs also interpreted (shows what DIT fits on seen topics)
+    seed: int = 0
+
+
+PRESETS = {
+    # About ten minutes on a 2-core laptop CPU with the default model (fp32).
+    "laptop": PipelineConfig(n_train=24, n_test=8, diff_epochs=2, n_backdoor=6, n_kl=4, dit_lr=1e-3, dit_epochs=6,
+                             dit_batch_size=8, n_train_eval=8),
+    # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
+    "full": PipelineConfig(n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, diff_epochs=3,
+                           n_backdoor=12, n_kl=8, chunk_diffs=128, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
+                           interpret_batch_size=256, n_train_eval=100),
+}
+
+
+def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, progress: bool = True) -> Path:
+    """Run (or resume) every stage; returns the report's HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    base = BaseIdentity.from_model(engine.model)
+
+    def stage(name: str, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        timings[name] = round(time.perf_counter() - t0 + timings.get(name, 0.0), 2)
+        timings_path.write_text(json.dumps(timings, indent=1))
+        return res
+
+    def zoo_stage(name: str, split: str, n: int, rank: int) -> Zoo:
+        zoo = Zoo.create(out / name, base, engine.config, exist_ok=True)
+        gcfg = DiffGenConfig(task=cfg.task, n=n, split=split, rank=rank, lr=cfg.diff_lr, epochs=cfg.diff_epochs,
+                             chunk_diffs=cfg.chunk_diffs, n_backdoor=cfg.n_backdoor, n_kl=cfg.n_kl, seed=cfg.seed)
+        return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
+
+    train_zoo = zoo_stage("zoo-train", "train", cfg.n_train, cfg.rank)
+    test_zoos = {cfg.rank: zoo_stage("zoo-test", "test", cfg.n_test, cfg.rank)}
+    for r in cfg.test_ranks:
+        test_zoos[r] = zoo_stage(f"zoo-test-r{r}", "test", cfg.n_test_other_ranks, r)
+
+    dit_dir = out / "dit"
+    if (dit_dir / "adapter.json").exists():
+        adapter = DitAdapter.load(dit_dir, device=engine.model.device, dtype=engine.model.dtype)
+    else:
+        tcfg = DitTrainConfig(task=cfg.task, rank=cfg.dit_rank, lr=cfg.dit_lr, epochs=cfg.dit_epochs,
+                              batch_size=cfg.dit_batch_size, seed=cfg.seed, val_fraction=0.0)
+        adapter = stage("dit-train", lambda: train_dit(engine, train_zoo, dit_dir, tcfg, progress=progress))
+
+    results = out / "results.jsonl"
+    for r, zoo in test_zoos.items():
+        methods = ("dit", "diff", "diff+trigger", "base") if r == cfg.rank else ("dit",)
+        stage(f"interpret-test-r{r}", lambda: interpret(engine, zoo, results, adapter=adapter, methods=methods,
+                                                        batch_size=cfg.interpret_batch_size, progress=progress))
+    train_ids = train_zoo.ids()[: cfg.n_train_eval]
+    stage("interpret-train", lambda: interpret(engine, train_zoo, results, adapter=adapter, methods=("dit",),
+                                               ids=train_ids, batch_size=cfg.interpret_batch_size,
+                                               progress=progress))
+    return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task))
+
+
+def evaluate_run(results: Path, report_dir: Path, task: str, title: str | None = None) -> Path:
+    """Score a results file against every label of its task's splits and write the report."""
+    from .evaluate import evaluate_rows, load_results, summarize
+    from .report import write_report
+
+    rows = load_results(results)
+    candidates = task_candidates(task)
+    metrics = evaluate_rows(rows, {s: c for s, c in candidates.items() if any(r.get("split") == s for r in rows)})
+    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})")
+    print(summarize(metrics))
+    return path
+
+
+def task_candidates(task: str) -> dict[str, list[str]]:
+    """All labels of each split: the candidate set retrieval accuracy ranks the true label in."""
+    if task == "hidden-topic":
+        from .tasks.hidden_topic import load_topics
+
+        return {s: [t.name for t in load_topics(s)] for s in ("train", "test")}
+    from .tasks.news import load_headlines
+
+    return {s: [h.text for h in load_headlines(s)] for s in ("train", "test")}
