@@ -5,14 +5,32 @@
 ``A: [n, r, d_in]`` (input side), ``B: [n, d_out, r]`` (output side), PEFT's convention. Mixed ranks
 are zero-padded to the slot's max rank. The metadata (tokens sorted by adapter, segments) is built
 once per batch with :func:`build_lora_meta` and reused by every layer and by the backward pass.
+
+The Triton path (Punica / vLLM's shrink-expand split, one launch each for up to two slots):
+
+- *route*: all tokens stably sorted by their tuple of adapter ids over the slots, cut into tiles of
+  ``BLOCK_M`` rows that share one adapter per slot. Prefill and training give long segments and
+  full tiles; decode gives one tile per sequence, whose single weight read is the whole cost.
+- *shrink*: ``S_k = x @ A_k^T`` per tile, every slot from one read of ``x``, kept in fp32 by token id;
+  split over ``d_in`` with fp32 atomics when there are too few tiles to fill the GPU.
+- *expand*: ``y = sum_k scale_k * S_k @ B_k^T`` per (tile, ``d_out`` block); tiles of tokens without
+  any adapter write zeros, so ``y`` needs no memset.
+- *backward*: the same two kernels give ``dS_k = scale_k * dy @ B_k`` and ``dx = sum_k dS_k @ A_k``;
+  a segmented grouped GEMM reduces ``dA_k``, ``dB_k`` over each adapter's own tokens (chunked, with
+  fp32 atomics when an adapter spans several chunks). Frozen slots get no weight gradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from . import _dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +45,9 @@ class LoraMeta:
     active_list: tuple[int, ...]  # host copies: the CPU path loops without a sync per layer
     counts_list: tuple[int, ...]
     starts_list: tuple[int, ...]
+    # Kernel schedules (routes, tiles, gradient chunks) built on first use, then reused by every
+    # layer and by the backward pass of this batch.
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -73,9 +94,39 @@ def multi_lora(
     B: Tensor,  # [n, d_out, r]
     scale: Tensor,  # [n] fp32
     meta: LoraMeta,
+    *,
+    backend: str | None = None,
 ) -> Tensor:  # [N, d_out], zero for tokens without an adapter
-    """The LoRA delta for every token. Dispatches to Triton on CUDA, to :func:`multi_lora_ref` on CPU."""
-    return multi_lora_ref(x, A, B, scale, meta)
+    """The LoRA delta for every token. Triton on CUDA, :func:`multi_lora_ref` on CPU (see ``_dispatch``).
+
+    Differentiable w.r.t. ``x``, ``A`` and ``B``; ``dA``/``dB`` are computed only when they require grad.
+    """
+    _check_shapes(x, A, B, scale, meta)
+    if not _dispatch.use_triton(x, backend=backend):
+        return multi_lora_ref(x, A, B, scale, meta)
+    return _multi_lora_triton(x, [(A, B, scale, meta)])
+
+
+def multi_lora_multi(
+    x: Tensor,  # [N, d_in]
+    slots: Sequence[tuple[Tensor, Tensor, Tensor, LoraMeta]],  # (A [n_k, r_k, d_in], B [n_k, d_out, r_k], scale [n_k], meta)
+    *,
+    backend: str | None = None,
+) -> Tensor:  # [N, d_out]
+    """Sum of the deltas of several adapter slots; on the Triton path two slots share each launch."""
+    if not slots:
+        raise ValueError("multi_lora_multi: needs at least one (A, B, scale, meta) slot")
+    for A, B, scale, meta in slots:
+        _check_shapes(x, A, B, scale, meta)
+    d_outs = {B.shape[1] for _, B, _, _ in slots}
+    if len(d_outs) != 1:
+        raise ValueError(f"multi_lora_multi: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
+    if not _dispatch.use_triton(x, backend=backend):
+        out = multi_lora_ref(x, *slots[0])
+        for slot in slots[1:]:
+            out = out + multi_lora_ref(x, *slot)
+        return out
+    return _multi_lora_triton(x, list(slots))
 
 
 def multi_lora_ref(
@@ -109,6 +160,569 @@ def multi_lora_ref(
     return x.new_zeros(n_tok, d_out).index_copy(0, meta.sorted_tokens, d)
 
 
+# ---- Triton path: autograd Function --------------------------------------------------------------
+
+
+def _multi_lora_triton(x: Tensor, slots: list[tuple[Tensor, Tensor, Tensor, LoraMeta]]) -> Tensor:
+    _check_devices(x, slots)
+    out = None
+    for first in range(0, len(slots), 2):
+        pair = slots[first : first + 2]
+        route = _route(tuple(meta for *_, meta in pair), x.device)
+        weights = [t for A, B, _, _ in pair for t in (A, B)]
+        d = _MultiLoraFunction.apply(
+            x, route, tuple(meta for *_, meta in pair), tuple(s for _, _, s, _ in pair), *weights
+        )
+        out = d if out is None else out + d
+    return out
+
+
+class _MultiLoraFunction(torch.autograd.Function):
+    """One or two slots k, each token t routed to adapter i = i_k(t) of slot k (or to none):
+
+        S_k[t] = x[t] @ A_k[i]^T                       fp32, saved for the backward
+        y[t]   = sum_k scale_k[i] * S_k[t] @ B_k[i]^T
+
+    Backward, from dy:
+
+        dS_k[t] = scale_k[i] * dy[t] @ B_k[i]           shrink kernel, B read as [r, d_out]
+        dx[t]   = sum_k dS_k[t] @ A_k[i]                 expand kernel, A read as [d_in, r]
+        dB_k[i] = scale_k[i] * sum_{t: i_k(t) = i} dy[t]^T S_k[t]
+        dA_k[i] = sum_{t: i_k(t) = i} dS_k[t]^T x[t]
+    """
+
+    @staticmethod
+    def forward(ctx, x, route, metas, scales, *weights):
+        A = list(weights[0::2])
+        B = list(weights[1::2])
+        S = _lora_shrink(x, route, A, scales=None)
+        y = _lora_expand(S, route, B, scales=list(scales), out_dtype=x.dtype)
+        ctx.route, ctx.metas, ctx.scales = route, metas, scales
+        ctx.save_for_backward(x, *S, *weights)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        n_slots = len(ctx.metas)
+        x, *rest = ctx.saved_tensors
+        S, weights = rest[:n_slots], rest[n_slots:]
+        A, B = list(weights[0::2]), list(weights[1::2])
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_A = [need[4 + 2 * k] for k in range(n_slots)]
+        need_B = [need[5 + 2 * k] for k in range(n_slots)]
+
+        want_dS = [need_x or need_A[k] for k in range(n_slots)]
+        dS = [None] * n_slots
+        if any(want_dS):
+            dS = _lora_shrink(
+                dy,
+                ctx.route,
+                [B[k].transpose(1, 2) if want_dS[k] else None for k in range(n_slots)],
+                scales=list(ctx.scales),
+            )
+        dx = None
+        if need_x:
+            dx = _lora_expand(dS, ctx.route, [a.transpose(1, 2) for a in A], scales=None, out_dtype=x.dtype)
+        grads_w: list[Tensor | None] = []
+        for k in range(n_slots):
+            meta, n = ctx.metas[k], A[k].shape[0]
+            dA = _lora_wgrad(dS[k], x, meta, n, scale=None, out_dtype=A[k].dtype) if need_A[k] else None
+            dB = _lora_wgrad(dy, S[k], meta, n, scale=ctx.scales[k], out_dtype=B[k].dtype) if need_B[k] else None
+            grads_w += [dA, dB]
+        return (dx, None, None, None, *grads_w)
+
+
+# ---- Triton path: schedules built once per batch ---------------------------------------------------
+
+_NONE_KEY_SHIFT = 32  # combined key of a token: (id0 + 1) << 32 | (id1 + 1); all -1 sorts first
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """All tokens of a batch sorted by their adapter ids over one or two slots, cut into segments."""
+
+    tokens: Tensor  # [N] int64 on the kernels' device, token ids in route order
+    seg_ids: tuple[tuple[int, int], ...]  # adapter id per slot for each segment, -1 = none
+    seg_starts: tuple[int, ...]
+    seg_counts: tuple[int, ...]
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def block_m(self) -> int:
+        """Rows per tile: the smallest of 16/32/64 that the longest routed segment fills."""
+        longest = max((c for ids, c in zip(self.seg_ids, self.seg_counts) if ids != (-1, -1)), default=1)
+        return 16 if longest <= 16 else 32 if longest <= 32 else 64
+
+    def tiles(self) -> tuple[Tensor, int]:
+        """``[T, 4]`` int32 (first row, end row, adapter of slot 0, of slot 1) and how many leading
+        tiles route to no adapter at all (the shrink skips those; the expand writes their zeros)."""
+        if "tiles" not in self.cache:
+            bm = self.block_m
+            counts = torch.tensor(self.seg_counts, dtype=torch.int64)
+            starts = torch.tensor(self.seg_starts, dtype=torch.int64)
+            ids = torch.tensor(self.seg_ids, dtype=torch.int64).reshape(-1, 2)
+            n_tiles = (counts + bm - 1) // bm
+            seg = torch.repeat_interleave(torch.arange(len(counts)), n_tiles)
+            first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+            row_start = starts[seg] + (torch.arange(seg.numel()) - first_tile[seg]) * bm
+            row_end = torch.minimum(row_start + bm, starts[seg] + counts[seg])
+            tiles = torch.stack([row_start, row_end, ids[seg, 0], ids[seg, 1]], 1).to(torch.int32)
+            n_none = int(n_tiles[0]) if self.seg_ids and self.seg_ids[0] == (-1, -1) else 0
+            self.cache["tiles"] = (tiles.to(self.tokens.device), n_none)
+        return self.cache["tiles"]
+
+
+def _route(metas: tuple[LoraMeta, ...], device: torch.device) -> _Route:
+    """The route for one or two slots, cached on the first slot's metadata."""
+    key = ("route", device) + tuple(id(m) for m in metas[1:])
+    hit = metas[0].cache.get(key)
+    # The cache entry keeps the other metas alive, so their ids cannot be reused while it exists.
+    if hit is not None and all(a is b for a, b in zip(hit[0], metas[1:])):
+        return hit[1]
+    idx = [m.token_index.to(device) for m in metas]
+    second = idx[1] if len(idx) > 1 else torch.full_like(idx[0], -1)
+    combined = ((idx[0] + 1) << _NONE_KEY_SHIFT) | (second + 1)
+    order = torch.argsort(combined, stable=True)
+    keys, counts = torch.unique_consecutive(combined[order], return_counts=True)
+    keys_list, counts_list = keys.tolist(), counts.tolist()
+    starts, acc = [], 0
+    for c in counts_list:
+        starts.append(acc)
+        acc += c
+    mask = (1 << _NONE_KEY_SHIFT) - 1
+    route = _Route(
+        tokens=order,
+        seg_ids=tuple(((k >> _NONE_KEY_SHIFT) - 1, (k & mask) - 1) for k in keys_list),
+        seg_starts=tuple(starts),
+        seg_counts=tuple(counts_list),
+    )
+    metas[0].cache[key] = (metas[1:], route)
+    return route
+
+
+def _wgrad_chunks(meta: LoraMeta, chunk: int, device: torch.device) -> tuple[Tensor, bool]:
+    """``[C, 3]`` int32 (adapter, first row, end row in ``meta.sorted_tokens``) and whether some
+    adapter spans several chunks (then partial sums meet by fp32 atomics)."""
+    key = ("wgrad_chunks", chunk, device)
+    if key not in meta.cache:
+        rows = []
+        for a, st, cnt in zip(meta.active_list, meta.starts_list, meta.counts_list):
+            rows += [(a, s, min(s + chunk, st + cnt)) for s in range(st, st + cnt, chunk)]
+        multi = any(cnt > chunk for cnt in meta.counts_list)
+        chunks = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
+        meta.cache[key] = (chunks, multi)
+    return meta.cache[key]
+
+
+# ---- Triton path: launchers -------------------------------------------------------------------------
+
+
+def _lora_shrink(
+    x: Tensor,  # [N, K]
+    route: _Route,
+    weights: list[Tensor | None],  # per slot [n_k, R_k, K] (A, or B^T in the backward); None = skip slot
+    scales: list[Tensor] | None,  # per slot [n_k], multiplied in when given
+    split_k: int | None = None,
+) -> list[Tensor | None]:  # per slot [N, R_k] fp32 by token id (rows of unrouted tokens unwritten)
+    """``S_k = x @ W_k[i_k]^T`` for every routed token, all slots from one read of ``x``."""
+    n_tok, K = x.shape
+    tiles, n_none = route.tiles()
+    n_work = tiles.shape[0] - n_none
+    ranks = [w.shape[1] if w is not None else 0 for w in weights] + [0]
+    block_m = route.block_m
+    block_r = [_dispatch.pow2_at_least(r) for r in ranks[:2]]
+    interp = _dispatch.interpreted(x.device)
+    block_k = 32 if interp else (128 if max(block_r) <= 32 else 64)
+    if split_k is None:
+        # Few tiles (decode with few adapters, one big adapter): split d_in so every SM streams weights.
+        want = 2 * _dispatch.num_sms(x.device)
+        split_k = max(1, min(triton.cdiv(want, max(n_work, 1)), triton.cdiv(K, block_k), 32))
+    outs = []
+    for w, r in zip(weights, ranks):
+        if w is None:
+            outs.append(None)
+        elif split_k > 1:
+            outs.append(torch.zeros(n_tok, r, dtype=torch.float32, device=x.device))
+        else:
+            outs.append(_dispatch.empty((n_tok, r), torch.float32, x.device))
+    if n_work == 0:
+        return outs
+    w0, w1 = (weights + [None])[:2]
+    s0, s1 = (outs + [None])[:2]
+    sc0, sc1 = ((scales or []) + [None, None])[:2]
+    kernel = _dispatch.on_device(_lora_shrink_kernel, x.device)
+    kernel[(n_work, split_k)](
+        x,
+        route.tokens,
+        tiles[n_none:],
+        w0 if w0 is not None else x,
+        w1 if w1 is not None else x,
+        sc0 if sc0 is not None else x,
+        sc1 if sc1 is not None else x,
+        s0 if s0 is not None else x,
+        s1 if s1 is not None else x,
+        K,
+        ranks[0],
+        ranks[1],
+        x.stride(0),
+        x.stride(1),
+        *_strides3(w0),
+        *_strides3(w1),
+        s0.stride(0) if s0 is not None else 0,
+        s1.stride(0) if s1 is not None else 0,
+        HAS0=w0 is not None,
+        HAS1=w1 is not None,
+        HAS_SCALE=scales is not None,
+        SPLIT_K=split_k,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R0=block_r[0],
+        BLOCK_R1=block_r[1],
+        DOT_DTYPE=_dispatch.dot_dtype(x.dtype, x.device),
+        PRECISION=_dispatch.fp32_precision(x.dtype),
+    )
+    return outs
+
+
+def _lora_expand(
+    S: list[Tensor | None],  # per slot [N, R_k] fp32 by token id; None = slot contributes nothing
+    route: _Route,
+    weights: list[Tensor],  # per slot [n_k, N_out, R_k] (B, or A^T in the backward)
+    scales: list[Tensor] | None,  # per slot [n_k]
+    out_dtype: torch.dtype,
+) -> Tensor:  # [N, N_out]; rows of tokens without any adapter are zero
+    """``y = sum_k scale_k[i_k] * S_k @ W_k[i_k]^T``, every row of ``y`` written exactly once."""
+    n_tok = route.tokens.shape[0]
+    n_out = weights[0].shape[1]
+    device = route.tokens.device
+    tiles, _ = route.tiles()
+    y = _dispatch.empty((n_tok, n_out), out_dtype, device)
+    if n_tok == 0:
+        return y
+    used = [w if s is not None else None for s, w in zip(S, weights)] + [None]
+    ranks = [w.shape[2] if w is not None else 0 for w in used[:2]]
+    block_r = [_dispatch.pow2_at_least(r) for r in ranks]
+    block_n = 32 if _dispatch.interpreted(device) else 64
+    s0, s1 = (list(S) + [None])[:2]
+    w0, w1 = used[:2]
+    sc0, sc1 = ((scales or []) + [None, None])[:2]
+    kernel = _dispatch.on_device(_lora_expand_kernel, device)
+    kernel[(tiles.shape[0], triton.cdiv(n_out, block_n))](
+        s0 if w0 is not None else y,
+        s1 if w1 is not None else y,
+        route.tokens,
+        tiles,
+        w0 if w0 is not None else y,
+        w1 if w1 is not None else y,
+        sc0 if sc0 is not None else y,
+        sc1 if sc1 is not None else y,
+        y,
+        n_out,
+        ranks[0],
+        ranks[1],
+        s0.stride(0) if w0 is not None else 0,
+        s1.stride(0) if w1 is not None else 0,
+        *_strides3(w0),
+        *_strides3(w1),
+        y.stride(0),
+        y.stride(1),
+        HAS0=w0 is not None,
+        HAS1=w1 is not None,
+        HAS_SCALE=scales is not None,
+        BLOCK_M=route.block_m,
+        BLOCK_N=block_n,
+        BLOCK_R0=block_r[0],
+        BLOCK_R1=block_r[1],
+        PRECISION=_dispatch.fp32_precision(out_dtype),
+    )
+    return y
+
+
+def _lora_wgrad(
+    left: Tensor,  # [N, P] by token id (dy for dB, dS for dA)
+    right: Tensor,  # [N, Q] by token id (S for dB, x for dA)
+    meta: LoraMeta,  # the slot's own routing: its tokens sorted by adapter
+    n_adapters: int,
+    scale: Tensor | None,  # [n_adapters]
+    out_dtype: torch.dtype,
+    chunk: int | None = None,
+) -> Tensor:  # [n_adapters, P, Q]; zero for adapters without tokens
+    """``G[i] = scale[i] * sum_{t routed to i} left[t]^T right[t]``: a segmented grouped GEMM."""
+    P, Q = left.shape[1], right.shape[1]
+    device = left.device
+    out = torch.zeros(n_adapters, P, Q, dtype=torch.float32, device=device)
+    if meta.num_routed == 0:
+        return out.to(out_dtype)
+    interp = _dispatch.interpreted(device)
+    big = 32 if interp else 64
+    block_p = _dispatch.pow2_at_least(P) if P <= 128 else big
+    block_q = _dispatch.pow2_at_least(Q) if Q <= 128 else big
+    block_t = 32 if interp else 64
+    grid_pq = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    if chunk is None:
+        # Halve the chunk until the grid fills the GPU; adapters spanning several chunks use atomics.
+        chunk = max(block_t, triton.next_power_of_2(meta.max_count))
+        want = 2 * _dispatch.num_sms(device)
+        while chunk > block_t and grid_pq * sum(triton.cdiv(c, chunk) for c in meta.counts_list) < want:
+            chunk //= 2
+    chunks, atomic = _wgrad_chunks(meta, chunk, device)
+    tokens = meta.sorted_tokens.to(device)
+    kernel = _dispatch.on_device(_lora_wgrad_kernel, device)
+    kernel[(chunks.shape[0], triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
+        left,
+        right,
+        tokens,
+        chunks,
+        scale if scale is not None else out,
+        out,
+        P,
+        Q,
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        HAS_SCALE=scale is not None,
+        ATOMIC=atomic,
+        BLOCK_T=block_t,
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        PRECISION=_dispatch.fp32_precision(left.dtype if left.dtype != torch.float32 else right.dtype),
+    )
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def _strides3(w: Tensor | None) -> tuple[int, int, int]:
+    return (w.stride(0), w.stride(1), w.stride(2)) if w is not None else (0, 0, 0)
+
+
+# ---- Triton path: kernels ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,  # [N, K], rows read through the route
+    tokens_ptr,  # [N] int64, token ids in route order
+    tiles_ptr,  # [T, 4] int32: first row, end row, adapter of slot 0, adapter of slot 1
+    w0_ptr,  # [n0, R0, K]
+    w1_ptr,  # [n1, R1, K]
+    scale0_ptr,  # [n0]
+    scale1_ptr,  # [n1]
+    s0_ptr,  # [N, R0] fp32, by token id
+    s1_ptr,  # [N, R1] fp32, by token id
+    K,
+    R0,
+    R1,
+    stride_xm,
+    stride_xk,
+    stride_w0n,
+    stride_w0r,
+    stride_w0k,
+    stride_w1n,
+    stride_w1r,
+    stride_w1k,
+    stride_s0m,
+    stride_s1m,
+    HAS0: tl.constexpr,
+    HAS1: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R0: tl.constexpr,
+    BLOCK_R1: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)
+    row_start = tl.load(tiles_ptr + i_t * 4)
+    row_end = tl.load(tiles_ptr + i_t * 4 + 1)
+    i_a0 = tl.load(tiles_ptr + i_t * 4 + 2).to(tl.int64)
+    i_a1 = tl.load(tiles_ptr + i_t * 4 + 3).to(tl.int64)
+
+    o_m = row_start + tl.arange(0, BLOCK_M)
+    m_m = o_m < row_end
+    b_tok = tl.load(tokens_ptr + o_m, mask=m_m, other=0)
+    o_r0 = tl.arange(0, BLOCK_R0)
+    o_r1 = tl.arange(0, BLOCK_R1)
+    # A slot whose adapter is -1 on this tile masks its loads (no memory traffic) and its stores.
+    # (The limit is folded into one comparison: Triton's interpreter mis-types a block & scalar mask.)
+    m_r0 = o_r0 < tl.where(i_a0 >= 0, R0, 0)
+    m_r1 = o_r1 < tl.where(i_a1 >= 0, R1, 0)
+    p_w0 = w0_ptr + tl.maximum(i_a0, 0) * stride_w0n + o_r0[:, None] * stride_w0r
+    p_w1 = w1_ptr + tl.maximum(i_a1, 0) * stride_w1n + o_r1[:, None] * stride_w1r
+
+    b_acc0 = tl.zeros([BLOCK_M, BLOCK_R0], dtype=tl.float32)
+    b_acc1 = tl.zeros([BLOCK_M, BLOCK_R1], dtype=tl.float32)
+    for k0 in range(i_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        p_x = x_ptr + b_tok[:, None] * stride_xm + o_k[None, :] * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0).to(DOT_DTYPE)
+        if HAS0:
+            b_w0 = tl.load(p_w0 + o_k[None, :] * stride_w0k, mask=m_r0[:, None] & m_k[None, :], other=0.0)
+            b_acc0 = tl.dot(b_x, tl.trans(b_w0.to(DOT_DTYPE)), b_acc0, input_precision=PRECISION)
+        if HAS1:
+            b_w1 = tl.load(p_w1 + o_k[None, :] * stride_w1k, mask=m_r1[:, None] & m_k[None, :], other=0.0)
+            b_acc1 = tl.dot(b_x, tl.trans(b_w1.to(DOT_DTYPE)), b_acc1, input_precision=PRECISION)
+
+    if HAS0:
+        if HAS_SCALE:
+            b_acc0 *= tl.load(scale0_ptr + tl.maximum(i_a0, 0)).to(tl.float32)
+        p_s0 = s0_ptr + b_tok[:, None] * stride_s0m + o_r0[None, :]
+        m_s0 = m_m[:, None] & m_r0[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(p_s0, b_acc0, mask=m_s0)
+        else:
+            tl.store(p_s0, b_acc0, mask=m_s0)
+    if HAS1:
+        if HAS_SCALE:
+            b_acc1 *= tl.load(scale1_ptr + tl.maximum(i_a1, 0)).to(tl.float32)
+        p_s1 = s1_ptr + b_tok[:, None] * stride_s1m + o_r1[None, :]
+        m_s1 = m_m[:, None] & m_r1[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(p_s1, b_acc1, mask=m_s1)
+        else:
+            tl.store(p_s1, b_acc1, mask=m_s1)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    s0_ptr,  # [N, R0] fp32, by token id
+    s1_ptr,  # [N, R1] fp32, by token id
+    tokens_ptr,  # [N] int64, token ids in route order
+    tiles_ptr,  # [T, 4] int32: first row, end row, adapter of slot 0, adapter of slot 1
+    w0_ptr,  # [n0, N_out, R0]
+    w1_ptr,  # [n1, N_out, R1]
+    scale0_ptr,  # [n0]
+    scale1_ptr,  # [n1]
+    y_ptr,  # [N, N_out]
+    N_out,
+    R0,
+    R1,
+    stride_s0m,
+    stride_s1m,
+    stride_w0n,
+    stride_w0o,
+    stride_w0r,
+    stride_w1n,
+    stride_w1o,
+    stride_w1r,
+    stride_ym,
+    stride_yo,
+    HAS0: tl.constexpr,
+    HAS1: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R0: tl.constexpr,
+    BLOCK_R1: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1).to(tl.int64)
+    row_start = tl.load(tiles_ptr + i_t * 4)
+    row_end = tl.load(tiles_ptr + i_t * 4 + 1)
+    i_a0 = tl.load(tiles_ptr + i_t * 4 + 2).to(tl.int64)
+    i_a1 = tl.load(tiles_ptr + i_t * 4 + 3).to(tl.int64)
+
+    o_m = row_start + tl.arange(0, BLOCK_M)
+    m_m = o_m < row_end
+    b_tok = tl.load(tokens_ptr + o_m, mask=m_m, other=0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N_out
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS0:
+        o_r0 = tl.arange(0, BLOCK_R0)
+        m_r0 = o_r0 < tl.where(i_a0 >= 0, R0, 0)
+        p_s0 = s0_ptr + b_tok[:, None] * stride_s0m + o_r0[None, :]
+        b_s0 = tl.load(p_s0, mask=m_m[:, None] & m_r0[None, :], other=0.0)
+        p_w0 = w0_ptr + tl.maximum(i_a0, 0) * stride_w0n + o_n[:, None] * stride_w0o + o_r0[None, :] * stride_w0r
+        b_w0 = tl.load(p_w0, mask=m_n[:, None] & m_r0[None, :], other=0.0).to(tl.float32)
+        b_part0 = tl.dot(b_s0, tl.trans(b_w0), input_precision=PRECISION)
+        if HAS_SCALE:
+            b_part0 *= tl.load(scale0_ptr + tl.maximum(i_a0, 0)).to(tl.float32)
+        b_acc += b_part0
+    if HAS1:
+        o_r1 = tl.arange(0, BLOCK_R1)
+        m_r1 = o_r1 < tl.where(i_a1 >= 0, R1, 0)
+        p_s1 = s1_ptr + b_tok[:, None] * stride_s1m + o_r1[None, :]
+        b_s1 = tl.load(p_s1, mask=m_m[:, None] & m_r1[None, :], other=0.0)
+        p_w1 = w1_ptr + tl.maximum(i_a1, 0) * stride_w1n + o_n[:, None] * stride_w1o + o_r1[None, :] * stride_w1r
+        b_w1 = tl.load(p_w1, mask=m_n[:, None] & m_r1[None, :], other=0.0).to(tl.float32)
+        b_part1 = tl.dot(b_s1, tl.trans(b_w1), input_precision=PRECISION)
+        if HAS_SCALE:
+            b_part1 *= tl.load(scale1_ptr + tl.maximum(i_a1, 0)).to(tl.float32)
+        b_acc += b_part1
+
+    p_y = y_ptr + b_tok[:, None] * stride_ym + o_n[None, :] * stride_yo
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _lora_wgrad_kernel(
+    l_ptr,  # [N, P] by token id
+    r_ptr,  # [N, Q] by token id
+    tokens_ptr,  # [N_routed] int64, the slot's tokens sorted by adapter
+    chunks_ptr,  # [C, 3] int32: adapter, first row, end row
+    scale_ptr,  # [n]
+    out_ptr,  # [n, P, Q] fp32
+    P,
+    Q,
+    stride_lm,
+    stride_lp,
+    stride_rm,
+    stride_rq,
+    stride_on,
+    stride_op,
+    stride_oq,
+    HAS_SCALE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
+    i_q = tl.program_id(2).to(tl.int64)
+    i_a = tl.load(chunks_ptr + i_c * 3).to(tl.int64)
+    row_start = tl.load(chunks_ptr + i_c * 3 + 1)
+    row_end = tl.load(chunks_ptr + i_c * 3 + 2)
+
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_p = o_p < P
+    m_q = o_q < Q
+    b_acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for t0 in range(row_start, row_end, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < row_end
+        b_tok = tl.load(tokens_ptr + o_t, mask=m_t, other=0)
+        p_l = l_ptr + b_tok[:, None] * stride_lm + o_p[None, :] * stride_lp
+        p_r = r_ptr + b_tok[:, None] * stride_rm + o_q[None, :] * stride_rq
+        b_l = tl.load(p_l, mask=m_t[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        b_r = tl.load(p_r, mask=m_t[:, None] & m_q[None, :], other=0.0).to(tl.float32)
+        b_acc = tl.dot(tl.trans(b_l), b_r, b_acc, input_precision=PRECISION)
+    if HAS_SCALE:
+        b_acc *= tl.load(scale_ptr + i_a).to(tl.float32)
+
+    p_o = out_ptr + i_a * stride_on + o_p[:, None] * stride_op + o_q[None, :] * stride_oq
+    m_o = m_p[:, None] & m_q[None, :]
+    if ATOMIC:
+        tl.atomic_add(p_o, b_acc, mask=m_o)
+    else:
+        tl.store(p_o, b_acc, mask=m_o)
+
+
+# ---- input checks -----------------------------------------------------------------------------------
+
+
 def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta) -> None:
     if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
         raise ValueError(
@@ -125,3 +739,12 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta
         raise ValueError(f"multi_lora: scale must be [{n}], got {tuple(scale.shape)}")
     if meta.num_tokens != x.shape[0]:
         raise ValueError(f"multi_lora: metadata is for {meta.num_tokens} tokens, x has {x.shape[0]}")
+
+
+def _check_devices(x: Tensor, slots: list[tuple[Tensor, Tensor, Tensor, LoraMeta]]) -> None:
+    for k, (A, B, scale, _) in enumerate(slots):
+        for name, t in (("A", A), ("B", B), ("scale", scale)):
+            if t.device != x.device:
+                raise ValueError(f"multi_lora: slot {k} {name} is on {t.device}, x on {x.device}")
+            if not t.is_floating_point():
+                raise ValueError(f"multi_lora: slot {k} {name} must be floating point, got {t.dtype}")
