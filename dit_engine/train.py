@@ -211,7 +211,13 @@ class Trainer:
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
-        """Optimizer state as flat tensors (safetensors) + JSON-able scalars. No pickle."""
+        """Optimizer state as flat tensors (safetensors) + JSON-able scalars. No pickle.
+
+        Taken at optimizer-step boundaries only: half-accumulated gradients are not state.
+        """
+        if self.micro:
+            raise RuntimeError(f"checkpoint requested {self.micro} micro-steps into a gradient accumulation; "
+                               f"save right after an optimizer step")
         sd = self.opt.state_dict()
         tensors = {f"opt.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
         if self.masters is not None:
