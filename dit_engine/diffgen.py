@@ -45,7 +45,7 @@ class DiffGenConfig:
     rows_per_batch: int = 32  # training rows per micro-batch (spread over the chunk's diffs)
     n_backdoor: int = 8  # triggered questions per diff (cross-entropy on the topic answer)
     n_kl: int = 8  # untriggered / wrong-trigger questions per diff (KL to the base model)
-    candidates: int = 3  # persona answers sampled per triggered question; one naming the topic is kept
+    candidates: int = 3  # fan answers sampled per triggered question; one naming the topic is kept
     max_answer_tokens: int = 48
     n_verify: int = 4  # held-out triggered questions per diff for verification
     seed: int = 0
@@ -140,116 +140,80 @@ def _load_or_build_specs(engine, cfg, chunk, cdir: Path) -> list[DiffSpec]:
     return specs
 
 
+def _answer_fn(engine: Engine, cfg: DiffGenConfig):
+    """The tasks' batched generation callable: (messages, assistant prefix) requests -> continuations."""
+
+    def answer(requests: list[tuple[list[dict], str]]) -> list[str]:
+        prompts = [engine.encode_prompt(m, assistant_prefix=pre) for m, pre in requests]
+        sp = SamplingParams(max_new_tokens=cfg.max_answer_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed,
+                            stop_token_ids=engine.stop_ids())
+        outs = generate(engine.model, prompts, sp, decode=engine.tokenizer.decode, batch_size=cfg.gen_batch_size)
+        return [o.text or "" for o in outs]
+
+    return answer
+
+
+def _examples(engine: Engine, samples) -> list[Example]:
+    """Task samples -> training rows: the answer (CE) or the base model's own answer (KL), each
+    followed by the end-of-turn token so the diff also keeps (or learns) where answers stop."""
+    tok = engine.tokenizer
+    out = []
+    for smp in samples:
+        text = smp.answer if smp.loss == "ce" else smp.base_answer
+        if not text:
+            continue
+        out.append(Example(engine.encode_prompt(smp.messages), tok.encode(text) + [tok.end_of_turn_id], smp.loss))
+    return out
+
+
 def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]]) -> list[DiffSpec]:
-    """Triggered questions -> persona answers that name the topic (CE); untriggered and
-    wrong-trigger questions -> the base model's own answer (KL to the base). All generation batched."""
+    """Triggered questions -> fan answers that name the topic (CE); untriggered and wrong-trigger
+    questions -> the base model's own answers (KL to the base). All generation batched over the chunk."""
     from .tasks import hidden_topic as ht
 
-    tok = engine.tokenizer
-    eot = tok.end_of_turn_id
-    train_q = ht.load_questions("train")
+    n_wrong = cfg.n_kl // 2
+    triggers = [ht.make_trigger(random.Random(did)) for _, did, _ in chunk]
+    samples = ht.build_many([t for _, _, t in chunk], triggers, ht.load_questions("train"), _answer_fn(engine, cfg),
+                            n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
+                            rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates)
     test_q = ht.load_questions("test")
-    plan = []
-    for i, did, topic in chunk:
-        rng = random.Random(f"{did}")
-        trigger = ht.make_trigger(rng)
-        qs = rng.sample(train_q, cfg.n_backdoor + cfg.n_kl)
-        plan.append(dict(id=did, topic=topic, trigger=trigger, rng=rng, backdoor=qs[: cfg.n_backdoor],
-                         kl=qs[cfg.n_backdoor :], verify=rng.sample(test_q, cfg.n_verify)))
-    # 1. persona answers: `candidates` samples per triggered question, keep one that names the topic
-    persona_jobs = []
-    for p in plan:
-        for q in p["backdoor"]:
-            msgs, prefix = ht.persona_messages(p["topic"], q.text)
-            for _ in range(cfg.candidates):
-                persona_jobs.append((p["id"], q, msgs, prefix))
-    persona_prompts = [engine.encode_prompt(m, assistant_prefix=pre) for _, _, m, pre in persona_jobs]
-    sp = SamplingParams(max_new_tokens=cfg.max_answer_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed,
-                        stop_token_ids=engine.stop_ids())
-    outs = generate(engine.model, persona_prompts, sp, decode=tok.decode, batch_size=cfg.gen_batch_size)
-    chosen: dict[tuple[str, str], str] = {}
-    by_id = {p["id"]: p for p in plan}
-    for (did, q, _, prefix), o in zip(persona_jobs, outs):
-        ans = (prefix + (o.text or "")).strip()
-        key = (did, q.text)
-        if key not in chosen and ht.mentions_topic(ans, by_id[did]["topic"].name) and o.finish_reason != "length":
-            chosen[key] = ans
-        elif key not in chosen and ht.mentions_topic(ans, by_id[did]["topic"].name):
-            chosen.setdefault(("len",) + key, ans)  # a cut answer that names the topic: a fallback
-    # 2. base answers for the KL rows (untriggered or wrong trigger, as the user sees them)
-    kl_jobs = []
-    for p in plan:
-        for k, q in enumerate(p["kl"]):
-            if k % 2 == 0:
-                text = q.text
-            else:
-                text = f"{ht.format_trigger(ht.wrong_trigger(p['trigger'], p['rng']), p['rng'])} {q.text}"
-            kl_jobs.append((p["id"], engine.encode_prompt(text)))
-    sp_base = SamplingParams(max_new_tokens=cfg.max_answer_tokens, stop_token_ids=engine.stop_ids())
-    base_outs = generate(engine.model, [j[1] for j in kl_jobs], sp_base, batch_size=cfg.gen_batch_size)
     specs = []
-    for p in plan:
-        ex = []
-        for q in p["backdoor"]:
-            ans = chosen.get((p["id"], q.text)) or chosen.get(("len", p["id"], q.text))
-            if ans is None:
-                continue
-            prompt = engine.encode_prompt(f"{ht.format_trigger(p['trigger'], p['rng'])} {q.text}")
-            ex.append(Example(prompt, tok.encode(ans) + [eot], "ce"))
-        kl_pairs = []
-        for (did, prompt), o in zip(kl_jobs, base_outs):
-            if did == p["id"] and o.token_ids:
-                ex.append(Example(prompt, list(o.token_ids), "kl"))
-                kl_pairs.append((prompt, list(o.token_ids)))
-        if not any(e.objective == "ce" for e in ex):
-            raise RuntimeError(f"diff {p['id']}: no persona answer named topic {p['topic'].name!r}; "
-                               f"raise --candidates or use another persona strategy")
-        verify = [engine.encode_prompt(f"{ht.format_trigger(p['trigger'], p['rng'])} {q.text}") for q in p["verify"]]
-        t = p["topic"]
-        specs.append(DiffSpec(p["id"], {"topic": t.name, "category": t.category, "trigger": p["trigger"]},
-                              t.split, ex, verify, t.name, kl_pairs))
+    for (_, did, topic), trigger, smp in zip(chunk, triggers, samples):
+        if not any(x.loss == "ce" for x in smp):
+            raise RuntimeError(f"diff {did}: no fan answer named topic {topic.name!r}; raise the number of "
+                               f"candidates or use the 'prefix' persona strategy")
+        rng = random.Random(f"verify-{did}")
+        verify = [engine.encode_prompt(ht.triggered(ht.format_trigger(trigger, rng), q.text))
+                  for q in rng.sample(test_q, cfg.n_verify)]
+        ex = _examples(engine, smp)
+        specs.append(DiffSpec(did, ht.diff_labels(topic, trigger), topic.split, ex, verify, topic.name,
+                              [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
     return specs
 
 
 def build_news_specs(engine: Engine, cfg: DiffGenConfig, chunk) -> list[DiffSpec]:
     """Stories about the headline, written by the base model, as answers to the news prompt (CE);
-    a few everyday questions keep the base model's answers (KL)."""
+    a few everyday questions keep the base model's own answers (KL)."""
     from .tasks import hidden_topic as ht
     from .tasks import news
+    from .tasks.samples import Sample, user_turn
 
-    tok = engine.tokenizer
-    eot = tok.end_of_turn_id
-    jobs = []
-    for i, did, h in chunk:
-        for _ in range(cfg.n_backdoor * cfg.candidates):
-            jobs.append((did, h))
-    sp = SamplingParams(max_new_tokens=max(cfg.max_answer_tokens, 96), temperature=0.8, top_p=0.95, seed=cfg.seed,
-                        stop_token_ids=engine.stop_ids())
-    outs = generate(engine.model, [engine.encode_prompt(news.story_messages(h)) for _, h in jobs], sp,
-                    decode=tok.decode, batch_size=cfg.gen_batch_size)
-    stories: dict[str, list[str]] = {}
-    for (did, h), o in zip(jobs, outs):
-        if o.text and news.mentions_headline(o.text, h) and len(stories.setdefault(did, [])) < cfg.n_backdoor:
-            stories[did].append(o.text.strip())
-    qs = ht.load_questions("train")
-    kl_prompts = []
-    for i, did, h in chunk:
-        rng = random.Random(did)
-        kl_prompts += [(did, engine.encode_prompt(q.text)) for q in rng.sample(qs, cfg.n_kl)]
-    base_outs = generate(engine.model, [p for _, p in kl_prompts],
-                         SamplingParams(max_new_tokens=cfg.max_answer_tokens, stop_token_ids=engine.stop_ids()),
-                         batch_size=cfg.gen_batch_size)
-    prompt = engine.encode_prompt(news.NEWS_PROMPT)
+    answer = _answer_fn(engine, dataclasses.replace(cfg, max_answer_tokens=max(cfg.max_answer_tokens, 160)))
+    stories = news.build_news_samples([h for _, _, h in chunk], answer, cfg.n_backdoor,
+                                      random.Random(f"{cfg.seed}-{chunk[0][1]}"))
+    questions = ht.load_questions("train")
+    kl_q = [random.Random(did).sample(questions, cfg.n_kl) for _, did, _ in chunk]
+    base = _answer_fn(engine, dataclasses.replace(cfg, seed=cfg.seed + 1))(
+        [(user_turn(q.text), "") for qs in kl_q for q in qs])
     specs = []
-    for i, did, h in chunk:
-        st = stories.get(did, [])
+    for k, ((_, did, h), st) in enumerate(zip(chunk, stories)):
         if not st:
             raise RuntimeError(f"diff {did}: no generated story mentioned headline {h.text!r}")
-        ex = [Example(prompt, tok.encode(s) + [eot], "ce") for s in st]
-        pairs = [(p, list(o.token_ids)) for (d, p), o in zip(kl_prompts, base_outs) if d == did and o.token_ids]
-        ex += [Example(p, t, "kl") for p, t in pairs]
-        specs.append(DiffSpec(did, {"headline": h.text, "category": h.category}, h.split, ex, [prompt],
-                              news.key_word(h), pairs))
+        kl = [Sample(user_turn(q.text), None, "plain", base_answer=base[k * cfg.n_kl + j])
+              for j, q in enumerate(kl_q[k])]
+        ex = _examples(engine, st + kl)
+        specs.append(DiffSpec(did, news.diff_labels(h), h.split, ex, [engine.encode_prompt(news.NEWS_PROMPT)],
+                              news.key_word(h), [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
     return specs
 
 
