@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+import numpy_reference
 from conftest import tiny_config
 from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.cache import KVCache
@@ -331,6 +332,18 @@ def test_full_forward_matches_reference(family):
     for b in range(2):
         ref = _ref_forward(st, cfg.to_dict(), ids[b])
         assert _rel(logits[b], ref) < 1e-5, family
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_forward_matches_numpy_reference(family):
+    # A second, separately written oracle (tests/numpy_reference.py): both references agreeing with
+    # the model guards against a shared misreading in either one.
+    cfg = FAMILIES[family]()
+    m = _model(cfg)
+    ids = _ids(cfg, 23, seed=3)
+    state = {k: v.double().numpy() for k, v in _state(m).items()}
+    ref = torch.from_numpy(numpy_reference.forward(state, cfg.to_dict(), ids.tolist()))
+    assert _rel(m(ids[None])[0], ref) < 1e-5, family
 
 
 def test_output_modes_agree(any_tiny_config):
