@@ -333,7 +333,7 @@ def _lora_shrink(
     block_m = route.block_m
     block_r = [_dispatch.pow2_at_least(r) for r in ranks[:2]]
     interp = _dispatch.interpreted(x.device)
-    block_k = 32 if interp else (128 if max(block_r) <= 32 else 64)
+    block_k = 64 if interp else (128 if max(block_r) <= 32 else 64)
     if split_k is None:
         # Few tiles (decode with few adapters, one big adapter): split d_in so every SM streams weights.
         want = 2 * _dispatch.num_sms(x.device)
@@ -403,7 +403,7 @@ def _lora_expand(
     used = [w if s is not None else None for s, w in zip(S, weights)] + [None]
     ranks = [w.shape[2] if w is not None else 0 for w in used[:2]]
     block_r = [_dispatch.pow2_at_least(r) for r in ranks]
-    block_n = 32 if _dispatch.interpreted(device) else 64
+    block_n = 64
     s0, s1 = (list(S) + [None])[:2]
     w0, w1 = used[:2]
     sc0, sc1 = ((scales or []) + [None, None])[:2]
@@ -454,11 +454,10 @@ def _lora_wgrad(
     out = torch.zeros(n_adapters, P, Q, dtype=torch.float32, device=device)
     if meta.num_routed == 0:
         return out.to(out_dtype)
-    interp = _dispatch.interpreted(device)
-    big = 32 if interp else 64
-    block_p = _dispatch.pow2_at_least(P) if P <= 128 else big
-    block_q = _dispatch.pow2_at_least(Q) if Q <= 128 else big
-    block_t = 32 if interp else 64
+    # The rank side (<= 128) fits one block; the model side (d_in or d_out) is tiled by 64.
+    block_p = _dispatch.pow2_at_least(P) if P <= 128 else 64
+    block_q = _dispatch.pow2_at_least(Q) if Q <= 128 else 64
+    block_t = 64
     grid_pq = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     if chunk is None:
         # Halve the chunk until the grid fills the GPU; adapters spanning several chunks use atomics.

@@ -1,0 +1,307 @@
+"""Multi-LoRA Triton kernels (run by Triton's interpreter on CPU) against an fp64 per-token oracle.
+
+Every case checks the forward and the gradients of x, A and B; outputs are NaN-poisoned before the
+kernels write them (``DIT_KERNELS_POISON=1``), so an element a kernel forgets shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_engine.kernels import multi_lora as ml
+from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora, multi_lora_multi, multi_lora_ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+
+
+def _pattern(name: str, n_tok: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Token -> adapter maps covering how adapters are popular in real batches."""
+    if name == "identical":
+        return torch.full((n_tok,), n - 1, dtype=torch.int64)
+    if name == "distinct":
+        return torch.randperm(n_tok, generator=g) % n
+    if name == "uniform":
+        return torch.randint(0, n, (n_tok,), generator=g)
+    if name == "zipf":
+        p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.2
+        return torch.multinomial(p, n_tok, replacement=True, generator=g)
+    if name == "skewed":
+        idx = torch.randint(0, n, (n_tok,), generator=g)
+        return torch.where(torch.rand(n_tok, generator=g) < 0.9, 0, idx)
+    if name == "with_none":
+        idx = torch.randint(0, n, (n_tok,), generator=g)
+        return torch.where(torch.rand(n_tok, generator=g) < 0.3, -1, idx)
+    if name == "all_none":
+        return torch.full((n_tok,), -1, dtype=torch.int64)
+    raise ValueError(name)
+
+
+def _slot(n, r_max, d_in, d_out, g, *, dtype=torch.float32, mixed_ranks=False, grad=True):
+    """Stacked adapters; with mixed ranks each adapter's rank is zero-padded to r_max."""
+    A = torch.randn(n, r_max, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    B = torch.randn(n, d_out, r_max, generator=g, dtype=torch.float64) / r_max**0.5
+    if mixed_ranks:
+        ranks = torch.randint(1, r_max + 1, (n,), generator=g)
+        keep = torch.arange(r_max)[None, :] < ranks[:, None]  # [n, r_max]
+        A = A * keep[:, :, None]
+        B = B * keep[:, None, :]
+    scale = torch.rand(n, generator=g, dtype=torch.float64).float() + 0.5
+    return A.to(dtype).requires_grad_(grad), B.to(dtype).requires_grad_(grad), scale
+
+
+def _oracle(x, slots):
+    """fp64, token by token: y[t] = sum_k scale_k[i] * B_k[i] @ (A_k[i] @ x[t]); autograd for the grads."""
+    y = torch.zeros(x.shape[0], slots[0][1].shape[1], dtype=torch.float64)
+    for A, B, scale, idx in slots:
+        ids = idx.clamp(min=0)
+        s = torch.einsum("trd,td->tr", A.double()[ids], x.double())
+        d = torch.einsum("tor,tr->to", B.double()[ids], s) * scale.double()[ids, None]
+        y = y + d * (idx >= 0).double()[:, None]
+    return y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _check(x, slots, *, dtype):
+    """Run the Triton path on slots [(A, B, scale, idx)] and compare forward and every gradient."""
+    metas = [build_lora_meta(idx, A.shape[0]) for A, B, scale, idx in slots]
+    args = [(A, B, scale, m) for (A, B, scale, _), m in zip(slots, metas)]
+    if len(slots) == 1:
+        y = multi_lora(x, *args[0], backend="triton")
+    else:
+        y = multi_lora_multi(x, args, backend="triton")
+    y_ref = _oracle(x, slots)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert not torch.isnan(y).any()
+    if y_ref.norm() == 0:
+        assert torch.equal(y, torch.zeros_like(y))
+    else:
+        assert _rel(y, y_ref) < TOL[dtype]
+    leaves = [t for t in [x] + [w for A, B, _, _ in slots for w in (A, B)] if t.requires_grad]
+    if not leaves:
+        return
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = torch.autograd.grad(y, leaves, g.to(y.dtype), allow_unused=True)
+    want = torch.autograd.grad(y_ref, leaves, g, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and a.dtype == leaves[i].dtype and not torch.isnan(a).any(), f"grad {i}"
+        if b is None or b.norm() == 0:
+            assert torch.count_nonzero(a) == 0, f"grad {i} should be zero"
+        else:
+            assert _rel(a, b) < TOL[dtype], f"grad {i}: rel err {_rel(a, b):.2e}"
+
+
+PATTERNS = ["identical", "distinct", "uniform", "zipf", "skewed", "with_none", "all_none"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_single_slot_patterns_fp32(pattern):
+    g = torch.Generator().manual_seed(hash(pattern) % 1000)
+    n_tok, d_in, d_out, n = 63, 123, 77, 9
+    x = torch.randn(n_tok, d_in, generator=g).requires_grad_()
+    A, B, scale = _slot(n, 8, d_in, d_out, g)
+    _check(x, [(A, B, scale, _pattern(pattern, n_tok, n, g))], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pattern", ["zipf", "with_none"])
+def test_half_precision(pattern, dtype):
+    g = torch.Generator().manual_seed(3)
+    n_tok, d_in, d_out, n = 63, 123, 63, 6
+    x = torch.randn(n_tok, d_in, generator=g).to(dtype).requires_grad_()
+    A, B, scale = _slot(n, 16, d_in, d_out, g, dtype=dtype)
+    _check(x, [(A, B, scale, _pattern(pattern, n_tok, n, g))], dtype=dtype)
+
+
+def test_bf16_activations_with_fp32_adapters():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 96, generator=g).to(torch.bfloat16).requires_grad_()
+    A, B, scale = _slot(5, 4, 96, 48, g, dtype=torch.float32)
+    _check(x, [(A, B, scale, _pattern("uniform", 40, 5, g))], dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("rank", [1, 17, 128])
+def test_ranks_and_mixed_ranks(rank):
+    g = torch.Generator().manual_seed(rank)
+    n_tok, d_in, d_out, n = 45, 80, 56, 7
+    x = torch.randn(n_tok, d_in, generator=g).requires_grad_()
+    A, B, scale = _slot(n, rank, d_in, d_out, g, mixed_ranks=True)
+    _check(x, [(A, B, scale, _pattern("with_none", n_tok, n, g))], dtype=torch.float32)
+
+
+def test_decode_one_token_per_adapter_wide_layer():
+    """Decode: every token its own adapter, d_in 577 (several K blocks, ragged tail)."""
+    g = torch.Generator().manual_seed(5)
+    n_tok, d_in, d_out = 8, 577, 63
+    x = torch.randn(n_tok, d_in, generator=g).requires_grad_()
+    A, B, scale = _slot(n_tok, 16, d_in, d_out, g, mixed_ranks=True)
+    _check(x, [(A, B, scale, torch.arange(n_tok).flip(0))], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "with_none"])
+def test_two_slots_diff_plus_shared_adapter(pattern):
+    """Slot 0: a diff per sequence (some rows none), slot 1: one shared DIT adapter on most rows."""
+    g = torch.Generator().manual_seed(11)
+    n_tok, d_in, d_out, n = 63, 123, 63, 8
+    x = torch.randn(n_tok, d_in, generator=g).requires_grad_()
+    A0, B0, s0 = _slot(n, 4, d_in, d_out, g, mixed_ranks=True)
+    A1, B1, s1 = _slot(1, 16, d_in, d_out, g)
+    shared = torch.where(torch.rand(n_tok, generator=g) < 0.8, 0, -1)
+    _check(x, [(A0, B0, s0, _pattern(pattern, n_tok, n, g)), (A1, B1, s1, shared)], dtype=torch.float32)
+
+
+def test_three_slots_and_frozen_slots_get_no_weight_grad(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    n_tok, d_in, d_out = 50, 64, 40
+    x = torch.randn(n_tok, d_in, generator=g).requires_grad_()
+    frozen0 = _slot(6, 2, d_in, d_out, g, grad=False)
+    trained = _slot(1, 8, d_in, d_out, g, grad=True)
+    frozen2 = _slot(3, 5, d_in, d_out, g, grad=False)
+    calls = []
+    real = ml._lora_wgrad
+
+    def counting(left, right, meta, n_adapters, *args, **kwargs):
+        calls.append(n_adapters)
+        return real(left, right, meta, n_adapters, *args, **kwargs)
+
+    monkeypatch.setattr(ml, "_lora_wgrad", counting)
+    slots = [
+        (*frozen0, _pattern("uniform", n_tok, 6, g)),
+        (*trained, _pattern("with_none", n_tok, 1, g)),
+        (*frozen2, _pattern("skewed", n_tok, 3, g)),
+    ]
+    _check(x, slots, dtype=torch.float32)
+    assert calls == [1, 1], "only the trainable slot's dA and dB are computed"
+
+
+def test_input_grad_only_when_adapters_frozen():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(30, 48, generator=g).requires_grad_()
+    A, B, scale = _slot(4, 4, 48, 24, g, grad=False)
+    _check(x, [(A, B, scale, _pattern("uniform", 30, 4, g))], dtype=torch.float32)
+
+
+def test_strided_input_and_expanded_grad():
+    """x a column slice of a wider tensor (row stride != d_in); dy from a broadcast (stride 0)."""
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(33, 100, generator=g)
+    x = base[:, 10:73].requires_grad_()  # not a leaf with contiguous rows: stride (100, 1)
+    A, B, scale = _slot(3, 4, 63, 21, g)
+    meta = build_lora_meta(_pattern("uniform", 33, 3, g))
+    y = multi_lora(x, A, B, scale, meta, backend="triton")
+    y_ref = multi_lora_ref(x, A, B, scale, meta)
+    assert _rel(y, y_ref) < 1e-5
+    (gx, gA), (rx, rA) = (torch.autograd.grad(t.sum(), (x, A)) for t in (y, y_ref))
+    assert _rel(gx, rx) < 1e-5 and _rel(gA, rA) < 1e-5
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_shrink_split_k_matches(split_k):
+    """Split over d_in with fp32 atomics gives the same intermediate as one pass."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(20, 150, generator=g)
+    A, _, _ = _slot(4, 8, 150, 8, g, grad=False)
+    idx = _pattern("with_none", 20, 4, g)
+    route = ml._route((build_lora_meta(idx),), x.device)
+    (S,) = ml._lora_shrink(x, route, [A], scales=None, split_k=split_k)
+    routed = idx >= 0
+    want = torch.einsum("trd,td->tr", A.double()[idx.clamp(min=0)], x.double())
+    assert _rel(S[routed], want[routed]) < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_weight_grad_chunks_and_atomics(chunk):
+    """Adapters spanning several chunks meet by atomics; a single chunk each stores directly."""
+    g = torch.Generator().manual_seed(16)
+    n_tok, P, Q, n = 57, 20, 37, 5
+    left, right = torch.randn(n_tok, P, generator=g), torch.randn(n_tok, Q, generator=g)
+    idx = _pattern("zipf", n_tok, n, g)
+    scale = torch.rand(n, generator=g)
+    meta = build_lora_meta(idx)
+    got = ml._lora_wgrad(left, right, meta, n, scale, torch.float32, chunk=chunk)
+    want = torch.zeros(n, P, Q, dtype=torch.float64)
+    for t in range(n_tok):
+        want[idx[t]] += scale[idx[t]].double() * torch.outer(left[t].double(), right[t].double())
+    assert _rel(got, want) < 1e-6
+    assert ml._wgrad_chunks(meta, chunk, left.device)[1] == (meta.max_count > chunk)
+
+
+def test_route_and_tiles_are_built_once_per_batch():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(20, 32, generator=g)
+    A, B, scale = _slot(3, 4, 32, 16, g, grad=False)
+    meta = build_lora_meta(_pattern("with_none", 20, 3, g))
+    multi_lora(x, A, B, scale, meta, backend="triton")
+    route = ml._route((meta,), x.device)
+    multi_lora(x, A, B, scale, meta, backend="triton")
+    assert ml._route((meta,), x.device) is route
+    tiles, n_none = route.tiles()
+    # Every token appears in exactly one tile, and each tile holds one adapter per slot.
+    rows = torch.cat([torch.arange(int(s), int(e)) for s, e, _, _ in tiles.tolist()])
+    assert torch.equal(rows, torch.arange(20))
+    for s, e, a0, _ in tiles.tolist():
+        assert set(meta.token_index[route.tokens[s:e]].tolist()) == {a0}
+    assert n_none == sum(1 for _, _, a0, _ in tiles.tolist() if a0 == -1)
+
+
+def test_cpu_auto_takes_reference_and_torch_backend_matches():
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(10, 16, generator=g)
+    A, B, scale = _slot(2, 2, 16, 8, g, grad=False)
+    meta = build_lora_meta(_pattern("uniform", 10, 2, g))
+    auto = multi_lora(x, A, B, scale, meta)
+    assert torch.equal(auto, multi_lora_ref(x, A, B, scale, meta))
+    assert torch.equal(multi_lora(x, A, B, scale, meta, backend="torch"), auto)
+    both = multi_lora_multi(x, [(A, B, scale, meta), (A, B, scale, meta)], backend="torch")
+    assert torch.allclose(both, 2 * auto)
+
+
+def test_bad_shapes_name_what_was_expected():
+    x = torch.randn(5, 16)
+    A, B = torch.randn(2, 4, 16), torch.randn(2, 8, 4)
+    meta = build_lora_meta(torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"expected \[n, r, 12\]"):
+        multi_lora(torch.randn(5, 12), A, B, torch.ones(2), meta, backend="triton")
+    with pytest.raises(ValueError, match="metadata is for 5 tokens, x has 4"):
+        multi_lora(x[:4], A, B, torch.ones(2), meta, backend="triton")
+    with pytest.raises(ValueError, match="disagree on d_out"):
+        multi_lora_multi(x, [(A, B, torch.ones(2), meta), (A, torch.randn(2, 9, 4), torch.ones(2), meta)])
+    with pytest.raises(ValueError, match="backend argument is 'cuda'"):
+        multi_lora(x, A, B, torch.ones(2), meta, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gpu_compiled_kernels(pattern, dtype):
+    """The compiled kernels at a realistic size, two slots, against the fp64 oracle on CPU."""
+    g = torch.Generator().manual_seed(19)
+    n_tok, d_in, d_out, n = 577, 1000, 1536, 33
+    x = torch.randn(n_tok, d_in, generator=g).to(dtype).requires_grad_()
+    A0, B0, s0 = _slot(n, 16, d_in, d_out, g, dtype=dtype, mixed_ranks=True)
+    A1, B1, s1 = _slot(1, 64, d_in, d_out, g, dtype=dtype)
+    idx0, idx1 = _pattern(pattern, n_tok, n, g), _pattern("with_none", n_tok, 1, g)
+    cpu_leaves = [x, A0, B0, A1, B1]
+    gpu_leaves = [t.detach().cuda().requires_grad_() for t in cpu_leaves]
+    xg, A0g, B0g, A1g, B1g = gpu_leaves
+    metas = [build_lora_meta(idx0.cuda()), build_lora_meta(idx1.cuda())]
+    slots = [(A0g, B0g, s0.cuda(), metas[0]), (A1g, B1g, s1.cuda(), metas[1])]
+    y = multi_lora_multi(xg, slots, backend="triton")
+    y_ref = _oracle(x, [(A0, B0, s0, idx0), (A1, B1, s1, idx1)])
+    tol = 10 * TOL[dtype]  # TF32 / half-precision tensor cores
+    assert _rel(y.cpu(), y_ref) < tol
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, gpu_leaves, dy.to(y.dtype).cuda())
+    want = torch.autograd.grad(y_ref, cpu_leaves, dy)
+    for a, b in zip(got, want):
+        assert _rel(a.cpu(), b) < tol
