@@ -84,8 +84,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{out_dir}: already exists; convert into a new directory")
     try:
         reader = GGUFReader(gguf_path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{gguf_path}: not a readable GGUF file: {e}") from None
+    except Exception as e:  # a corrupt file surfaces as assorted numpy/IO errors from the reader
+        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {name: _field_value(field) for name, field in reader.fields.items()}
 
     config = _config_from_metadata(meta, {t.name for t in reader.tensors}, gguf_path, out_dir.name)

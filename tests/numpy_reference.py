@@ -43,6 +43,16 @@ def load_hf_dir(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
 
 def forward(state: Mapping[str, Any], config: Mapping[str, Any], token_ids: list[int] | np.ndarray) -> np.ndarray:
     """Logits ``[T, V]`` (float64) for one sequence of token ids."""
+    return final_hidden(state, config, token_ids) @ _lm_head(state).T
+
+
+def greedy_next(state: Mapping[str, Any], config: Mapping[str, Any], token_ids: list[int]) -> int:
+    """The argmax next token after ``token_ids`` (only the last position goes through lm_head)."""
+    return int(np.argmax(_lm_head(state) @ final_hidden(state, config, token_ids)[-1]))
+
+
+def final_hidden(state: Mapping[str, Any], config: Mapping[str, Any], token_ids: list[int] | np.ndarray) -> np.ndarray:
+    """The final-norm hidden states ``[T, hidden]`` (float64) of one sequence."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
     ids = np.asarray(token_ids, dtype=np.int64)
     t_len = ids.shape[0]
@@ -79,16 +89,16 @@ def forward(state: Mapping[str, Any], config: Mapping[str, Any], token_ids: list
         gate = _linear(x, w, p + "mlp.gate_proj")
         h = h + _linear(gate / (1.0 + np.exp(-gate)) * _linear(x, w, p + "mlp.up_proj"), w, p + "mlp.down_proj")
 
-    h = _rms_norm(h, w["model.norm.weight"], eps)
-    head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
-    return h @ head.T
-
-
-def greedy_next(state: Mapping[str, Any], config: Mapping[str, Any], token_ids: list[int]) -> int:
-    return int(np.argmax(forward(state, config, token_ids)[-1]))
+    return _rms_norm(h, w["model.norm.weight"], eps)
 
 
 # ---- pieces ------------------------------------------------------------------------------------------
+def _lm_head(state: Mapping[str, Any]) -> np.ndarray:
+    """[V, hidden]; tied models reuse the embedding matrix."""
+    head = state["lm_head.weight"] if "lm_head.weight" in state else state["model.embed_tokens.weight"]
+    return np.asarray(head, dtype=np.float64)
+
+
 def _linear(x: np.ndarray, w: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """``x @ W.T (+ b)``; a bias is used whenever the checkpoint has one (Qwen2 q/k/v, Llama attention_bias)."""
     y = x @ w[name + ".weight"].T
