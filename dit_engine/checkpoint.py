@@ -17,6 +17,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 DEFAULT_SPEC = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -87,7 +91,7 @@ def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
             raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Transformer":
     """Build the :class:`~dit_engine.model.Transformer` of a checkpoint and fill it with its weights.
 
     Floating-point tensors are cast to ``dtype``; the model is returned in eval mode, its base
@@ -136,7 +140,6 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: tor
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{path}: tensors left without values after loading: {_preview(still_meta)}")
-    model.config = config
     return model.eval()
 
 

@@ -93,7 +93,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
         _say(f"converting {gguf_path.name}: {len(reader.tensors)} tensors -> fp32 safetensors")
-        state = {name: tensor for name, tensor in _convert_tensors(reader, config, gguf_path)}
+        state = dict(_convert_tensors(reader, config, gguf_path))
         save_checkpoint(state, config, partial)
         del state
         _say("building tokenizer.json from the GGUF vocabulary")
@@ -101,7 +101,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         _write_json(partial / "tokenizer_config.json", _tokenizer_config(meta, config))
         _write_json(partial / "generation_config.json", {
             "bos_token_id": config.bos_token_id,
-            "eos_token_id": list(config.eos_token_id)[0] if config.eos_token_id else None,
+            "eos_token_id": config.eos_token_id[0] if config.eos_token_id else None,
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         })
         partial.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
