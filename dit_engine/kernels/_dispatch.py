@@ -133,6 +133,14 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     return out
 
 
+def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Like :func:`empty`, in ``t``'s layout (a transposed view gets a transposed buffer)."""
+    out = torch.empty_like(t, dtype=dtype)
+    if os.environ.get(ENV_POISON, "0") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Block size covering ``n``: a power of two, at least ``floor`` (``tl.dot`` needs 16)."""
     return max(floor, triton.next_power_of_2(max(int(n), 1)))

@@ -1,23 +1,34 @@
 """Cross-entropy and KL-to-teacher over the vocabulary, chunked over tokens.
 
 Neither op ever holds fp32 logits for the whole batch: forward and backward walk over chunks of
-``chunk_size`` tokens, computing ``[chunk, V]`` logits, reducing them, and dropping them. Backward
-recomputes each chunk's logits (one extra GEMM) instead of storing them.
+``chunk_size`` tokens, computing ``[chunk, V]`` logits with one GEMM, reducing them, and dropping them.
+The forward keeps only the log-sum-exp per token; the backward recomputes each chunk's logits (one
+extra GEMM) and turns them, in place, into the gradient w.r.t. the logits.
 
-    linear_cross_entropy:  loss[t] = logsumexp(h_t W^T) - (h_t W^T)[y_t]
+    linear_cross_entropy:  loss[t] = logsumexp(h_t W^T) - (h_t W^T)[y_t]       (0 where y_t = -100)
         d loss[t] / d logits = softmax(logits_t) - onehot(y_t)
     linear_kl_to_teacher:  kl[t] = sum_v p_t(v) (log p_t(v) - log q_t(v)),
         p = softmax(teacher_h W^T) (constant), q = softmax(h W^T)
         d kl[t] / d logits = q_t - p_t
 
-Then ``dh = g @ W`` and ``dW = g^T @ h`` per chunk, ``g`` scaled by the upstream per-token gradient.
-This plain-torch version is the CPU path and the oracle of the Triton version.
+Then ``dh = g @ W`` and ``dW += g^T @ h`` per chunk, ``g`` scaled by the upstream per-token gradient.
+
+The GEMMs are torch's (cuBLAS); the per-row reductions are Triton kernels on the Triton path (one
+online pass over the row for the forward, one for the gradient) and plain torch on the CPU path,
+where the chunk's logits are fp32 (CPU half-precision GEMMs are slow and no more accurate). On the
+Triton path the logits are in the inputs' dtype, as a Hugging Face model computes them.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from . import _dispatch
+
+IGNORE_INDEX = -100
 
 
 def linear_cross_entropy(
@@ -25,11 +36,19 @@ def linear_cross_entropy(
     weight: Tensor,  # [V, d]
     labels: Tensor,  # [N] int64, -100 = ignore
     chunk_size: int = 1024,
+    *,
+    backend: str | None = None,
 ) -> Tensor:  # [N] fp32, 0 where ignored
-    _check(hidden, weight, "linear_cross_entropy")
+    """Per-token cross-entropy of ``hidden @ weight^T`` against ``labels``, chunked over tokens."""
+    _check(hidden, weight, chunk_size, "linear_cross_entropy")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} for hidden {tuple(hidden.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"linear_cross_entropy: labels must lie in [0, {weight.shape[0]}) or be {IGNORE_INDEX}; "
+                         f"found {labels[bad][:5].tolist()}")
+    triton_rows = _dispatch.use_triton(hidden, weight, backend=backend)
+    return _LinearCrossEntropy.apply(hidden, weight, labels.to(torch.int64), chunk_size, triton_rows)
 
 
 def linear_kl_to_teacher(
@@ -37,103 +56,332 @@ def linear_kl_to_teacher(
     teacher_hidden: Tensor,  # [N, d]
     weight: Tensor,  # [V, d]
     chunk_size: int = 1024,
+    *,
+    backend: str | None = None,
 ) -> Tensor:  # [N] fp32
-    _check(hidden, weight, "linear_kl_to_teacher")
+    """Per-token KL(teacher || student), both read through the same ``weight``; the teacher gets no grad."""
+    _check(hidden, weight, chunk_size, "linear_kl_to_teacher")
     if teacher_hidden.shape != hidden.shape:
         raise ValueError(f"linear_kl_to_teacher: teacher_hidden {tuple(teacher_hidden.shape)} "
                          f"!= hidden {tuple(hidden.shape)}")
-    return _LinearKL.apply(hidden, teacher_hidden.detach(), weight, chunk_size)
+    triton_rows = _dispatch.use_triton(hidden, weight, backend=backend)
+    return _LinearKL.apply(hidden, teacher_hidden.detach(), weight, chunk_size, triton_rows)
 
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """Materialises the logits; the oracle for tests."""
-    logits = (hidden.float() @ weight.float().T)
+    """Materialises the fp32 logits; the oracle for tests."""
+    logits = hidden.float() @ weight.float().T
     loss = torch.nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-    return torch.where(labels >= 0, loss, torch.zeros_like(loss))
+    return torch.where(labels != IGNORE_INDEX, loss, torch.zeros_like(loss))
 
 
 def linear_kl_to_teacher_ref(hidden: Tensor, teacher_hidden: Tensor, weight: Tensor) -> Tensor:
+    """Materialises the fp32 logits; the oracle for tests."""
     log_q = torch.log_softmax(hidden.float() @ weight.float().T, -1)
-    log_p = torch.log_softmax(teacher_hidden.float() @ weight.detach().float().T, -1)  # the teacher is constant
+    log_p = torch.log_softmax(teacher_hidden.detach().float() @ weight.detach().float().T, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+# ---- chunked autograd Functions ---------------------------------------------------------------------
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, triton_rows):
         n = hidden.shape[0]
-        loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        valid = labels >= 0
+        w = _compute_weight(hidden, weight, triton_rows)
+        loss = _dispatch.empty((n,), torch.float32, hidden.device)
+        lse = _dispatch.empty((n,), torch.float32, hidden.device)
         for s in range(0, n, chunk_size):
-            logits = hidden[s : s + chunk_size].float() @ weight.float().T  # [c, V]
-            lse[s : s + chunk_size] = torch.logsumexp(logits, -1)
-            y = labels[s : s + chunk_size].clamp_min(0)
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            loss[s : s + chunk_size] = lse[s : s + chunk_size] - picked
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+            c = slice(s, s + chunk_size)
+            logits = hidden[c].to(w.dtype) @ w.T  # [chunk, V]
+            _ce_rows_fwd(logits, labels[c], lse[c], loss[c], triton_rows)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.triton_rows = chunk_size, triton_rows
         return loss
 
     @staticmethod
-    def backward(ctx, g_out):  # g_out: [N]
+    def backward(ctx, dloss):  # dloss: [N]
         hidden, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        g_out = torch.where(labels >= 0, g_out.float(), torch.zeros_like(g_out, dtype=torch.float32))
+        w = _compute_weight(hidden, weight, ctx.triton_rows)
+        dh = _dispatch.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dloss = dloss.float()
         for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s : s + ctx.chunk_size].float()
-            logits = h @ weight.float().T
-            g = torch.exp(logits - lse[s : s + ctx.chunk_size, None])  # softmax
-            g.scatter_add_(1, labels[s : s + ctx.chunk_size].clamp_min(0)[:, None],
-                           -torch.ones_like(g[:, :1]))
-            g *= g_out[s : s + ctx.chunk_size, None]
+            c = slice(s, s + ctx.chunk_size)
+            h = hidden[c].to(w.dtype)
+            logits = h @ w.T  # [chunk, V], becomes d loss / d logits in place
+            _ce_rows_bwd(logits, labels[c], lse[c], dloss[c], ctx.triton_rows)
             if need_h:
-                dh[s : s + ctx.chunk_size] = g @ weight.float()
+                dh[c] = logits @ w
             if need_w:
-                dw += g.T @ h
-        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None, None, None)
+                dw += (logits.T @ h).float()
+        return dh, dw.to(weight.dtype) if need_w else None, None, None, None
 
 
 class _LinearKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, teacher_hidden, weight, chunk_size):
+    def forward(ctx, hidden, teacher_hidden, weight, chunk_size, triton_rows):
         n = hidden.shape[0]
-        kl = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        w = weight.float()
+        w = _compute_weight(hidden, weight, triton_rows)
+        kl = _dispatch.empty((n,), torch.float32, hidden.device)
+        lse = _dispatch.empty((n,), torch.float32, hidden.device)
+        lse_t = _dispatch.empty((n,), torch.float32, hidden.device)
         for s in range(0, n, chunk_size):
-            logits = hidden[s : s + chunk_size].float() @ w.T
-            lse[s : s + chunk_size] = torch.logsumexp(logits, -1)
-            log_q = logits - lse[s : s + chunk_size, None]
-            log_p = torch.log_softmax(teacher_hidden[s : s + chunk_size].float() @ w.T, -1)
-            kl[s : s + chunk_size] = (log_p.exp() * (log_p - log_q)).sum(-1)
-        ctx.save_for_backward(hidden, teacher_hidden, weight, lse)
-        ctx.chunk_size = chunk_size
+            c = slice(s, s + chunk_size)
+            logits = hidden[c].to(w.dtype) @ w.T  # [chunk, V]
+            teacher = teacher_hidden[c].to(w.dtype) @ w.T
+            _kl_rows_fwd(logits, teacher, lse[c], lse_t[c], kl[c], triton_rows)
+        ctx.save_for_backward(hidden, teacher_hidden, weight, lse, lse_t)
+        ctx.chunk_size, ctx.triton_rows = chunk_size, triton_rows
         return kl
 
     @staticmethod
-    def backward(ctx, g_out):
-        hidden, teacher_hidden, weight, lse = ctx.saved_tensors
+    def backward(ctx, dkl):  # dkl: [N]
+        hidden, teacher_hidden, weight, lse, lse_t = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dh = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        w = weight.float()
+        w = _compute_weight(hidden, weight, ctx.triton_rows)
+        dh = _dispatch.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dkl = dkl.float()
         for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s : s + ctx.chunk_size].float()
-            q = torch.exp(h @ w.T - lse[s : s + ctx.chunk_size, None])
-            p = torch.softmax(teacher_hidden[s : s + ctx.chunk_size].float() @ w.T, -1)
-            g = (q - p) * g_out[s : s + ctx.chunk_size, None].float()
+            c = slice(s, s + ctx.chunk_size)
+            h = hidden[c].to(w.dtype)
+            logits = h @ w.T  # [chunk, V], becomes d kl / d logits in place
+            teacher = teacher_hidden[c].to(w.dtype) @ w.T
+            _kl_rows_bwd(logits, teacher, lse[c], lse_t[c], dkl[c], ctx.triton_rows)
             if need_h:
-                dh[s : s + ctx.chunk_size] = g @ w
+                dh[c] = logits @ w
             if need_w:
-                dw += g.T @ h
-        return (dh.to(hidden.dtype) if need_h else None, None, dw.to(weight.dtype) if need_w else None, None)
+                dw += (logits.T @ h).float()
+        return dh, None, dw.to(weight.dtype) if need_w else None, None, None
 
 
-def _check(hidden: Tensor, weight: Tensor, op: str) -> None:
+def _compute_weight(hidden: Tensor, weight: Tensor, triton_rows: bool) -> Tensor:
+    """The weight in the dtype the chunk GEMMs run in (converted once per pass, not per chunk)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype) if triton_rows else torch.float32
+    return weight.detach().to(dtype)
+
+
+# ---- per-row reductions over one chunk of logits ----------------------------------------------------
+
+
+def _ce_rows_fwd(
+    logits: Tensor,  # [C, V]
+    labels: Tensor,  # [C] int64
+    lse_out: Tensor,  # [C] fp32
+    loss_out: Tensor,  # [C] fp32
+    triton_rows: bool,
+) -> None:
+    if not triton_rows:
+        lf = logits.float()
+        lse = torch.logsumexp(lf, -1)
+        picked = lf.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+        lse_out.copy_(lse)
+        loss_out.copy_(torch.where(labels != IGNORE_INDEX, lse - picked, torch.zeros_like(lse)))
+        return
+    C, V = logits.shape
+    kernel = _dispatch.on_device(_ce_fwd_kernel, logits.device)
+    kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+
+
+def _ce_rows_bwd(
+    logits: Tensor,  # [C, V], overwritten with d loss / d logits
+    labels: Tensor,  # [C] int64
+    lse: Tensor,  # [C] fp32
+    dloss: Tensor,  # [C] fp32
+    triton_rows: bool,
+) -> None:
+    if not triton_rows:
+        valid = labels != IGNORE_INDEX
+        g = torch.exp(logits.float() - lse[:, None])
+        g.scatter_add_(1, labels.clamp_min(0)[:, None], -valid.float()[:, None])
+        logits.copy_(g * torch.where(valid, dloss, torch.zeros_like(dloss))[:, None])
+        return
+    C, V = logits.shape
+    kernel = _dispatch.on_device(_ce_bwd_kernel, logits.device)
+    kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+
+
+def _kl_rows_fwd(
+    logits: Tensor,  # [C, V] student
+    teacher: Tensor,  # [C, V]
+    lse_out: Tensor,  # [C] fp32
+    lse_t_out: Tensor,  # [C] fp32
+    kl_out: Tensor,  # [C] fp32
+    triton_rows: bool,
+) -> None:
+    if not triton_rows:
+        lf, tf = logits.float(), teacher.float()
+        lse, lse_t = torch.logsumexp(lf, -1), torch.logsumexp(tf, -1)
+        log_p = tf - lse_t[:, None]
+        lse_out.copy_(lse)
+        lse_t_out.copy_(lse_t)
+        kl_out.copy_((log_p.exp() * (log_p - (lf - lse[:, None]))).sum(-1))
+        return
+    C, V = logits.shape
+    kernel = _dispatch.on_device(_kl_fwd_kernel, logits.device)
+    kernel[(C,)](
+        logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0), BLOCK_V=_block_v(V)
+    )
+
+
+def _kl_rows_bwd(
+    logits: Tensor,  # [C, V] student, overwritten with d kl / d logits
+    teacher: Tensor,  # [C, V]
+    lse: Tensor,  # [C] fp32
+    lse_t: Tensor,  # [C] fp32
+    dkl: Tensor,  # [C] fp32
+    triton_rows: bool,
+) -> None:
+    if not triton_rows:
+        q = torch.exp(logits.float() - lse[:, None])
+        p = torch.exp(teacher.float() - lse_t[:, None])
+        logits.copy_((q - p) * dkl[:, None])
+        return
+    C, V = logits.shape
+    kernel = _dispatch.on_device(_kl_bwd_kernel, logits.device)
+    kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=_block_v(V))
+
+
+def _block_v(V: int) -> int:
+    return min(triton.next_power_of_2(V), 4096)
+
+
+# ---- kernels: one program per row, one online pass over the vocabulary --------------------------------
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,  # [C, V]
+    labels_ptr,  # [C] int64
+    lse_ptr,  # [C] fp32
+    loss_ptr,  # [C] fp32
+    V,
+    stride_l,
+    IGNORE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    p_row = logits_ptr + i_row * stride_l
+    # Online log-sum-exp: running max m and running sum s of exp(logit - m).
+    m = float("-inf")
+    s = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        b_l = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(b_l, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(b_l - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    label = tl.load(labels_ptr + i_row)
+    valid = label != IGNORE
+    picked = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32)
+    tl.store(lse_ptr + i_row, lse)
+    tl.store(loss_ptr + i_row, tl.where(valid, lse - picked, 0.0))
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    logits_ptr,  # [C, V], overwritten with the gradient
+    labels_ptr,  # [C] int64
+    lse_ptr,  # [C] fp32
+    dloss_ptr,  # [C] fp32
+    V,
+    stride_l,
+    IGNORE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    p_row = logits_ptr + i_row * stride_l
+    label = tl.load(labels_ptr + i_row)
+    lse = tl.load(lse_ptr + i_row)
+    dloss = tl.where(label != IGNORE, tl.load(dloss_ptr + i_row), 0.0)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_l = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_g = tl.exp(b_l - lse) - tl.where(o_v == label, 1.0, 0.0)
+        tl.store(p_row + o_v, (b_g * dloss).to(logits_ptr.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    s_ptr,  # [C, V] student logits
+    t_ptr,  # [C, V] teacher logits
+    lse_s_ptr,  # [C] fp32
+    lse_t_ptr,  # [C] fp32
+    kl_ptr,  # [C] fp32
+    V,
+    stride_s,
+    stride_t,
+    BLOCK_V: tl.constexpr,
+):
+    # KL = sum_v p_t (t - s) - lse_t + lse_s. One pass: online log-sum-exp of s and of t, and the
+    # running sum a = sum exp(t - m_t) * (t - s), rescaled with the teacher's running max m_t.
+    i_row = tl.program_id(0).to(tl.int64)
+    p_s = s_ptr + i_row * stride_s
+    p_t = t_ptr + i_row * stride_t
+    m_s = float("-inf")
+    sum_s = 0.0
+    m_t = float("-inf")
+    sum_t = 0.0
+    acc = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_s = tl.load(p_s + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_t = tl.load(p_t + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_diff = b_t - b_s  # 0 past the row's end
+        b_s = tl.where(m_v, b_s, float("-inf"))
+        b_t = tl.where(m_v, b_t, float("-inf"))
+        ms_new = tl.maximum(m_s, tl.max(b_s, axis=0))
+        sum_s = sum_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(b_s - ms_new), axis=0)
+        m_s = ms_new
+        mt_new = tl.maximum(m_t, tl.max(b_t, axis=0))
+        b_e = tl.exp(b_t - mt_new)
+        rescale = tl.exp(m_t - mt_new)
+        sum_t = sum_t * rescale + tl.sum(b_e, axis=0)
+        acc = acc * rescale + tl.sum(b_e * b_diff, axis=0)
+        m_t = mt_new
+    lse_s = m_s + tl.log(sum_s)
+    lse_t = m_t + tl.log(sum_t)
+    tl.store(lse_s_ptr + i_row, lse_s)
+    tl.store(lse_t_ptr + i_row, lse_t)
+    tl.store(kl_ptr + i_row, acc / sum_t - lse_t + lse_s)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    s_ptr,  # [C, V] student logits, overwritten with the gradient
+    t_ptr,  # [C, V] teacher logits
+    lse_s_ptr,  # [C] fp32
+    lse_t_ptr,  # [C] fp32
+    dkl_ptr,  # [C] fp32
+    V,
+    stride_s,
+    stride_t,
+    BLOCK_V: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    p_s = s_ptr + i_row * stride_s
+    p_t = t_ptr + i_row * stride_t
+    lse_s = tl.load(lse_s_ptr + i_row)
+    lse_t = tl.load(lse_t_ptr + i_row)
+    dkl = tl.load(dkl_ptr + i_row)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_s = tl.load(p_s + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_t = tl.load(p_t + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_g = (tl.exp(b_s - lse_s) - tl.exp(b_t - lse_t)) * dkl
+        tl.store(p_s + o_v, b_g.to(s_ptr.dtype.element_ty), mask=m_v)
+
+
+def _check(hidden: Tensor, weight: Tensor, chunk_size: int, op: str) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
