@@ -13,9 +13,11 @@ Layout (format version 1)::
 
 Index row fields: ``id`` (unique), ``shard`` (file name), ``offset`` (position in the shard),
 ``rank``, ``scale`` (``dW = scale * B @ A``, PEFT convention), ``labels`` (dict), ``split``,
-``n_params``, ``meta`` (dict), ``sha256`` (of the diff's stored bytes: per module in manifest order,
-``A[:rank]`` then ``B[:, :rank]``). The first seven and ``sha256`` are reserved; ``update_rows`` may
-add any other field (e.g. verification metrics) or change ``labels`` / ``split`` / ``meta``.
+``n_params``, ``meta`` (dict), ``sha256`` (of the diff's stored bytes: per module in manifest
+order, its ``A`` block [r_shard, d_in] then its ``B`` block [d_out, r_shard], zero padding included,
+so checking is plain byte hashing of the mapped file). ``id, shard, offset, rank, scale, n_params,
+sha256`` are reserved; ``update_rows`` may add any other field (e.g. verification metrics) or
+change ``labels`` / ``split`` / ``meta``.
 
 Durability: a shard is written to a temp file, fsynced and renamed into place, and only then are its
 rows appended to the index (fsynced): the index append is the commit. A shard is never rewritten.
@@ -36,7 +38,9 @@ import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
+import struct
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -63,7 +67,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _SHARD_PREFIX, _SHARD_SUFFIX = "shard-", ".safetensors"
 _TMP_MARK = ".tmp-"
-_OPEN_SHARDS = 16  # safe_open handles kept per zoo (each one maps a shard file)
+_OPEN_SHARDS = 16  # memory-mapped shard files kept per zoo
 
 
 class ZooError(ValueError):
@@ -155,8 +159,14 @@ class Diff:
             for side, t in (("A", a), ("B", b)):
                 if not t.is_floating_point():
                     raise ZooError(f"{where}: {name} {side} has dtype {t.dtype}, expected a floating type")
-                if not bool(torch.isfinite(t).all()):
-                    raise ZooError(f"{where}: {name} {side} holds NaN or Inf values")
+        # One fused reduction (and host sync) for the whole diff: a NaN/Inf anywhere makes the total
+        # norm non-finite. Only then look for the culprit tensor by tensor.
+        tensors = [t.detach() for m in self.A for t in (self.A[m], self.B[m])]
+        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors))):
+            for name in self.A:
+                for side, t in (("A", self.A[name]), ("B", self.B[name])):
+                    if not bool(torch.isfinite(t).all()):
+                        raise ZooError(f"{where}: {name} {side} holds NaN or Inf values")
 
 
 # ---- the zoo -------------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ class Zoo:
         self._committed_bytes = 0  # prefix of index.jsonl holding complete, checked row groups
         self._index_bytes = 0  # size of index.jsonl when last read
         self._shards: dict[str, tuple[int, list[dict]]] = {}  # checked headers: shard -> (rank, rows)
-        self._handles: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._views_cache: collections.OrderedDict[str, dict[str, Tensor]] = collections.OrderedDict()
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -228,7 +238,9 @@ class Zoo:
         if path.exists() and not path.is_dir():
             raise ZooError(f"{path}: exists and is not a directory")
         leftovers = [p.name for p in path.iterdir()] if path.is_dir() else []
-        if any(n not in (INDEX, SHARDS) for n in leftovers) or _shard_files(path) or _nonempty(path / INDEX):
+        # An earlier create killed before its manifest landed leaves only these behind.
+        stray = [n for n in leftovers if n not in (INDEX, SHARDS) and _TMP_MARK not in n]
+        if stray or _shard_files(path) or _nonempty(path / INDEX):
             raise ZooError(f"{path}: directory is not empty and holds no zoo manifest; refusing to write into it")
         (path / SHARDS).mkdir(parents=True, exist_ok=True)
         (path / INDEX).touch()
@@ -308,9 +320,9 @@ class Zoo:
     def get(self, id: str, dtype: torch.dtype | None = None) -> Diff:
         """One diff, every zoo module at the diff's rank, on CPU (stored dtype unless given)."""
         row = self._row(id)
-        f, off, r = self._handle(row["shard"]), row["offset"], row["rank"]
-        A = {m: f.get_slice(f"{m}.A")[off : off + 1, :r][0] for m in self.modules}
-        B = {m: f.get_slice(f"{m}.B")[off : off + 1, :, :r][0] for m in self.modules}
+        views, off, r = self._views(row["shard"]), row["offset"], row["rank"]
+        A = {m: views[f"{m}.A"][off, :r].clone() for m in self.modules}
+        B = {m: views[f"{m}.B"][off, :, :r].clone() for m in self.modules}
         if dtype is not None:
             A = {m: t.to(dtype) for m, t in A.items()}
             B = {m: t.to(dtype) for m, t in B.items()}
@@ -335,8 +347,8 @@ class Zoo:
 
         Order: ``ids`` order when given, else append order. ``split`` keeps rows of that split;
         ``where`` is a predicate on the row dict, or a dict whose keys match top-level row fields
-        or else ``labels`` entries (a list/tuple/set value means "any of"). Each shard a batch touches
-        is read once per module, in contiguous runs of rows."""
+        or else ``labels`` entries (a list/tuple/set value means "any of"). Shards are memory-mapped;
+        per module, the rows a batch takes from one shard are gathered in one copy."""
         if batch_size < 1:
             raise ZooError(f"{self.path}: batch_size must be >= 1, found {batch_size}")
         chosen = self._select(split, where, ids)
@@ -368,11 +380,10 @@ class Zoo:
 
     def verify(self) -> None:
         """Read every committed diff and check its sha256 and finiteness; raise naming each bad one."""
-        bad: list[str] = []
+        by_shard: dict[str, list[dict]] = collections.defaultdict(list)
         for row in self._rows:
-            problem = self._check_digest(row)
-            if problem:
-                bad.append(problem)
+            by_shard[row["shard"]].append(row)
+        bad = [problem for shard, rows in by_shard.items() for problem in self._check_digests(shard, rows)]
         if bad:
             shown = "; ".join(bad[:10]) + (f"; ... {len(bad) - 10} more" if len(bad) > 10 else "")
             raise ZooError(f"{self.path}: {len(bad)} corrupted diff(s): {shown}")
@@ -429,13 +440,16 @@ class Zoo:
                         row[k] = {**row[k], **v}
                     else:
                         row[k] = v
+                _check_row(row, f"{self.path}: update_rows {id!r}")
+                if not row["split"]:
+                    raise ZooError(f"{self.path}: update_rows {id!r}: split must be a non-empty string")
             data = "".join(_json_line(r, r["id"]) for r in new_rows).encode()
             write_atomically(self.path / INDEX, lambda tmp: tmp.write_bytes(data))
             self._rows = new_rows
             self._committed_bytes = self._index_bytes = len(data)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._views_cache.clear()
 
     def __enter__(self) -> "Zoo":
         return self
@@ -571,38 +585,57 @@ class Zoo:
         self._shards[shard] = (r_shard, rows)
         return r_shard, rows
 
-    def _check_digest(self, row: dict) -> str | None:
-        h = hashlib.sha256()
-        finite = True
+    def _check_digests(self, shard: str, rows: list[dict]) -> list[str]:
+        """Problems (empty if none) of ``rows`` of one shard: sha256 mismatch, NaN/Inf, unreadable."""
         try:
-            f, off, r = self._handle(row["shard"]), row["offset"], row["rank"]
-            for m in self.modules:
-                a = f.get_slice(f"{m}.A")[off : off + 1, :r][0]
-                b = f.get_slice(f"{m}.B")[off : off + 1, :, :r][0]
-                for t in (a, b):
-                    h.update(_raw_bytes(t))
-                    finite = finite and bool(torch.isfinite(t).all())
-        except (SafetensorError, OSError) as e:
-            return f"{row['id']!r} in {row['shard']} unreadable ({e})"
-        if h.hexdigest() != row["sha256"]:
-            return f"{row['id']!r} in {row['shard']} (offset {row['offset']}) fails its sha256 check"
-        if not finite:
-            return f"{row['id']!r} in {row['shard']} holds NaN or Inf"
-        return None
+            views = self._views(shard)
+            k = next(iter(views.values())).shape[0]
+            A = {m: views[f"{m}.A"] for m in self.modules}  # [k, r_shard, d_in]
+            B = {m: views[f"{m}.B"] for m in self.modules}  # [k, d_out, r_shard]
+            digests = _row_digests(A, B, self.modules, k)
+            bad_rows = set()
+            for t in (*A.values(), *B.values()):
+                if not bool(torch.isfinite(t).all()):
+                    bad_rows |= {i for i in range(k) if not bool(torch.isfinite(t[i]).all())}
+        except (OSError, ValueError, RuntimeError) as e:  # ZooError is a ValueError
+            return [f"{shard} unreadable ({e})"]
+        problems = []
+        for r in rows:
+            if digests[r["offset"]] != r["sha256"]:
+                problems.append(f"{r['id']!r} in {shard} (offset {r['offset']}) fails its sha256 check")
+            elif r["offset"] in bad_rows:
+                problems.append(f"{r['id']!r} in {shard} holds NaN or Inf")
+        return problems
 
-    def _handle(self, shard: str) -> Any:
-        f = self._handles.get(shard)
-        if f is None:
-            try:
-                f = safe_open(str(self.path / SHARDS / shard), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise ZooError(f"{self.path / SHARDS / shard}: cannot open shard ({e})") from None
-            self._handles[shard] = f
-            if len(self._handles) > _OPEN_SHARDS:
-                self._handles.popitem(last=False)
-        else:
-            self._handles.move_to_end(shard)
-        return f
+    def _views(self, shard: str) -> dict[str, Tensor]:
+        """Zero-copy tensors over the memory-mapped shard (header already checked by
+        ``_shard_header``): a read touches only the pages of the rows it takes."""
+        views = self._views_cache.get(shard)
+        if views is not None:
+            self._views_cache.move_to_end(shard)
+            return views
+        self._shard_header(shard)
+        where = self.path / SHARDS / shard
+        try:
+            with open(where, "rb") as fh:
+                # ACCESS_COPY: a private, writable mapping (torch wants a writable buffer); never written.
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise ZooError(f"{where}: cannot map shard ({e})") from None
+        (n,) = struct.unpack("<Q", mm[:8])
+        header = json.loads(mm[8 : 8 + n])
+        raw = torch.frombuffer(mm, dtype=torch.uint8)
+        start = 8 + n
+        views = {}
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = spec["data_offsets"]
+            views[name] = raw[start + lo : start + hi].view(self.dtype).view(spec["shape"])
+        self._views_cache[shard] = views
+        if len(self._views_cache) > _OPEN_SHARDS:
+            self._views_cache.popitem(last=False)
+        return views
 
     def _load_slot(self, rows: list[dict], device: torch.device, dtype: torch.dtype) -> LoraSlot:
         k = len(rows)
@@ -610,30 +643,30 @@ class Zoo:
         by_shard: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # shard -> (offset, pos)
         for pos, r in enumerate(rows):
             by_shard[r["shard"]].append((r["offset"], pos))
-        plan = []  # (handle, rank to read, [(lo, hi, positions)]) per shard
+        plan = []  # per shard: views, rank to read, shard rows to take, batch positions to fill
         for shard, pairs in by_shard.items():
-            pairs.sort()
-            runs: list[tuple[int, int, list[int]]] = []
-            for off, pos in pairs:
-                if runs and runs[-1][1] == off:
-                    lo, hi, poss = runs[-1]
-                    runs[-1] = (lo, hi + 1, poss + [pos])
-                else:
-                    runs.append((off, off + 1, [pos]))
-            # Rows beyond each diff's own rank are zeros in the shard, so one slice serves a run.
-            plan.append((self._handle(shard), min(r_max, self._shard_header(shard)[0]), runs))
+            offsets, positions = [o for o, _ in pairs], [p for _, p in pairs]
+            # Rows beyond each diff's own rank are zeros in the shard, so one rank cut serves all.
+            r = min(r_max, self._shard_header(shard)[0])
+            plan.append((self._views(shard), r, _as_slice(offsets) or torch.tensor(offsets),
+                         _as_slice(positions) or torch.tensor(positions)))
         A: dict[str, Tensor] = {}
         B: dict[str, Tensor] = {}
         for m in self.modules:
             d_in, d_out = self._shapes[m]
             a = torch.zeros(k, r_max, d_in, dtype=self.dtype)
             b = torch.zeros(k, d_out, r_max, dtype=self.dtype)
-            for f, r, runs in plan:
-                sa, sb = f.get_slice(f"{m}.A"), f.get_slice(f"{m}.B")
-                for lo, hi, poss in runs:
-                    idx = torch.tensor(poss)
-                    a[idx, :r] = sa[lo:hi, :r]
-                    b[idx, :, :r] = sb[lo:hi, :, :r]
+            for views, r, take, put in plan:
+                src_a, src_b = views[f"{m}.A"][:, :r], views[f"{m}.B"][:, :, :r]
+                src_a = src_a[take] if isinstance(take, slice) else src_a.index_select(0, take)
+                src_b = src_b[take] if isinstance(take, slice) else src_b.index_select(0, take)
+                # index_copy_ rather than a[idx] = ...: advanced-index assignment is far slower on CPU
+                if isinstance(put, slice):
+                    a[put, :r] = src_a
+                    b[put, :, :r] = src_b
+                else:
+                    a[:, :r].index_copy_(0, put, src_a)
+                    b[:, :, :r].index_copy_(0, put, src_b)
             A[m] = a.to(device=device, dtype=dtype)
             B[m] = b.to(device=device, dtype=dtype)
         scale = torch.tensor([float(r["scale"]) for r in rows], dtype=torch.float32, device=device)
@@ -676,11 +709,8 @@ class Zoo:
             rows = self._shard_header(shard)[1]
         except ZooError:
             return
-        if any(r["id"] in self._by_id for r in rows):
+        if any(r["id"] in self._by_id for r in rows) or self._check_digests(shard, rows):
             return
-        for r in rows:
-            if self._check_digest(r) is not None:
-                return
         self._commit_rows([dict(r) for r in rows])
 
     def _check_new(self, diffs: list[Diff]) -> None:
@@ -713,29 +743,26 @@ class Zoo:
         r_shard = max(d.rank for d in diffs)
         A = {m: torch.zeros(k, r_shard, self._shapes[m][0], dtype=self.dtype) for m in self.modules}
         B = {m: torch.zeros(k, self._shapes[m][1], r_shard, dtype=self.dtype) for m in self.modules}
-        rows = []
-        for i, d in enumerate(diffs):
-            r = d.rank
-            h = hashlib.sha256()
-            for m in self.modules:
-                d_in, d_out = self._shapes[m]
-                a = torch.zeros(r, d_in, dtype=self.dtype)
-                b = torch.zeros(d_out, r, dtype=self.dtype)
+        for m in self.modules:
+            if all(m in d.A and d.A[m].shape[0] == r_shard for d in diffs):  # the common case: one copy
+                torch.stack([d.A[m].detach().to("cpu", self.dtype) for d in diffs], out=A[m])
+                torch.stack([d.B[m].detach().to("cpu", self.dtype) for d in diffs], out=B[m])
+                continue
+            for i, d in enumerate(diffs):
                 if m in d.A:
                     rm = d.A[m].shape[0]
-                    a[:rm] = d.A[m].detach().to("cpu", self.dtype)
-                    b[:, :rm] = d.B[m].detach().to("cpu", self.dtype)
-                h.update(_raw_bytes(a))
-                h.update(_raw_bytes(b))
-                A[m][i, :r] = a
-                B[m][i, :, :r] = b
-            rows.append({
-                "id": d.id, "offset": i, "rank": r, "scale": float(d.scale), "labels": d.labels,
-                "split": d.split, "n_params": d.n_params, "meta": d.meta, "sha256": h.hexdigest(),
-            })
+                    A[m][i, :rm] = d.A[m].detach()
+                    B[m][i, :, :rm] = d.B[m].detach()
+        digests = _row_digests(A, B, self.modules, k)
+        rows = [
+            {"id": d.id, "offset": i, "rank": d.rank, "scale": float(d.scale), "labels": d.labels,
+             "split": d.split, "n_params": d.n_params, "meta": d.meta, "sha256": digests[i]}
+            for i, d in enumerate(diffs)
+        ]
         tensors = {f"{m}.{s}": t[m] for m in self.modules for s, t in (("A", A), ("B", B))}
         meta = {"format": f"{FORMAT}-shard/{FORMAT_VERSION}", "rows": json.dumps(rows, allow_nan=False)}
         write_atomically(self.path / SHARDS / shard, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        rows = json.loads(meta["rows"])  # what a reader gets back; shares no dicts with the caller's diffs
         self._shards[shard] = (r_shard, [dict(r, shard=shard) for r in rows])
         return rows
 
@@ -843,9 +870,29 @@ def _matcher(where: Where) -> Callable[[dict], bool]:
 _ABSENT = object()
 
 
+def _row_digests(A: Mapping[str, Tensor], B: Mapping[str, Tensor], modules: Iterable[str], k: int) -> list[str]:
+    """sha256 per shard row: per module, the row's A block then its B block, as stored bytes.
+    Works on byte views of whole tensors, so hashing k rows costs no per-row tensor ops."""
+    hashes = [hashlib.sha256() for _ in range(k)]
+    for m in modules:
+        for t in (A[m], B[m]):
+            raw = _raw_bytes(t)
+            step = len(raw) // k
+            for i, h in enumerate(hashes):
+                h.update(raw[i * step : (i + 1) * step])
+    return [h.hexdigest() for h in hashes]
+
+
 def _raw_bytes(t: Tensor) -> memoryview:
-    """The tensor's bytes in its own dtype (bf16 too), for hashing."""
+    """The tensor's bytes in its own dtype (bf16 too), without a copy when contiguous."""
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _as_slice(positions: list[int]) -> slice | None:
+    """``positions`` as a slice when they are consecutive (the common, in-order case)."""
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        return slice(positions[0], positions[0] + len(positions))
+    return None
 
 
 def _shard_files(path: Path) -> list[Path]:

@@ -117,7 +117,7 @@ def import_peft(path: str | Path, config: ModelConfig, id: str | None = None,
         raise ZooError(f"{path / PEFT_WEIGHTS}: holds several adapters {sorted(adapters)}; expected one")
     if not pairs:
         raise ZooError(f"{path / PEFT_WEIGHTS}: holds no LoRA weights")
-    ranks_scales: dict[str, float] = {}
+    scales: dict[str, float] = {}
     A: dict[str, Tensor] = {}
     B: dict[str, Tensor] = {}
     for module in (m for m in config.module_names(TARGET_MODULES) if m in pairs):
@@ -129,10 +129,10 @@ def import_peft(path: str | Path, config: ModelConfig, id: str | None = None,
         if sides["A"].dim() != 2 or sides["A"].shape[0] != r_m:
             raise ZooError(f"{path / PEFT_WEIGHTS}: {module} lora_A has shape {list(sides['A'].shape)}, "
                            f"expected [{r_m}, d_in] (r from {PEFT_CONFIG})")
-        ranks_scales[module] = alpha_m / (math.sqrt(r_m) if cfg.get("use_rslora") else r_m)
+        scales[module] = alpha_m / (math.sqrt(r_m) if cfg.get("use_rslora") else r_m)
         A[module], B[module] = sides["A"], sides["B"]
     stored = header.get("scale")
-    scale, B = _single_scale(B, ranks_scales, preferred=stored)
+    scale, B = _single_scale(B, scales, preferred=stored)
     diff = Diff(
         id=id or header.get("id") or path.name,
         A=A,
@@ -227,8 +227,9 @@ def export_dit_file(diffs: Iterable[Diff], pt_path: str | Path, overwrite: bool 
             raise ZooError(f"{pt_path}: diff {d.id!r} has a label named 'weight_diff', which the format reserves")
         weight_diff = {}
         for m, a in d.A.items():
-            r_m = a.shape[0]
-            a_dit = (d.B[m] * (d.scale * r_m)).T.contiguous()  # [r, d_out]
+            fold = d.scale * a.shape[0]  # 1.0 for diffs in the paper's own convention: no rounding
+            b = d.B[m] if fold == 1.0 else (d.B[m].float() * fold).to(d.B[m].dtype)
+            a_dit = b.T.contiguous()  # [r, d_out]
             b_dit = a.T.contiguous()  # [d_in, r]
             weight_diff[m] = (a_dit.detach().cpu(), b_dit.detach().cpu())
         entries.append({**d.labels, "weight_diff": weight_diff})

@@ -139,6 +139,30 @@ def test_iter_batches_padding_is_exact_and_slot_fits_model(tmp_path):
     assert seen == ["d9", "d0", "d5", "d4", "d3", "d8", "d1"]
 
 
+def test_streamed_slot_runs_the_model_as_merged_weights(tmp_path):
+    """zoo -> LoraSlot -> model.forward equals, row by row, the base with W + dW_i merged."""
+    import copy
+
+    from dit_engine.adapters import AdapterBatch
+    from dit_engine.model import Transformer
+
+    model = Transformer.random(CFG, seed=0)
+    zoo = _zoo(tmp_path)
+    diffs = [_diff(f"m{i}", rank=1 + i, seed=i, scale=0.02) for i in range(3)]
+    zoo.append(diffs)
+    ids = torch.randint(0, CFG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    (rows, slot), = zoo.iter_batches(3)
+    with torch.no_grad():
+        out = model(ids, AdapterBatch(slot))  # [3, 9, V]
+        for i, d in enumerate(diffs):
+            merged = copy.deepcopy(model)
+            params = dict(merged.named_parameters())
+            for m in d.A:
+                params[f"{m}.weight"] += _dense(d, m).float()
+            ref = merged(ids[i : i + 1])[0]
+            assert ((out[i] - ref).norm() / ref.norm()) < 1e-5, rows[i]["id"]
+
+
 def test_filters_by_split_label_and_predicate(tmp_path):
     zoo = _zoo(tmp_path)
     cats = ["sports", "music", "food"]
@@ -433,6 +457,13 @@ def test_peft_import_of_another_tools_adapter(tmp_path):
         got = d.scale * (d.B[m].double() @ d.A[m].double())
         assert ((got - ref).norm() / ref.norm()) < 1e-6, m
 
+    old_style = tmp_path / "bin"  # PEFT's older pickle-free-loadable .bin weights
+    old_style.mkdir()
+    (old_style / "adapter_config.json").write_text(json.dumps(cfg))
+    torch.save(tensors, old_style / "adapter_model.bin")
+    d_bin = import_peft(old_style, CFG)
+    assert all(torch.equal(d_bin.A[m], d.A[m]) and torch.equal(d_bin.B[m], d.B[m]) for m in d.A)
+
 
 @pytest.mark.parametrize("change,message", [
     ({"use_dora": True}, "DoRA"),
@@ -490,6 +521,11 @@ def test_dit_file_roundtrip(tmp_path):
             assert torch.equal(b.A[m], d.A[m]) and torch.equal(b.B[m], d.B[m]), m
     with pytest.raises(ZooError, match="exists"):
         export_dit_file(diffs, path)
+
+    scaled = _diff("s", rank=3, scale=0.3, labels={"topic": "t"})  # not the paper's 1/r: folded into A_dit
+    (back,) = import_dit_file(export_dit_file([scaled], tmp_path / "scaled.pt"), config=CFG)
+    assert back.scale == 1 / 3
+    _assert_same_deltas(back, scaled, tol=1e-6)
 
 
 def test_dit_paper_layout_and_index_csv(tmp_path):
