@@ -107,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = _compute_weight(hidden, weight, ctx.triton_rows)
         dh = _dispatch.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        dloss = dloss.float()
+        dloss = dloss.float().contiguous()  # a broadcast upstream grad (loss.sum()) has stride 0
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             c = slice(s, s + ctx.chunk_size)
             h = hidden[c].to(w.dtype)
@@ -144,7 +144,7 @@ class _LinearKL(torch.autograd.Function):
         w = _compute_weight(hidden, weight, ctx.triton_rows)
         dh = _dispatch.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        dkl = dkl.float()
+        dkl = dkl.float().contiguous()
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             c = slice(s, s + ctx.chunk_size)
             h = hidden[c].to(w.dtype)
@@ -183,7 +183,8 @@ def _ce_rows_fwd(
         return
     C, V = logits.shape
     kernel = _dispatch.on_device(_ce_fwd_kernel, logits.device)
-    kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+    block_v = _block_v(V, logits.device)
+    kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
 def _ce_rows_bwd(
@@ -201,7 +202,8 @@ def _ce_rows_bwd(
         return
     C, V = logits.shape
     kernel = _dispatch.on_device(_ce_bwd_kernel, logits.device)
-    kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+    block_v = _block_v(V, logits.device)
+    kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
 def _kl_rows_fwd(
@@ -223,7 +225,8 @@ def _kl_rows_fwd(
     C, V = logits.shape
     kernel = _dispatch.on_device(_kl_fwd_kernel, logits.device)
     kernel[(C,)](
-        logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0), BLOCK_V=_block_v(V)
+        logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0),
+        BLOCK_V=_block_v(V, logits.device),
     )
 
 
@@ -242,11 +245,13 @@ def _kl_rows_bwd(
         return
     C, V = logits.shape
     kernel = _dispatch.on_device(_kl_bwd_kernel, logits.device)
-    kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=_block_v(V))
+    block_v = _block_v(V, logits.device)
+    kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=block_v)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+def _block_v(V: int, device: torch.device) -> int:
+    # Small blocks under the interpreter so that test vocabularies take several online-softmax steps.
+    return min(triton.next_power_of_2(V), 256 if _dispatch.interpreted(device) else 4096)
 
 
 # ---- kernels: one program per row, one online pass over the vocabulary --------------------------------

@@ -55,7 +55,10 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_bwd(dy.reshape(x2.shape), x2, weight, rstd, need_weight=ctx.needs_input_grad[1])
+        dy2 = dy.reshape(x2.shape)
+        if dy2.stride(-1) != 1:  # a broadcast upstream grad (y.sum()) has stride 0
+            dy2 = dy2.contiguous()
+        dx, dw = _rms_norm_bwd(dy2, x2, weight, rstd, need_weight=ctx.needs_input_grad[1])
         return dx.reshape(ctx.x_shape), dw, None
 
 

@@ -1,0 +1,115 @@
+"""Chunked cross-entropy / KL-to-teacher: Triton row kernels (interpreted) and the CPU torch path,
+both against the fp64 materialised loss, values and gradients of hidden and weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_engine.kernels import cross_entropy as ce
+from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _ce_oracle(h, w, labels):
+    logits = h.double() @ w.double().T
+    loss = torch.logsumexp(logits, -1) - logits.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    return torch.where(labels != -100, loss, torch.zeros_like(loss))
+
+
+def _kl_oracle(h, th, w):
+    log_q = torch.log_softmax(h.double() @ w.double().T, -1)
+    log_p = torch.log_softmax(th.double() @ w.detach().double().T, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _problem(n, d, V, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) / d**0.25).to(dtype).requires_grad_()
+    th = (h.detach().float() + 0.7 * torch.randn(n, d, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.2] = -100
+    up = torch.randn(n, generator=g, dtype=torch.float64)  # per-token upstream gradient
+    return h, w, th, labels, up
+
+
+def _check_grads(loss, want, leaves, up, tol):
+    got = torch.autograd.grad(loss, leaves, up.to(loss.dtype))
+    ref = torch.autograd.grad(want, leaves, up)
+    for a, b, leaf in zip(got, ref, leaves):
+        assert a.dtype == leaf.dtype and not torch.isnan(a).any()
+        assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("chunk", [8, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cross_entropy(backend, chunk, dtype):
+    h, w, _, labels, up = _problem(63, 24, 577, dtype, seed=chunk)
+    loss = linear_cross_entropy(h, w, labels, chunk_size=chunk, backend=backend)
+    want = _ce_oracle(h, w, labels)
+    assert loss.dtype == torch.float32 and loss.shape == (63,)
+    assert torch.all(loss[labels == -100] == 0)
+    assert _rel(loss, want) < TOL[dtype]
+    _check_grads(loss, want, (h, w), up, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kl_to_teacher(backend, dtype):
+    h, w, th, _, up = _problem(45, 24, 577, dtype, seed=3)
+    kl = linear_kl_to_teacher(h, th, w, chunk_size=16, backend=backend)
+    want = _kl_oracle(h, th, w)
+    assert kl.dtype == torch.float32 and bool((want > 0).all())
+    assert _rel(kl, want) < TOL[dtype]
+    _check_grads(kl, want, (h, w), up, TOL[dtype])
+
+
+def test_kl_is_zero_when_student_is_teacher():
+    h, w, _, _, _ = _problem(10, 16, 123, torch.float32, seed=4)
+    kl = linear_kl_to_teacher(h, h.detach(), w, chunk_size=4, backend="triton")
+    assert float(kl.detach().abs().max()) < 1e-5
+
+
+def test_frozen_weight_gets_no_grad_and_teacher_none(monkeypatch):
+    h, w, th, labels, _ = _problem(20, 16, 123, torch.float32, seed=5)
+    w = w.detach()
+    th = th.requires_grad_()
+    kl = linear_kl_to_teacher(h, th, w, chunk_size=8, backend="triton")
+    (gh,) = torch.autograd.grad(kl.sum(), (h,))
+    assert _rel(gh, torch.autograd.grad(_kl_oracle(h, th, w).sum(), (h,))[0]) < 1e-5
+    assert not kl.grad_fn.next_functions[1][0]  # the teacher is detached: no edge to it
+
+
+def test_chunks_never_exceed_chunk_size(monkeypatch):
+    """The [tokens, V] logits exist only one chunk at a time."""
+    seen = []
+    real = ce._ce_rows_fwd
+    monkeypatch.setattr(ce, "_ce_rows_fwd", lambda logits, *a: (seen.append(logits.shape), real(logits, *a))[1])
+    h, w, _, labels, _ = _problem(37, 8, 50, torch.float32, seed=6)
+    linear_cross_entropy(h, w, labels, chunk_size=10, backend="torch")
+    assert seen == [(10, 50), (10, 50), (10, 50), (7, 50)]
+
+
+def test_bad_inputs_are_named():
+    h, w, _, labels, _ = _problem(6, 8, 30, torch.float32, seed=7)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 30\) or be -100; found \[30\]"):
+        linear_cross_entropy(h, w, torch.tensor([0, 1, 30, 2, -100, 3]))
+    with pytest.raises(ValueError, match="hidden \\[N, d\\] and weight \\[V, d\\]"):
+        linear_cross_entropy(h, w[:, :5], labels)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        linear_kl_to_teacher(h, h, w, chunk_size=0)
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        linear_kl_to_teacher(h, h[:3], w)
