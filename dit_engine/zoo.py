@@ -751,8 +751,8 @@ class Zoo:
             for i, d in enumerate(diffs):
                 if m in d.A:
                     rm = d.A[m].shape[0]
-                    A[m][i, :rm] = d.A[m].detach()
-                    B[m][i, :, :rm] = d.B[m].detach()
+                    A[m][i, :rm] = d.A[m].detach().to("cpu", self.dtype)
+                    B[m][i, :, :rm] = d.B[m].detach().to("cpu", self.dtype)
         digests = _row_digests(A, B, self.modules, k)
         rows = [
             {"id": d.id, "offset": i, "rank": d.rank, "scale": float(d.scale), "labels": d.labels,

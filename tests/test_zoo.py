@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -161,6 +162,27 @@ def test_streamed_slot_runs_the_model_as_merged_weights(tmp_path):
                 params[f"{m}.weight"] += _dense(d, m).float()
             ref = merged(ids[i : i + 1])[0]
             assert ((out[i] - ref).norm() / ref.norm()) < 1e-5, rows[i]["id"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_diffs_in_and_cuda_slots_out(tmp_path):
+    zoo = _zoo(tmp_path)
+    diffs = [_diff(f"g{i}", rank=1 + i, seed=i, module_ranks={"model.layers.0.mlp.up_proj": 1}) for i in range(3)]
+    on_gpu = [dataclasses.replace(d, A={m: t.cuda() for m, t in d.A.items()}, B={m: t.cuda() for m, t in d.B.items()})
+              for d in diffs]
+    broken = dataclasses.replace(on_gpu[0], id="nan", B=dict(on_gpu[0].B))
+    broken.B["model.layers.1.self_attn.v_proj"] = broken.B["model.layers.1.self_attn.v_proj"] * float("nan")
+    with pytest.raises(ZooError, match="v_proj B holds NaN"):
+        zoo.append([broken])
+    zoo.append(on_gpu)
+    (rows, slot), = zoo.iter_batches(3, device="cuda", dtype=torch.bfloat16)
+    m = "model.layers.0.mlp.up_proj"
+    assert slot.A[m].device.type == "cuda" and slot.A[m].dtype == torch.bfloat16 and slot.scale.device.type == "cuda"
+    for i, d in enumerate(diffs):
+        for name in d.A:
+            got = slot.scale[i].double().cpu() * (slot.B[name][i].double().cpu() @ slot.A[name][i].double().cpu())
+            assert ((got - _dense(d, name)).norm() / _dense(d, name).norm()) < 2e-2, (d.id, name)
 
 
 def test_filters_by_split_label_and_predicate(tmp_path):
@@ -629,3 +651,37 @@ def test_dense_to_lora_svd_and_energy():
         assert float((one.delta(m, torch.float64) - p).norm()) == pytest.approx(1.0, abs=1e-9)
     wide, _ = dense_to_lora(base, tuned, CFG, rank=100, targets=("k_proj",), svd_dtype=torch.float64)
     assert wide.rank == 100 and set(wide.A) == set(CFG.module_names(("k_proj",)))  # padded past min(d_out, d_in)
+
+
+def test_peft_library_agrees_both_ways(tmp_path):
+    """With PEFT installed (not a dependency): PEFT merges our export to our dense deltas, and an
+    adapter PEFT saves (rslora, rank/alpha patterns) imports to PEFT's own merged deltas."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in CFG.to_dict().items() if k != "architectures"})
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+        return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+    ours = _diff("x", rank=4, scale=0.37, module_ranks={"model.layers.1.self_attn.k_proj": 2})
+    model, before = fresh(0)
+    loaded = peft.PeftModel.from_pretrained(model, export_peft(ours, tmp_path / "ours", CFG, base_model_name="tiny"))
+    after = loaded.merge_and_unload().state_dict()
+    for m in ours.A:
+        got = after[f"{m}.weight"].double() - before[f"{m}.weight"].double()
+        assert ((got - _dense(ours, m)).norm() / _dense(ours, m).norm()) < 1e-6, m
+
+    model, before = fresh(1)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.mlp.down_proj": 3},
+                           init_lora_weights=False)
+    theirs = peft.get_peft_model(model, lora)
+    theirs.save_pretrained(tmp_path / "theirs")
+    imported = import_peft(tmp_path / "theirs", CFG)
+    after = theirs.merge_and_unload().state_dict()
+    assert len(imported.A) == 3 * CFG.num_hidden_layers
+    for m in imported.A:
+        want = after[f"{m}.weight"].double() - before[f"{m}.weight"].double()
+        assert ((imported.delta(m, torch.float64) - want).norm() / want.norm()) < 1e-6, m
