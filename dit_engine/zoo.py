@@ -569,7 +569,9 @@ class Zoo:
         want_keys = {f"{m}.{s}" for m in self.modules for s in "AB"}
         if set(shapes) != want_keys:
             extra, missing = sorted(set(shapes) - want_keys), sorted(want_keys - set(shapes))
-            raise ZooError(f"{where}: tensors do not match the zoo's modules (extra {extra[:3]}, missing {missing[:3]})")
+            raise ZooError(
+                f"{where}: tensors do not match the zoo's modules (extra {extra[:3]}, missing {missing[:3]})"
+            )
         st_dtype = _ST_DTYPES[self.dtype_name]
         for m in self.modules:
             d_in, d_out = self._shapes[m]
@@ -727,7 +729,8 @@ class Zoo:
             extra = sorted(set(d.A) - set(self.modules))
             if extra:
                 raise ZooError(
-                    f"{self.path}: diff {d.id!r} has modules outside the zoo's targets {list(self.targets)}: {extra[:3]}"
+                    f"{self.path}: diff {d.id!r} has modules outside the zoo's targets "
+                    f"{list(self.targets)}: {extra[:3]}"
                 )
             if not isinstance(d.split, str) or not d.split:
                 raise ZooError(f"{self.path}: diff {d.id!r}: split must be a non-empty string, found {d.split!r}")
@@ -819,7 +822,9 @@ def _read_manifest(path: Path) -> dict:
     if missing:
         raise ZooError(f"{mpath}: missing field(s) {missing}")
     if set(manifest["base"]) != {"name", "config_hash", "weights_fingerprint"}:
-        raise ZooError(f"{mpath}: base must have name, config_hash, weights_fingerprint; found {sorted(manifest['base'])}")
+        raise ZooError(
+            f"{mpath}: base must have name, config_hash, weights_fingerprint; found {sorted(manifest['base'])}"
+        )
     if manifest["dtype"] not in _DTYPES:
         raise ZooError(f"{mpath}: dtype {manifest['dtype']!r} is not one of {list(_DTYPES)}")
     return manifest

@@ -85,7 +85,8 @@ def test_diff_delta_rank_and_validation():
     nan.B[m][0, 0] = float("nan")
     with pytest.raises(ZooError, match="o_proj B holds NaN"):
         nan.validate(CFG)
-    alien = _diff("d", rank=1, modules=["model.layers.9.self_attn.q_proj"], config=tiny_config("qwen3", num_hidden_layers=10))
+    deeper = tiny_config("qwen3", num_hidden_layers=10)
+    alien = _diff("d", rank=1, modules=["model.layers.9.self_attn.q_proj"], config=deeper)
     with pytest.raises(ZooError, match="model.layers.9.self_attn.q_proj is not a linear layer"):
         alien.validate(CFG)
 
@@ -300,7 +301,8 @@ def test_shards_whose_shapes_do_not_fit_the_base_are_refused(tmp_path):
     manifest["config"] = other.to_dict()
     manifest["base"]["config_hash"] = other.config_hash
     (zoo.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ZooError, match=r"shard-000001.safetensors: model.layers.0.mlp.gate_proj.B is F32\[1, 80, 2\], expected F32\[1, 96, 2\]"):
+    want = r"shard-000001.safetensors: model.layers.0.mlp.gate_proj.B is F32\[1, 80, 2\], expected F32\[1, 96, 2\]"
+    with pytest.raises(ZooError, match=want):
         Zoo.open(zoo.path)
 
 
@@ -429,6 +431,20 @@ def test_torn_index_tail_is_ignored_by_readers_and_repaired_by_writers(tmp_path)
     text = (zoo.path / "index.jsonl").read_bytes()
     assert text.startswith(committed) and b"ghost" not in text
     assert Zoo.open(zoo.path, verify=True).ids() == ["a", "b"]
+
+
+def test_one_writer_at_a_time_and_bad_orphans_are_left_alone(tmp_path):
+    zoo = _zoo(tmp_path)
+    zoo.append([_diff("a")])
+    other = Zoo.open(zoo.path)
+    with zoo._writer_lock():
+        with pytest.raises(ZooError, match="another process is writing to this zoo"):
+            other.append([_diff("b", seed=1)])
+    (zoo.path / "shards" / "shard-000009.safetensors").write_bytes(b"\x00" * 32)  # not a shard: kept, unindexed
+    rows = other.append([_diff("b", seed=1)])
+    assert rows[0]["shard"] == "shard-000010.safetensors"
+    assert Zoo.open(zoo.path).info()["uncommitted_shards"] == ["shard-000009.safetensors"]
+    assert (zoo.path / "shards" / "shard-000009.safetensors").read_bytes() == b"\x00" * 32
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------
@@ -605,7 +621,8 @@ def test_dit_file_refusals(tmp_path):
     torch.save([{"topic": "t", "weight_diff": {m: (torch.randn(2, 64), torch.randn(48, 1))}}], tmp_path / "r.pt")
     with pytest.raises(ZooError, match=r"expected \[r, d_out\] and \[d_in, r\]"):
         import_dit_file(tmp_path / "r.pt")
-    torch.save([{"topic": "t", "weight_diff": {"lm_head": (torch.randn(1, 97), torch.randn(48, 1))}}], tmp_path / "h.pt")
+    head = {"lm_head": (torch.randn(1, 97), torch.randn(48, 1))}
+    torch.save([{"topic": "t", "weight_diff": head}], tmp_path / "h.pt")
     with pytest.raises(ZooError, match="'lm_head' is not a target linear"):
         import_dit_file(tmp_path / "h.pt")
     torch.save([{"topic": "t", "weight_diff": {m: (torch.randn(1, 64), torch.randn(48, 1))}, "x": _Opaque()}],
