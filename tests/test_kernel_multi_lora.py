@@ -253,6 +253,16 @@ def test_route_and_tiles_are_built_once_per_batch():
     assert n_none == sum(1 for _, _, a0, _ in tiles.tolist() if a0 == -1)
 
 
+def test_empty_batch():
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(0, 16, generator=g).requires_grad_()
+    A, B, scale = _slot(2, 4, 16, 8, g)
+    y = multi_lora(x, A, B, scale, build_lora_meta(torch.zeros(0, dtype=torch.int64)), backend="triton")
+    assert y.shape == (0, 8)
+    gx, gA, gB = torch.autograd.grad(y.sum(), (x, A, B))
+    assert gx.shape == (0, 16) and torch.count_nonzero(gA) == 0 and torch.count_nonzero(gB) == 0
+
+
 def test_cpu_auto_takes_reference_and_torch_backend_matches():
     g = torch.Generator().manual_seed(18)
     x = torch.randn(10, 16, generator=g)

@@ -23,6 +23,7 @@ The Triton path (Punica / vLLM's shrink-expand split, one launch each for up to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -198,7 +199,9 @@ class _MultiLoraFunction(torch.autograd.Function):
         S = _lora_shrink(x, route, A, scales=None)
         y = _lora_expand(S, route, B, scales=list(scales), out_dtype=x.dtype)
         ctx.route, ctx.metas, ctx.scales = route, metas, scales
-        ctx.save_for_backward(x, *S, *weights)
+        # S_k only serves dB_k: a frozen slot's intermediate is not kept alive for the backward.
+        keep = [s if ctx.needs_input_grad[5 + 2 * k] else None for k, s in enumerate(S)]
+        ctx.save_for_backward(x, *keep, *weights)
         return y
 
     @staticmethod
@@ -235,7 +238,7 @@ class _MultiLoraFunction(torch.autograd.Function):
 
 # ---- Triton path: schedules built once per batch ---------------------------------------------------
 
-_NONE_KEY_SHIFT = 32  # combined key of a token: (id0 + 1) << 32 | (id1 + 1); all -1 sorts first
+_KEY_SHIFT = 32  # combined key of a token: (id0 + 1) << 32 | (id1 + 1); all -1 sorts first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +251,7 @@ class _Route:
     seg_counts: tuple[int, ...]
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def block_m(self) -> int:
         """Rows per tile: the smallest of 16/32/64 that the longest routed segment fills."""
         longest = max((c for ids, c in zip(self.seg_ids, self.seg_counts) if ids != (-1, -1)), default=1)
@@ -282,7 +285,7 @@ def _route(metas: tuple[LoraMeta, ...], device: torch.device) -> _Route:
         return hit[1]
     idx = [m.token_index.to(device) for m in metas]
     second = idx[1] if len(idx) > 1 else torch.full_like(idx[0], -1)
-    combined = ((idx[0] + 1) << _NONE_KEY_SHIFT) | (second + 1)
+    combined = ((idx[0] + 1) << _KEY_SHIFT) | (second + 1)
     order = torch.argsort(combined, stable=True)
     keys, counts = torch.unique_consecutive(combined[order], return_counts=True)
     keys_list, counts_list = keys.tolist(), counts.tolist()
@@ -290,10 +293,10 @@ def _route(metas: tuple[LoraMeta, ...], device: torch.device) -> _Route:
     for c in counts_list:
         starts.append(acc)
         acc += c
-    mask = (1 << _NONE_KEY_SHIFT) - 1
+    mask = (1 << _KEY_SHIFT) - 1
     route = _Route(
         tokens=order,
-        seg_ids=tuple(((k >> _NONE_KEY_SHIFT) - 1, (k & mask) - 1) for k in keys_list),
+        seg_ids=tuple(((k >> _KEY_SHIFT) - 1, (k & mask) - 1) for k in keys_list),
         seg_starts=tuple(starts),
         seg_counts=tuple(counts_list),
     )
