@@ -29,6 +29,7 @@ reported and the rise is left empty. On CUDA: ``torch.cuda.max_memory_allocated`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -301,9 +302,12 @@ def _report(config: pytest.Config, b: _Bench) -> None:
     if b.cuda:
         lines.append(f"saved {_save(b)}")
     reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     say = reporter.write_line if reporter is not None else print
-    for line in lines:
-        say(line)
+    # Module teardown runs under output capture; the table is the point of the run, so show it.
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        for line in lines:
+            say(line)
 
 
 def _save(b: _Bench) -> Path:
