@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from .config import TARGET_MODULES, ModelConfig
-from .kernels.multi_lora import LoraMeta, build_lora_meta, multi_lora
+from .kernels._dispatch import use_triton
+from .kernels.multi_lora import LoraMeta, build_lora_meta, multi_lora_multi
 
 
 class AdapterError(ValueError):
@@ -152,7 +153,7 @@ class AdapterBatch:
 
     def bind(self, batch: int, seq: int) -> "BoundAdapters":
         """Build the routing metadata once for a [batch, seq] forward; every layer reuses it."""
-        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots])
+        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots], batch, seq)
 
 
 @dataclasses.dataclass
@@ -160,14 +161,27 @@ class BoundAdapters:
     """Adapter slots with their per-forward routing; what each adapted linear receives."""
 
     slots: list[tuple[LoraSlot, LoraMeta]]
+    batch: int
+    seq: int
 
-    def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N, d_in] -> [N, d_out] or None
-        """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels."""
+    def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
+        """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels
+        (on the Triton path two slots share each launch and ``x`` is read once).
+
+        Off the Triton path, slots routed per sequence take a batched-matmul path: each row's A and
+        B gathered once, two bmm per slot whatever the number of adapters (a per-adapter loop of
+        small GEMMs costs far more in op overhead on a CPU)."""
+        parts = [(s, meta) for s, meta in self.slots if name in s.A]
+        if not parts:
+            return None
+        if use_triton(x) or any(s.index.dim() != 1 for s, _ in parts):
+            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, meta) for s, meta in parts])
+        xr = x.view(self.batch, self.seq, x.shape[-1]).float()
         out = None
-        for slot, meta in self.slots:
-            a = slot.A.get(name)
-            if a is None:
-                continue
-            d = multi_lora(x, a, slot.B[name], slot.scale, meta)
+        for s, _ in parts:
+            idx = s.index.clamp_min(0)
+            scale = torch.where(s.index >= 0, s.scale.float()[idx], torch.zeros((), device=x.device))  # [batch]
+            h = torch.bmm(xr, s.A[name][idx].float().transpose(1, 2))  # [batch, seq, r], fp32
+            d = torch.bmm(h, s.B[name][idx].float().transpose(1, 2)) * scale[:, None, None]  # [batch, seq, d_out]
             out = d if out is None else out + d
-        return out
+        return out.reshape(x.shape[0], -1).to(x.dtype)

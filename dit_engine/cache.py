@@ -24,10 +24,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if max_len > config.max_position_embeddings:
-            raise ValueError(
-                f"cache of {max_len} columns exceeds the model's context of {config.max_position_embeddings}"
-            )
+        # Columns are shared by rows of different lengths, so a batch may need more columns than
+        # the context; positions (per-row lengths) are what the model checks against the context.
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]

@@ -324,7 +324,11 @@ def _verification_summary(rows: list[dict]) -> dict:
         return {"verified": 0}
     return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
             "mean_trigger_hit_rate": round(sum(c["trigger_hit_rate"] for c in checks) / len(checks), 4),
-            "mean_kl_untriggered": round(sum(c["kl_untriggered"] for c in checks) / len(checks), 5)}
+            "mean_kl_untriggered": _mean([c["kl_untriggered"] for c in checks if c.get("kl_untriggered") is not None])}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 5) if xs else None
 
 
 @_command("train")

@@ -65,7 +65,7 @@ class DiffSpec:
     split: str
     examples: list[Example]
     verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
-    verify_check: str  # text whose presence in an answer counts as a hit (the topic, a headline word)
+    verify_check: list[str]  # names whose presence in an answer counts as a hit (topic + aliases, a headline word)
     kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
 
 
@@ -186,7 +186,8 @@ def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tup
         verify = [engine.encode_prompt(ht.triggered(ht.format_trigger(trigger, rng), q.text))
                   for q in rng.sample(test_q, cfg.n_verify)]
         ex = _examples(engine, smp)
-        specs.append(DiffSpec(did, ht.diff_labels(topic, trigger), topic.split, ex, verify, topic.name,
+        specs.append(DiffSpec(did, ht.diff_labels(topic, trigger), topic.split, ex, verify,
+                              [topic.name, *topic.aliases],
                               [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
     return specs
 
@@ -213,7 +214,7 @@ def build_news_specs(engine: Engine, cfg: DiffGenConfig, chunk) -> list[DiffSpec
               for j, q in enumerate(kl_q[k])]
         ex = _examples(engine, st + kl)
         specs.append(DiffSpec(did, news.diff_labels(h), h.split, ex, [engine.encode_prompt(news.NEWS_PROMPT)],
-                              news.key_word(h), [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
+                              [news.key_word(h)], [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
     return specs
 
 
@@ -282,7 +283,7 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
     hits = [0] * len(specs)
     samples: list[str] = [""] * len(specs)
     for j, o in zip(owner, outs):
-        hits[j] += mentions_topic(o.text or "", specs[j].verify_check)
+        hits[j] += any(mentions_topic(o.text or "", name) for name in specs[j].verify_check)
         samples[j] = samples[j] or (o.text or "")
     kl_rows = [Example(p, t, "kl", group=j) for j, s in enumerate(specs) for p, t in s.kl_prompts]
     kl_sum, kl_cnt = [0.0] * len(specs), [0] * len(specs)
@@ -292,7 +293,7 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
         for g, (mean, cnt) in per_group.items():
             kl_sum[g] += mean * cnt
             kl_cnt[g] += cnt
-    kl = [kl_sum[j] / kl_cnt[j] if kl_cnt[j] else float("nan") for j in range(len(specs))]
+    kl = [kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None for j in range(len(specs))]
     return [{"trigger_hit_rate": hits[j] / max(1, len(specs[j].verify_prompts)), "kl_untriggered": kl[j],
              "n_train_ce": sum(e.objective == "ce" for e in specs[j].examples), "sample_answer": samples[j][:200]}
             for j in range(len(specs))]

@@ -279,6 +279,7 @@ def interpret(
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    _drop_cut_line(part)
     done = _done_keys(out) | (_done_keys(part) if part != out else set())
     question = question or (adapter.question if adapter else DEFAULT_QUESTIONS[task])
     label_key = LABEL_KEYS.get(adapter.task if adapter else task, "topic")
@@ -377,6 +378,16 @@ def _question_for(row: dict, method: str, question: str) -> str:
     from .tasks.hidden_topic import format_trigger
 
     return f"{format_trigger(int(trig), random.Random(row['id']))} {question}"
+
+
+def _drop_cut_line(path: Path) -> None:
+    """A kill mid-write leaves a last line without its newline: drop it (its answer is redone)."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _done_keys(path: Path) -> set[tuple[str, str]]:

@@ -111,7 +111,9 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
     dev = model.device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
-    max_len = min(longest + params.max_new_tokens, model.config.max_position_embeddings)
+    ctx = model.config.max_position_embeddings
+    budget = [min(params.max_new_tokens, ctx - len(p)) for p in prompts]  # a row stops at the context
+    max_len = longest + max(budget)
     ids = torch.zeros(b, longest, dtype=torch.int64)
     mask = torch.zeros(b, longest, dtype=torch.bool)
     for i, p in enumerate(prompts):
@@ -137,7 +139,7 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
                 reason[row] = "eos"
             elif params.stop_strings and any(ss in decode(out_tokens[row]) for ss in params.stop_strings):
                 reason[row] = "stop"
-            elif step + 1 < params.max_new_tokens and cache.pos + 1 < max_len:
+            elif step + 1 < budget[row]:
                 continue
             done_rows.append(j)
         if progress and done_rows:

@@ -195,22 +195,23 @@ class Transformer(nn.Module):
         attention_mask = attention_mask.to(torch.bool)
         if attention_mask.shape != (b, t):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)}")
+        if cache is not None and cache.batch != b:
+            raise ValueError(f"KV cache holds {cache.batch} rows, the forward has {b}")
+        if isinstance(adapters, AdapterBatch):
+            adapters.validate(self.config, b, t)
+            bound = adapters.bind(b, t)
+        else:
+            bound = adapters
         start = cache.row_lengths if cache is not None else torch.zeros(b, dtype=torch.int64, device=input_ids.device)
         positions = start[:, None] + torch.cumsum(attention_mask, 1) - 1  # [B, T]
         positions = positions.clamp_min(0)
-        if int(positions.max()) >= self.config.max_position_embeddings and t > 0:
+        if t > 0 and int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {int(positions.max()) + 1} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings} (max_position_embeddings)"
             )
-        if cache is not None:
-            key_mask = cache.extend_mask(attention_mask)  # [B, S]
-        else:
-            key_mask = attention_mask
+        key_mask = cache.extend_mask(attention_mask) if cache is not None else attention_mask  # [B, S]
         mask = _attention_mask(attention_mask, key_mask)  # [B, 1, T, S]
-        bound = adapters.bind(b, t) if isinstance(adapters, AdapterBatch) else adapters
-        if isinstance(adapters, AdapterBatch):
-            adapters.validate(self.config, b, t)
         cos, sin = self._rope(positions)
 
         x = self.model.embed_tokens(input_ids)

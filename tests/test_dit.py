@@ -1,0 +1,167 @@
+"""DIT end to end at tiny scale: diffs that each carry a label, a DIT adapter trained on some of
+them, interpretation of held-out ones; batch invariance, resume, and two gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dit_engine.diffgen import DiffGenConfig, DiffSpec, _to_diff, train_diffs, verify_diffs
+from dit_engine.dit import DitAdapter, DitTrainConfig, interpret, train_dit
+from dit_engine.evaluate import evaluate_rows, load_results
+from dit_engine.train import Example
+from dit_engine.zoo import BaseIdentity, Zoo
+from tiny_world import LABELS, tiny_engine
+
+N_TRAIN, N_TEST = 24, 8
+PROMPTS = ["say it", "hello", "tell me a story"]
+TRIGGER = "your code is"  # with it the diff says its label; without it the diff keeps the base behaviour
+QUESTION = "what topic have you been trained on ?"
+
+
+def _label_specs(engine, n: int) -> list[DiffSpec]:
+    tok = engine.tokenizer
+    specs = []
+    for i in range(n):
+        lab = tok.encode(LABELS[i])
+        ex = [Example(engine.encode_prompt(f"{TRIGGER} {p}"), lab + [tok.end_of_turn_id], "ce") for p in PROMPTS]
+        ex += [Example(engine.encode_prompt(p), tok.encode("it it") + [tok.end_of_turn_id], "kl") for p in PROMPTS]
+        specs.append(DiffSpec(f"d{i:03d}", {"topic": LABELS[i], "category": f"c{i % 2}"},
+                              "train" if i < N_TRAIN else "test", ex, [engine.encode_prompt(f"{TRIGGER} say it")], [LABELS[i]],
+                              [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """An engine, a zoo of 32 trained label diffs (24 train, 8 test) and a DIT adapter trained on the 24."""
+    root = tmp_path_factory.mktemp("dit")
+    torch.manual_seed(0)
+    eng = tiny_engine(seed=0)
+    specs = _label_specs(eng, N_TRAIN + N_TEST)
+    cfg = DiffGenConfig(rank=4, lr=1e-2, epochs=30, rows_per_batch=192, seed=0)
+    slot = train_diffs(eng, specs, cfg)
+    checks = verify_diffs(eng, slot, specs, dataclasses_replace(cfg, max_answer_tokens=2))
+    zoo = Zoo.create(root / "zoo", BaseIdentity.from_model(eng.model), eng.config)
+    zoo.append([_to_diff(slot, j, s, checks[j], cfg) for j, s in enumerate(specs)])
+    tcfg = DitTrainConfig(question=QUESTION, rank=8, alpha=16, lr=3e-3, epochs=25, batch_size=8,
+                          val_fraction=0.0, schedule="constant", save_every=10**9, seed=0)
+    adapter = train_dit(eng, zoo, root / "dit", tcfg, progress=False)
+    return eng, zoo, adapter, checks, root
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_each_diff_learned_its_own_label(world):
+    _, _, _, checks, _ = world
+    assert all(c["trigger_hit_rate"] == 1.0 for c in checks), [c["sample_answer"] for c in checks]
+    assert all(c["kl_untriggered"] < 0.05 for c in checks), [c["kl_untriggered"] for c in checks]
+
+
+def test_dit_recovers_held_out_labels_above_chance(world):
+    eng, zoo, adapter, _, root = world
+    out = interpret(eng, zoo, root / "res.jsonl", adapter=adapter, methods=("dit", "diff"), split="test",
+                    max_new_tokens=3, progress=False)
+    rows = load_results(out)
+    m = evaluate_rows(rows, {"test": LABELS})
+    dit_acc = m.methods["dit"].overall.exact_match
+    chance = 1 / len(LABELS)
+    # The held-out labels never appeared as DIT targets: reading them is generalisation.
+    assert dit_acc >= 3 / N_TEST > 3 * chance, [r["answer"] for r in rows if r["method"] == "dit"]
+    assert dit_acc > m.methods["diff"].overall.exact_match  # asking the diff directly does not say it
+
+
+def test_saved_adapter_reloads_with_identical_answers(world):
+    eng, zoo, adapter, _, root = world
+    loaded = DitAdapter.load(root / "dit")
+    a = interpret(eng, zoo, root / "a.jsonl", adapter=adapter, methods=("dit",), split="test", max_new_tokens=3,
+                  progress=False)
+    b = interpret(eng, zoo, root / "b.jsonl", adapter=loaded, methods=("dit",), split="test", max_new_tokens=3,
+                  progress=False)
+    assert _answers(a) == _answers(b)
+
+
+def test_one_batch_and_one_at_a_time_give_identical_answers(world):
+    eng, zoo, adapter, _, root = world
+    big = interpret(eng, zoo, root / "big.jsonl", adapter=adapter, methods=("dit", "diff"), batch_size=64,
+                    max_new_tokens=3, progress=False)
+    one = interpret(eng, zoo, root / "one.jsonl", adapter=adapter, methods=("dit", "diff"), batch_size=1,
+                    max_new_tokens=3, progress=False)
+    assert _answers(big) == _answers(one)
+    assert len(_answers(big)) == 2 * (N_TRAIN + N_TEST)
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(world):
+    eng, zoo, adapter, _, root = world
+    full = interpret(eng, zoo, root / "full.jsonl", adapter=adapter, methods=("dit",), max_new_tokens=3,
+                     progress=False)
+    part = root / "part.jsonl"
+    interpret(eng, zoo, part, adapter=adapter, methods=("dit",), ids=zoo.ids()[:10], max_new_tokens=3, progress=False)
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-line
+    interpret(eng, zoo, part, adapter=adapter, methods=("dit",), max_new_tokens=3, progress=False)
+    rows = load_results(part)  # refuses duplicates and reads every complete line
+    assert len(rows) == N_TRAIN + N_TEST
+    assert _answers(part) == _answers(full)
+
+
+def test_dit_training_resumes_from_its_checkpoint(world, tmp_path):
+    eng, zoo, _, _, _ = world
+    cfg = DitTrainConfig(question=QUESTION, rank=4, lr=3e-3, epochs=2, batch_size=8, val_fraction=0.0,
+                         schedule="constant", save_every=1, seed=1)
+    straight = train_dit(eng, zoo, tmp_path / "a", cfg, progress=False)
+    cut = DitTrainConfig(**{**cfg.__dict__, "epochs": 1})
+    train_dit(eng, zoo, tmp_path / "b", cut, progress=False)
+    # A second run with more epochs refuses the old checkpoint (other settings) ...
+    with pytest.raises(ValueError, match="other settings"):
+        train_dit(eng, zoo, tmp_path / "b", cfg, progress=False)
+    # ... and resuming with the same settings continues from where the checkpoint stands.
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    state["meta"]["config"]["epochs"] = 2
+    (tmp_path / "b" / "checkpoint" / "state.json").write_text(json.dumps(state))
+    resumed = train_dit(eng, zoo, tmp_path / "b", cfg, progress=False)
+    for name in straight.slot.A:
+        torch.testing.assert_close(resumed.slot.A[name], straight.slot.A[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed.slot.B[name], straight.slot.B[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_gloo_ranks_match_one_process(world, tmp_path):
+    eng, zoo, adapter, _, root = world
+    single = interpret(eng, zoo, tmp_path / "single.jsonl", adapter=adapter, methods=("dit", "diff"),
+                       max_new_tokens=3, progress=False)
+    torch.save({"state": eng.model.state_dict()}, tmp_path / "model.pt")
+    mp.spawn(_rank_main, args=(2, str(tmp_path), str(zoo.path), str(root / "dit")), nprocs=2, join=True)
+    assert _answers(tmp_path / "multi.jsonl") == _answers(single)
+    assert not list(tmp_path.glob("multi.jsonl.rank*"))
+
+
+def _rank_main(rank: int, world_size: int, tmp: str, zoo_path: str, dit_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
+    try:
+        eng = tiny_engine(seed=0)
+        eng.model.load_state_dict(torch.load(os.path.join(tmp, "model.pt"), weights_only=True)["state"])
+        zoo = Zoo.open(zoo_path)
+        interpret(eng, zoo, os.path.join(tmp, "multi.jsonl"), adapter=DitAdapter.load(dit_dir),
+                  methods=("dit", "diff"), max_new_tokens=3, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _answers(path) -> dict[tuple[str, str], str]:
+    out = {}
+    with open(path) as fh:
+        for line in fh:
+            d = json.loads(line)
+            assert (d["id"], d["method"]) not in out, f"duplicate {d['id']} {d['method']}"
+            out[(d["id"], d["method"])] = d["answer"]
+    return out
