@@ -338,18 +338,25 @@ def test_multi_lora_ref_shape_errors(bad):
 # ---- BoundAdapters ------------------------------------------------------------------------------
 
 
-def test_bound_adapters_sum_slot_deltas():
+@pytest.mark.parametrize("routing", ["row", "token"])
+def test_bound_adapters_sum_slot_deltas(routing):
+    """Both slots' deltas summed, for per-sequence routing (index [batch]) and per-token routing
+    (index [batch, seq]), which may take different code paths."""
     cfg = tiny_config()
     g = torch.Generator().manual_seed(11)
-    s0 = LoraSlot.create(cfg, 3, 4, init="random", generator=g, index=torch.tensor([[0, 2, -1], [1, 1, 0]]))
+    idx0 = torch.tensor([2, -1]) if routing == "row" else torch.tensor([[0, 2, -1], [1, 1, 0]])
+    s0 = LoraSlot.create(cfg, 3, 4, init="random", generator=g, index=idx0)
     s1 = LoraSlot.create(cfg, 1, 2, init="random", generator=g, targets=("v_proj",), index=torch.tensor([0, -1]))
     bound = AdapterBatch(s0, s1).bind(2, 3)
     x = torch.randn(6, cfg.hidden_size, generator=g)
+    tok0 = (idx0[:, None].expand(2, 3) if routing == "row" else idx0).reshape(-1)  # [6] per-token ids
+    tok1 = torch.tensor([0, 0, 0, -1, -1, -1])
     v0 = "model.layers.0.self_attn.v_proj"
-    want = _einsum_ref(x, s0.A[v0], s0.B[v0], s0.scale, s0.index.reshape(-1)) + _einsum_ref(
-        x, s1.A[v0], s1.B[v0], s1.scale, torch.tensor([0, 0, 0, -1, -1, -1]))
-    assert _rel(bound.delta(v0, x), want) < 1e-5
+    want = _einsum_ref(x, s0.A[v0], s0.B[v0], s0.scale, tok0) + _einsum_ref(x, s1.A[v0], s1.B[v0], s1.scale, tok1)
+    got = bound.delta(v0, x)
+    assert got.shape == (6, cfg.linear_shapes()["v_proj"][1]) and got.dtype == x.dtype
+    assert _rel(got, want) < 1e-5
     q0 = "model.layers.0.self_attn.q_proj"  # slot 1 does not adapt q_proj: slot 0 alone
-    assert _rel(bound.delta(q0, x), _einsum_ref(x, s0.A[q0], s0.B[q0], s0.scale, s0.index.reshape(-1))) < 1e-5
+    assert _rel(bound.delta(q0, x), _einsum_ref(x, s0.A[q0], s0.B[q0], s0.scale, tok0)) < 1e-5
     only_v = AdapterBatch(s1).bind(2, 3)
     assert only_v.delta(q0, x) is None  # no slot adapts it: the linear skips the LoRA work
