@@ -160,13 +160,14 @@ def train_dit(
                     scale=slot.scale.to(dev), index=slot.index.to(dev), name="dit")
     trainer = Trainer(slot.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                       schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                      master_fp32=model.dtype != torch.float32)
+                      master_fp32=model.dtype != torch.float32,
+                      grad_sync=(lambda ps: _all_reduce_grads(ps, world)) if world > 1 else None)
     base = BaseIdentity.from_model(model)
     done_batches = 0  # micro-batches finished, over all epochs
     ckpt = out / "checkpoint"
     if ckpt.exists() or ckpt.with_name("checkpoint.old").exists():
         weights, opt, state = load_training_state(ckpt)
-        if state["meta"].get("config") != dataclasses.asdict(cfg):
+        if state["meta"].get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"{ckpt}: checkpoint was made with other settings; remove it or use the same settings")
         with torch.no_grad():
             for name in slot.A:
@@ -189,26 +190,17 @@ def train_dit(
             chunk = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             if chunk:
                 loss = _dit_loss(engine, zoo, chunk, slot, question, label_key)
-                if world > 1:
-                    loss_val = loss.detach().clone()
-                else:
-                    loss_val = loss.detach()
-            else:  # an uneven last batch: this rank still joins the all-reduce
+            else:  # an uneven last batch: this rank still takes part in the gradient all-reduce
                 loss = sum(p.sum() * 0 for p in slot.parameters())
-                loss_val = torch.zeros((), device=dev)
-            (loss / trainer.grad_accum).backward()
-            trainer.micro += 1
-            if world > 1:
-                _all_reduce_grads(slot.parameters(), world)
-            if trainer.micro >= trainer.grad_accum:
-                trainer.step()
+            loss_val = float(loss.detach())
+            trainer.backward(loss)
             done_batches = global_b + 1
-            rec = {"epoch": epoch, "batch": done_batches, "loss": float(loss_val), "lr": trainer.lr_at(trainer.step_count)}
+            rec = {"epoch": epoch, "batch": done_batches, "loss": loss_val, "lr": trainer.lr_at(trainer.step_count)}
             history.append(rec)
             if log:
                 log(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss_val):.3f}")
+            bar.set_postfix(loss=f"{loss_val:.3f}")
             if rank == 0 and trainer.micro == 0 and trainer.step_count % cfg.save_every == 0:
                 _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
         if val_rows and rank == 0:
@@ -218,6 +210,8 @@ def train_dit(
             if log:
                 log(history[-1])
     bar.close()
+    if trainer.micro:  # gradients accumulated by an uneven tail still make one step
+        trainer.step()
     adapter = DitAdapter(LoraSlot(A={k: v.detach() for k, v in slot.A.items()},
                                   B={k: v.detach() for k, v in slot.B.items()},
                                   scale=slot.scale, index=slot.index, name="dit"),

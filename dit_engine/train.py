@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -151,6 +151,7 @@ class Trainer:
         total_steps: int | None = None,
         max_grad_norm: float | None = None,
         master_fp32: bool = False,
+        grad_sync: Callable[[list[Tensor]], None] | None = None,
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -162,6 +163,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(opt_params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.grad_accum, self.schedule = lr, grad_accum, schedule
         self.warmup_steps, self.total_steps, self.max_grad_norm = warmup_steps, total_steps, max_grad_norm
+        self.grad_sync = grad_sync  # e.g. an all-reduce over data-parallel ranks, run before each step
         self.micro = 0  # micro-steps since the last optimizer step
         self.step_count = 0  # optimizer steps taken
 
@@ -190,6 +192,8 @@ class Trainer:
         return True
 
     def step(self) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync(self.params)
         if self.masters is not None:
             for p, m in zip(self.params, self.masters):
                 m.grad = None if p.grad is None else p.grad.float()

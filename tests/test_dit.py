@@ -117,17 +117,18 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(world):
 def test_dit_training_resumes_from_its_checkpoint(world, tmp_path):
     eng, zoo, _, _, _ = world
     cfg = DitTrainConfig(question=QUESTION, rank=4, lr=3e-3, epochs=2, batch_size=8, val_fraction=0.0,
-                         schedule="constant", save_every=1, seed=1)
+                         schedule="cosine", save_every=1, seed=1)
     straight = train_dit(eng, zoo, tmp_path / "a", cfg, progress=False)
-    cut = DitTrainConfig(**{**cfg.__dict__, "epochs": 1})
-    train_dit(eng, zoo, tmp_path / "b", cut, progress=False)
-    # A second run with more epochs refuses the old checkpoint (other settings) ...
+
+    def kill_at_batch_4(rec):
+        if rec.get("batch") == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dit(eng, zoo, tmp_path / "b", cfg, progress=False, log=kill_at_batch_4)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["meta"]["done_batches"] == 3
     with pytest.raises(ValueError, match="other settings"):
-        train_dit(eng, zoo, tmp_path / "b", cfg, progress=False)
-    # ... and resuming with the same settings continues from where the checkpoint stands.
-    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    state["meta"]["config"]["epochs"] = 2
-    (tmp_path / "b" / "checkpoint" / "state.json").write_text(json.dumps(state))
+        train_dit(eng, zoo, tmp_path / "b", DitTrainConfig(**{**cfg.__dict__, "lr": 1e-3}), progress=False)
     resumed = train_dit(eng, zoo, tmp_path / "b", cfg, progress=False)
     for name in straight.slot.A:
         torch.testing.assert_close(resumed.slot.A[name], straight.slot.A[name], rtol=1e-5, atol=1e-6)
@@ -142,6 +143,16 @@ def test_two_gloo_ranks_match_one_process(world, tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path), str(zoo.path), str(root / "dit")), nprocs=2, join=True)
     assert _answers(tmp_path / "multi.jsonl") == _answers(single)
     assert not list(tmp_path.glob("multi.jsonl.rank*"))
+    # DIT training: 2 ranks x batch 4, gradients all-reduced, equals 1 process x batch 8.
+    one = train_dit(eng, zoo, tmp_path / "dit-one", dataclasses_replace(DIST_CFG, batch_size=8), progress=False)
+    two = DitAdapter.load(tmp_path / "dit-two")
+    for name in one.slot.A:
+        torch.testing.assert_close(two.slot.A[name], one.slot.A[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two.slot.B[name], one.slot.B[name], rtol=1e-4, atol=1e-6)
+
+
+DIST_CFG = DitTrainConfig(question=QUESTION, rank=4, lr=3e-3, epochs=1, batch_size=4, val_fraction=0.0,
+                          schedule="constant", save_every=10**9, seed=3)
 
 
 def _rank_main(rank: int, world_size: int, tmp: str, zoo_path: str, dit_dir: str) -> None:
@@ -153,6 +164,7 @@ def _rank_main(rank: int, world_size: int, tmp: str, zoo_path: str, dit_dir: str
         zoo = Zoo.open(zoo_path)
         interpret(eng, zoo, os.path.join(tmp, "multi.jsonl"), adapter=DitAdapter.load(dit_dir),
                   methods=("dit", "diff"), max_new_tokens=3, progress=False)
+        train_dit(eng, zoo, os.path.join(tmp, "dit-two"), DIST_CFG, progress=False)
     finally:
         dist.destroy_process_group()
 
