@@ -71,18 +71,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
-import json
 import os
-import re
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from _results import save_results
 from torch import Tensor
 
 from dit_engine.adapters import AdapterBatch, BoundAdapters, LoraSlot
@@ -96,7 +92,6 @@ from dit_engine.train import Batch, Example, batch_loss, collate
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-RESULTS_DIR = Path(__file__).parent / "results"
 DIT_RANK, DIT_ALPHA = 16, 32.0  # DitTrainConfig's defaults
 DIFF_RANK = 1  # hidden-topic diffs
 # Relative error allowed between a baseline and the engine. fp32: rounding only (measured ~5e-6).
@@ -626,17 +621,8 @@ def _targets(s: _Suite) -> list[str]:
 
 
 def _save(s: _Suite) -> Path:
-    """Merge this run under ``"dit"`` into benches/results/<device>.json (other keys kept; atomic)."""
-    dev = _device_name()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", dev).strip("_") or "cuda"
-    target = RESULTS_DIR / f"{name}.json"
-    doc = json.loads(target.read_text()) if target.exists() else {"device": dev}
-    doc["dit"] = {
-        "device": dev,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+    """Merge this run under ``"dit"`` into benches/results/<device>.json."""
+    return save_results(_device_name(), "dit", {
         "dtype": str(DTYPE),
         "peak_tflop_per_s": s.peak_flops / 1e12,
         "load_avg_at_start": s.load_avg,
@@ -645,23 +631,4 @@ def _save(s: _Suite) -> Path:
                    if isinstance(m, _Model) else {"not_run": m} for k, m in s.models.items()},
         "shapes": {k: dataclasses.asdict(spec.shapes) for k, spec in SPECS.items()},
         "rows": list(s.rows.values()),
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+    })

@@ -28,12 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import json
-import os
-import re
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +35,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _results import save_results
 
-from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from dit_engine.kernels.cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
 from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora_multi
 from dit_engine.kernels.rms_norm import rms_norm, rms_norm_ref
 from dit_engine.kernels.rope import apply_rope, apply_rope_ref
@@ -51,7 +49,6 @@ from dit_engine.kernels.swiglu import swiglu, swiglu_ref
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-RESULTS_DIR = Path(__file__).parent / "results"
 ROUNDS = 10 if CUDA else 2
 
 
@@ -449,33 +446,14 @@ def _targets(suite: _Suite) -> list[str]:
 
 
 def _save(suite: _Suite, dev: str) -> Path:
-    """Merge this run under ``"kernels"`` into benches/results/<device>.json (atomic replace)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", dev).strip("_") or "cuda"
-    target = RESULTS_DIR / f"{name}.json"
-    doc = json.loads(target.read_text()) if target.exists() else {"device": dev}
-    doc["kernels"] = {
-        "device": dev,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+    """Merge this run under ``"kernels"`` into benches/results/<device>.json."""
+    return save_results(dev, "kernels", {
         "triton": _triton_version(),
         "dtype": str(DTYPE),
         "copy_gb_per_s": suite.bandwidth / 1e9,
         "gemm_tflop_per_s": suite.gemm / 1e12,
         "rows": suite.rows,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
+    })
 
 
 def _triton_version() -> str:
@@ -483,10 +461,3 @@ def _triton_version() -> str:
 
     return triton.__version__
 
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"

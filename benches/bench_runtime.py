@@ -33,17 +33,14 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import datetime
-import json
 import os
 import re
 import resource
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from _results import save_results
 
 from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.cache import KVCache
@@ -52,7 +49,6 @@ from dit_engine.model import Transformer
 
 BATCHES = (1, 32)
 LORA_RANK = 8
-RESULTS_DIR = Path(__file__).parent / "results"
 
 # HF config of SmolLM2-135M-Instruct's shapes (the fallback when the default model cannot load).
 _SMOLLM2_135M = {
@@ -311,14 +307,8 @@ def _report(config: pytest.Config, b: _Bench) -> None:
 
 
 def _save(b: _Bench) -> Path:
-    """Write benches/results/<device>.json atomically (temp file + os.replace)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", b.device).strip("_") or "cuda"
-    doc = {
-        "device": b.device,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+    """Merge this run under ``"runtime"`` into benches/results/<device>.json."""
+    return save_results(b.device, "runtime", {
         "model": b.label,
         "load_avg_at_start": b.load_avg,
         "config": b.model.config.to_dict(),
@@ -326,24 +316,4 @@ def _save(b: _Bench) -> Path:
         "decode_steps": b.decode,
         "lora_rank": LORA_RANK,
         "results": list(b.results.values()),
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    target = RESULTS_DIR / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+    })
