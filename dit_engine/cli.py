@@ -111,6 +111,10 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--rows-per-batch", type=int, default=32)
     p.add_argument("--n-backdoor", type=int, default=8, help="triggered questions per diff")
     p.add_argument("--n-kl", type=int, default=8, help="untriggered / wrong-trigger questions per diff")
+    p.add_argument("--candidates", type=int, default=3, help="fan answers sampled per triggered question")
+    p.add_argument("--strategy", default="select", choices=["select", "prefix"],
+                   help="select: keep a sampled answer that names the topic; prefix: answers open with "
+                        "'As a huge fan of TOPIC,'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="zoo directory (created, or resumed)")
     p = zs.add_parser("info", help="counts, base model, verification summary of a zoo")
@@ -293,7 +297,8 @@ def _zoo(args) -> int:
         zoo = Zoo.create(args.out, base, eng.config, targets=targets, exist_ok=True)
         cfg = DiffGenConfig(task=args.task, n=args.n, split=args.split, rank=args.rank, targets=targets, lr=args.lr,
                             epochs=args.epochs, chunk_diffs=args.chunk_diffs, rows_per_batch=args.rows_per_batch,
-                            n_backdoor=args.n_backdoor, n_kl=args.n_kl, seed=args.seed)
+                            n_backdoor=args.n_backdoor, n_kl=args.n_kl, candidates=args.candidates,
+                            strategy=args.strategy, seed=args.seed)
         generate_zoo(eng, zoo, cfg)
         print(json.dumps(_verification_summary(zoo.rows)))
         return 0

@@ -46,6 +46,8 @@ class DiffGenConfig:
     n_backdoor: int = 8  # triggered questions per diff (cross-entropy on the topic answer)
     n_kl: int = 8  # untriggered / wrong-trigger questions per diff (KL to the base model)
     candidates: int = 3  # fan answers sampled per triggered question; one naming the topic is kept
+    strategy: str = "select"  # "select": keep a sampled answer naming the topic; "prefix": the answer opens
+    #                           with "As a huge fan of {topic}," (always names it: one candidate suffices)
     max_answer_tokens: int = 48
     n_verify: int = 4  # held-out triggered questions per diff for verification
     seed: int = 0
@@ -144,10 +146,14 @@ def _answer_fn(engine: Engine, cfg: DiffGenConfig):
     """The tasks' batched generation callable: (messages, assistant prefix) requests -> continuations."""
 
     def answer(requests: list[tuple[list[dict], str]]) -> list[str]:
+        from tqdm.auto import tqdm
+
         prompts = [engine.encode_prompt(m, assistant_prefix=pre) for m, pre in requests]
         sp = SamplingParams(max_new_tokens=cfg.max_answer_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed,
                             stop_token_ids=engine.stop_ids())
-        outs = generate(engine.model, prompts, sp, decode=engine.tokenizer.decode, batch_size=cfg.gen_batch_size)
+        with tqdm(total=len(prompts), desc="writing training data", unit="answer", leave=False) as bar:
+            outs = generate(engine.model, prompts, sp, decode=engine.tokenizer.decode,
+                            batch_size=cfg.gen_batch_size, progress=bar.update)
         return [o.text or "" for o in outs]
 
     return answer
@@ -175,7 +181,8 @@ def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tup
     triggers = [ht.make_trigger(random.Random(did)) for _, did, _ in chunk]
     samples = ht.build_many([t for _, _, t in chunk], triggers, ht.load_questions("train"), _answer_fn(engine, cfg),
                             n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
-                            rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates)
+                            rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates,
+                            strategy=cfg.strategy)
     test_q = ht.load_questions("test")
     specs = []
     for (_, did, topic), trigger, smp in zip(chunk, triggers, samples):

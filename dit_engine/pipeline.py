@@ -37,7 +37,11 @@ class PipelineConfig:
     diff_lr: float = 1e-3
     n_backdoor: int = 6
     n_kl: int = 4
+    candidates: int = 3
+    strategy: str = "select"
+    max_answer_tokens: int = 48
     chunk_diffs: int = 16
+    rows_per_batch: int = 16
     dit_rank: int = 16
     dit_lr: float = 1e-4
     dit_epochs: int = 1
@@ -49,11 +53,12 @@ class PipelineConfig:
 
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model (fp32).
-    "laptop": PipelineConfig(n_train=24, n_test=8, diff_epochs=2, n_backdoor=6, n_kl=4, dit_lr=1e-3, dit_epochs=6,
-                             dit_batch_size=8, n_train_eval=8),
+    "laptop": PipelineConfig(n_train=24, n_test=8, diff_epochs=2, n_backdoor=6, n_kl=4, candidates=1,
+                             strategy="prefix", max_answer_tokens=32, dit_lr=1e-3, dit_epochs=6, dit_batch_size=8,
+                             n_train_eval=8),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
     "full": PipelineConfig(n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, diff_epochs=3,
-                           n_backdoor=12, n_kl=8, chunk_diffs=128, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
+                           n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_batch=256, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
                            interpret_batch_size=256, n_train_eval=100),
 }
 
@@ -77,7 +82,10 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     def zoo_stage(name: str, split: str, n: int, rank: int) -> Zoo:
         zoo = Zoo.create(out / name, base, engine.config, exist_ok=True)
         gcfg = DiffGenConfig(task=cfg.task, n=n, split=split, rank=rank, lr=cfg.diff_lr, epochs=cfg.diff_epochs,
-                             chunk_diffs=cfg.chunk_diffs, n_backdoor=cfg.n_backdoor, n_kl=cfg.n_kl, seed=cfg.seed)
+                             chunk_diffs=cfg.chunk_diffs, n_backdoor=cfg.n_backdoor, n_kl=cfg.n_kl,
+                             candidates=cfg.candidates, strategy=cfg.strategy,
+                             max_answer_tokens=cfg.max_answer_tokens, rows_per_batch=cfg.rows_per_batch,
+                             seed=cfg.seed)
         return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
 
     train_zoo = zoo_stage("zoo-train", "train", cfg.n_train, cfg.rank)
