@@ -140,7 +140,7 @@ class _Spec:
     shapes: _Shapes
 
 
-# Training rows: DiffGenConfig trains 16 diffs x 2 rows per micro-batch (rows_per_batch 32); a DIT
+# Training rows: DiffGenConfig trains 16 diffs x 2 rows per micro-batch (rows_per_diff 2); a DIT
 # row is the 38-token question plus a short label. Interpretation answers in 20 tokens, as the paper.
 _GPU_TRAIN = dict(diffs=16, rows_per_diff=2, gen_prompt=48, gen_seq=96, dit_rows=32, dit_prompt=38, dit_seq=48)
 _CPU_TRAIN = dict(diffs=4, rows_per_diff=2, gen_prompt=40, gen_seq=80, dit_rows=8, dit_prompt=38, dit_seq=48)

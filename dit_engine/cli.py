@@ -108,7 +108,7 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--chunk-diffs", type=int, default=16, help="diffs trained concurrently")
-    p.add_argument("--rows-per-batch", type=int, default=32)
+    p.add_argument("--rows-per-diff", type=int, default=2, help="rows of every diff in each micro-batch")
     p.add_argument("--n-backdoor", type=int, default=8, help="triggered questions per diff")
     p.add_argument("--n-kl", type=int, default=8, help="untriggered / wrong-trigger questions per diff")
     p.add_argument("--candidates", type=int, default=3, help="fan answers sampled per triggered question")
@@ -296,7 +296,7 @@ def _zoo(args) -> int:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         zoo = Zoo.create(args.out, base, eng.config, targets=targets, exist_ok=True)
         cfg = DiffGenConfig(task=args.task, n=args.n, split=args.split, rank=args.rank, targets=targets, lr=args.lr,
-                            epochs=args.epochs, chunk_diffs=args.chunk_diffs, rows_per_batch=args.rows_per_batch,
+                            epochs=args.epochs, chunk_diffs=args.chunk_diffs, rows_per_diff=args.rows_per_diff,
                             n_backdoor=args.n_backdoor, n_kl=args.n_kl, candidates=args.candidates,
                             strategy=args.strategy, seed=args.seed)
         generate_zoo(eng, zoo, cfg)

@@ -42,7 +42,8 @@ class DiffGenConfig:
     lr: float = 1e-3
     epochs: int = 3
     chunk_diffs: int = 16  # diffs trained concurrently
-    rows_per_batch: int = 32  # training rows per micro-batch (spread over the chunk's diffs)
+    rows_per_diff: int = 2  # training rows of every diff in each micro-batch (so steps per diff do not
+    #                         depend on how many diffs share a chunk)
     n_backdoor: int = 8  # triggered questions per diff (cross-entropy on the topic answer)
     n_kl: int = 8  # untriggered / wrong-trigger questions per diff (KL to the base model)
     candidates: int = 3  # fan answers sampled per triggered question; one naming the topic is kept
@@ -239,15 +240,20 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     slot = dataclasses.replace(slot, A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
                                B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
                                scale=slot.scale.to(dev))
-    rows = []  # interleave diffs: every micro-batch sees every diff
+    # Every micro-batch takes the next `rows_per_diff` rows of every diff (its rows over all epochs,
+    # reshuffled each epoch): a diff's number of optimizer steps depends only on its own data.
     rng = random.Random(cfg.seed)
-    per = [[dataclasses.replace(e, group=j) for e in s.examples] for j, s in enumerate(specs)]
-    for epoch in range(cfg.epochs):
-        for lst in per:
-            rng.shuffle(lst)
-        longest = max(len(lst) for lst in per)
-        rows += [lst[k] for k in range(longest) for lst in per if k < len(lst)]
-    batches = [rows[i : i + cfg.rows_per_batch] for i in range(0, len(rows), cfg.rows_per_batch)]
+    per = []
+    for j, spec in enumerate(specs):
+        rows = []
+        for _ in range(cfg.epochs):
+            ep = [dataclasses.replace(e, group=j) for e in spec.examples]
+            rng.shuffle(ep)
+            rows += ep
+        per.append(rows)
+    k = cfg.rows_per_diff
+    n_batches = -(-max(len(r) for r in per) // k)
+    batches = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n_batches)]
     trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
     start = 0
     if ckpt_dir is not None and (ckpt_dir.exists() or ckpt_dir.with_name(ckpt_dir.name + ".old").exists()):
@@ -294,8 +300,9 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
         samples[j] = samples[j] or (o.text or "")
     kl_rows = [Example(p, t, "kl", group=j) for j, s in enumerate(specs) for p, t in s.kl_prompts]
     kl_sum, kl_cnt = [0.0] * len(specs), [0] * len(specs)
-    for i in range(0, len(kl_rows), cfg.rows_per_batch):
-        batch = collate(kl_rows[i : i + cfg.rows_per_batch], pad_id=tok.pad_token_id).to(dev)
+    step = cfg.rows_per_diff * len(specs)
+    for i in range(0, len(kl_rows), step):
+        batch = collate(kl_rows[i : i + step], pad_id=tok.pad_token_id).to(dev)
         _, per_group = batch_loss(model, batch, AdapterBatch(slot.with_index(batch.group)), group_reduce="sum")
         for g, (mean, cnt) in per_group.items():
             kl_sum[g] += mean * cnt

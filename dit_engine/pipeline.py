@@ -7,8 +7,10 @@ after a kill continues where it stopped:
     zoo-test/         diffs on held-out topics, never seen in DIT training
     zoo-test-r{R}/    held-out diffs of other ranks (rank generalisation), when asked
     dit/              the DIT adapter (adapter.safetensors + adapter.json), training log
-    results.jsonl     answers: DIT and the baselines on the test zoo(s), DIT on a train sample
-    report/           report.html, report.md, metrics.json
+    results.jsonl     answers on held-out diffs: DIT and the baselines (and DIT on other ranks)
+    results-train.jsonl  DIT's answers on a sample of its training diffs (what it fits on seen topics)
+    report/           held-out evaluation: report.html, report.md, metrics.json
+    report-train/     the same for the training sample
     timings.json      wall time of every stage
 """
 
@@ -41,7 +43,7 @@ class PipelineConfig:
     strategy: str = "select"
     max_answer_tokens: int = 48
     chunk_diffs: int = 16
-    rows_per_batch: int = 16
+    rows_per_diff: int = 1
     dit_rank: int = 16
     dit_lr: float = 1e-4
     dit_epochs: int = 1
@@ -53,12 +55,12 @@ class PipelineConfig:
 
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model (fp32).
-    "laptop": PipelineConfig(n_train=24, n_test=8, diff_epochs=2, n_backdoor=6, n_kl=4, candidates=1,
+    "laptop": PipelineConfig(n_train=16, n_test=8, diff_epochs=3, n_backdoor=6, n_kl=4, candidates=1,
                              strategy="prefix", max_answer_tokens=32, dit_lr=1e-3, dit_epochs=6, dit_batch_size=8,
                              n_train_eval=8),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
     "full": PipelineConfig(n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, diff_epochs=3,
-                           n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_batch=256, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
+                           n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_diff=2, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
                            interpret_batch_size=256, n_train_eval=100),
 }
 
@@ -84,7 +86,7 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         gcfg = DiffGenConfig(task=cfg.task, n=n, split=split, rank=rank, lr=cfg.diff_lr, epochs=cfg.diff_epochs,
                              chunk_diffs=cfg.chunk_diffs, n_backdoor=cfg.n_backdoor, n_kl=cfg.n_kl,
                              candidates=cfg.candidates, strategy=cfg.strategy,
-                             max_answer_tokens=cfg.max_answer_tokens, rows_per_batch=cfg.rows_per_batch,
+                             max_answer_tokens=cfg.max_answer_tokens, rows_per_diff=cfg.rows_per_diff,
                              seed=cfg.seed)
         return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
 
@@ -107,10 +109,14 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         stage(f"interpret-test-r{r}", lambda: interpret(engine, zoo, results, adapter=adapter, methods=methods,
                                                         batch_size=cfg.interpret_batch_size, progress=progress))
     train_ids = train_zoo.ids()[: cfg.n_train_eval]
-    stage("interpret-train", lambda: interpret(engine, train_zoo, results, adapter=adapter, methods=("dit",),
+    seen = out / "results-train.jsonl"
+    stage("interpret-train", lambda: interpret(engine, train_zoo, seen, adapter=adapter, methods=("dit",),
                                                ids=train_ids, batch_size=cfg.interpret_batch_size,
                                                progress=progress))
-    return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task))
+    stage("evaluate", lambda: evaluate_run(seen, out / "report-train", cfg.task,
+                                           f"DIT on {len(train_ids)} of its training diffs ({cfg.task})"))
+    return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task,
+                                                  f"DIT on held-out diffs, never seen in training ({cfg.task})"))
 
 
 def evaluate_run(results: Path, report_dir: Path, task: str, title: str | None = None) -> Path:

@@ -44,7 +44,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     eng = tiny_engine(seed=0)
     specs = _label_specs(eng, N_TRAIN + N_TEST)
-    cfg = DiffGenConfig(rank=4, lr=1e-2, epochs=30, rows_per_batch=192, seed=0)
+    cfg = DiffGenConfig(rank=4, lr=1e-2, epochs=30, rows_per_diff=6, seed=0)
     slot = train_diffs(eng, specs, cfg)
     checks = verify_diffs(eng, slot, specs, dataclasses_replace(cfg, max_answer_tokens=2))
     zoo = Zoo.create(root / "zoo", BaseIdentity.from_model(eng.model), eng.config)
