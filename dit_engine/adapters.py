@@ -143,6 +143,9 @@ class AdapterBatch:
 
     def __init__(self, *slots: LoraSlot):
         self.slots = list(slots)
+        # Per-row weights of frozen slots, gathered once and reused by every forward of this batch
+        # (every decode step); a compacted batch is a new AdapterBatch with a fresh cache.
+        self._row_weights: dict = {}
 
     def select_rows(self, rows: Tensor) -> "AdapterBatch":
         return AdapterBatch(*(s.select_rows(rows) for s in self.slots))
@@ -153,7 +156,7 @@ class AdapterBatch:
 
     def bind(self, batch: int, seq: int) -> "BoundAdapters":
         """Build the routing metadata once for a [batch, seq] forward; every layer reuses it."""
-        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots], batch, seq)
+        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots], batch, seq, self._row_weights)
 
 
 @dataclasses.dataclass
@@ -163,25 +166,48 @@ class BoundAdapters:
     slots: list[tuple[LoraSlot, LoraMeta]]
     batch: int
     seq: int
+    row_weights: dict = dataclasses.field(default_factory=dict)
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
         """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels
         (on the Triton path two slots share each launch and ``x`` is read once).
 
-        Off the Triton path, slots routed per sequence take a batched-matmul path: each row's A and
-        B gathered once, two bmm per slot whatever the number of adapters (a per-adapter loop of
-        small GEMMs costs far more in op overhead on a CPU)."""
-        parts = [(s, meta) for s, meta in self.slots if name in s.A]
+        Off the Triton path, slots routed per sequence take a batched-matmul path whatever the number
+        of adapters (a per-adapter loop of small GEMMs costs far more in op overhead on a CPU): a slot
+        whose rows all use one adapter is two plain GEMMs; otherwise each row's A and scaled B are
+        gathered (once per batch for frozen slots) and applied with two bmm."""
+        parts = [(k, s, meta) for k, (s, meta) in enumerate(self.slots) if name in s.A]
         if not parts:
             return None
-        if use_triton(x) or any(s.index.dim() != 1 for s, _ in parts):
-            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, meta) for s, meta in parts])
+        if use_triton(x) or any(s.index.dim() != 1 for _, s, _ in parts):
+            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, meta) for _, s, meta in parts])
         xr = x.view(self.batch, self.seq, x.shape[-1]).float()
         out = None
-        for s, _ in parts:
-            idx = s.index.clamp_min(0)
-            scale = torch.where(s.index >= 0, s.scale.float()[idx], torch.zeros((), device=x.device))  # [batch]
-            h = torch.bmm(xr, s.A[name][idx].float().transpose(1, 2))  # [batch, seq, r], fp32
-            d = torch.bmm(h, s.B[name][idx].float().transpose(1, 2)) * scale[:, None, None]  # [batch, seq, d_out]
-            out = d if out is None else out + d
+        for k, s, _ in parts:
+            at, bt = self._weights(k, s, name)
+            if at.dim() == 2:  # one adapter for every row: [d_in, r], [r, d_out]
+                d = (xr @ at) @ bt
+                out = d if out is None else out.add_(d)
+            else:  # per-row: [b, d_in, r], [b, r, d_out]
+                h = torch.bmm(xr, at)
+                out = torch.bmm(h, bt) if out is None else torch.baddbmm(out, h, bt)
         return out.reshape(x.shape[0], -1).to(x.dtype)
+
+    def _weights(self, k: int, s: LoraSlot, name: str) -> tuple[Tensor, Tensor]:
+        """fp32 (A^T, scale * B^T) for slot ``k``: 2-D when every row uses the same adapter, else per row."""
+        key = (k, name)
+        if key in self.row_weights:
+            return self.row_weights[key]
+        idx = s.index
+        if idx.numel() and bool((idx == idx[0]).all()) and int(idx[0]) >= 0:
+            i = int(idx[0])
+            w = (s.A[name][i].float().t(), (s.B[name][i].float() * s.scale[i].float()).t())
+        else:
+            safe = idx.clamp_min(0)
+            scale = torch.where(idx >= 0, s.scale.float().index_select(0, safe), torch.zeros((), device=idx.device))
+            a = s.A[name].index_select(0, safe).float()  # [b, r, d_in]
+            b = s.B[name].index_select(0, safe).float() * scale[:, None, None]  # [b, d_out, r]
+            w = (a.transpose(1, 2), b.transpose(1, 2))
+        if not s.trainable:
+            self.row_weights[key] = w
+        return w
