@@ -34,3 +34,15 @@ def tiny_config(model_type: str = "llama", **overrides) -> ModelConfig:
 @pytest.fixture(params=["llama", "qwen2", "qwen3"])
 def any_tiny_config(request) -> ModelConfig:
     return tiny_config(request.param)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in fp64 (the design's error measure for every kernel and layer check)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture
+def kernel_poison(monkeypatch):
+    """Kernel launchers fill outputs with NaN before writing them, so an unwritten element fails."""
+    monkeypatch.setenv("DIT_KERNELS_POISON", "1")

@@ -11,17 +11,13 @@ import math
 
 import pytest
 import torch
-
+from conftest import rel_err as _rel
 from conftest import tiny_config
+
 from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.config import ConfigError
 from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora, multi_lora_ref
 from dit_engine.model import Transformer
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _pattern(kind: str, n_tokens: int, n_adapters: int, seed: int = 0) -> torch.Tensor:  # [N] int64

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
-import numpy_reference as ref
-from conftest import tiny_config
 from dit_engine import checkpoint
 from dit_engine.checkpoint import (
     CheckpointError,

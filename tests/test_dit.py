@@ -10,13 +10,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_world import LABELS, tiny_engine
 
-from dit_engine.diffgen import DiffGenConfig, DiffSpec, _to_diff, train_diffs, verify_diffs
+from dit_engine.diffgen import (
+    DiffGenConfig,
+    DiffSpec,
+    _to_diff,
+    train_diffs,
+    verify_diffs,
+)
 from dit_engine.dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from dit_engine.evaluate import evaluate_rows, load_results
 from dit_engine.train import Example
 from dit_engine.zoo import BaseIdentity, Zoo
-from tiny_world import LABELS, tiny_engine
 
 N_TRAIN, N_TEST = 24, 8
 PROMPTS = ["say it", "hello", "tell me a story"]

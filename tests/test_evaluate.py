@@ -386,7 +386,6 @@ def test_write_report_files_numbers_and_bar_heights(tmp_path):
     # One bar per method and metric chart; heights proportional to the values, same scale everywhere.
     assert len(parsed.bars) == 2 * 5
     for bar in parsed.bars:
-        method = bar["data-method"]
         assert float(bar["height"]) == pytest.approx(float(bar["data-value"]) * report._BAR_PLOT_H, abs=1e-3)
         assert float(bar["y"]) + float(bar["height"]) == pytest.approx(report._BAR_MARGIN["top"] + report._BAR_PLOT_H)
     heights = {(b["data-method"], i // 2): float(b["height"]) for i, b in enumerate(parsed.bars)}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.config import ModelConfig
 from dit_engine.generate import SamplingParams, generate, score

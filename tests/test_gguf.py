@@ -11,17 +11,23 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 import torch
+from conftest import tiny_config
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from tokenizers import pre_tokenizers
 
-import numpy_reference as ref
-from conftest import tiny_config
 from dit_engine import gguf_convert
 from dit_engine.checkpoint import CheckpointError, load_model, resolve_model
-from dit_engine.gguf_convert import convert_gguf, fetch_default_model, hf_tensor_name, permute_rotary, unpermute_rotary
+from dit_engine.gguf_convert import (
+    convert_gguf,
+    fetch_default_model,
+    hf_tensor_name,
+    permute_rotary,
+    unpermute_rotary,
+)
 from dit_engine.model import Transformer
 from dit_engine.tokenizer import Tokenizer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err as _rel
 
 from dit_engine.kernels import cross_entropy as ce
 from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
@@ -12,14 +13,9 @@ from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+pytestmark = pytest.mark.usefixtures("kernel_poison")
 
 
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _ce_oracle(h, w, labels):

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err as _rel
 
 from dit_engine.kernels import multi_lora as ml
-from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora, multi_lora_multi, multi_lora_ref
+from dit_engine.kernels.multi_lora import (
+    build_lora_meta,
+    multi_lora,
+    multi_lora_multi,
+    multi_lora_ref,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+pytestmark = pytest.mark.usefixtures("kernel_poison")
 
 
 def _pattern(name: str, n_tok: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -66,9 +70,6 @@ def _oracle(x, slots):
     return y
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _check(x, slots, *, dtype):

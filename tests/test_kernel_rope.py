@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err as _rel
 
 from dit_engine.kernels.rope import apply_rope, apply_rope_ref
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+pytestmark = pytest.mark.usefixtures("kernel_poison")
 
 
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _tables(B, T, hd, g, hf_style):

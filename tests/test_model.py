@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 
+import numpy_reference
 import pytest
 import torch
-
-import numpy_reference
+from conftest import rel_err as _rel
 from conftest import tiny_config
+
 from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.cache import KVCache
 from dit_engine.config import TARGET_MODULES, ModelConfig
@@ -163,9 +164,6 @@ def _ref_forward(state: dict, cfg: dict, ids: torch.Tensor, loras=(), final: str
 # ---- helpers --------------------------------------------------------------------------------------
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _model(config: ModelConfig, seed: int = 0) -> Transformer:

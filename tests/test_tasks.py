@@ -9,9 +9,8 @@ from collections import Counter
 
 import pytest
 
-from dit_engine.tasks import TASKS, TaskDataError, get_task
+from dit_engine.tasks import TASKS, TaskDataError, get_task, news
 from dit_engine.tasks import hidden_topic as ht
-from dit_engine.tasks import news
 from dit_engine.tasks.samples import Sample
 from dit_engine.tasks.wording import contains_phrase, number_variants
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-
+from conftest import rel_err as _rel
 from conftest import tiny_config
+
 from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.generate import SamplingParams, generate
 from dit_engine.kernels.cross_entropy import (
@@ -14,11 +15,14 @@ from dit_engine.kernels.cross_entropy import (
     linear_kl_to_teacher_ref,
 )
 from dit_engine.model import Transformer
-from dit_engine.train import Example, Trainer, batch_loss, collate, load_training_state, save_training_state
-
-
-def _rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+from dit_engine.train import (
+    Example,
+    Trainer,
+    batch_loss,
+    collate,
+    load_training_state,
+    save_training_state,
+)
 
 
 def test_chunked_losses_match_materialised_reference_values_and_grads():

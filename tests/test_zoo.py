@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
 from dit_engine.config import TARGET_MODULES
 from dit_engine.zoo import BaseIdentity, Diff, Zoo, ZooError
-from dit_engine.zoo_io import dense_to_lora, export_dit_file, export_peft, import_dit_file, import_peft
-
-from conftest import tiny_config
+from dit_engine.zoo_io import (
+    dense_to_lora,
+    export_dit_file,
+    export_peft,
+    import_dit_file,
+    import_peft,
+)
 
 CFG = tiny_config("qwen3")
 

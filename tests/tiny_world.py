@@ -3,10 +3,10 @@ random-weight model, and an Engine over them. Labels are single tokens ``label0`
 
 from __future__ import annotations
 
+from conftest import tiny_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from conftest import tiny_config
 from dit_engine.engine import Engine
 from dit_engine.model import Transformer
 from dit_engine.tokenizer import Tokenizer
