@@ -28,7 +28,7 @@ from .adapters import AdapterBatch, LoraSlot
 from .config import TARGET_MODULES
 from .engine import Engine
 from .generate import SamplingParams, generate
-from .train import Example, Trainer, batch_loss, collate, load_training_state, save_training_state
+from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .zoo import Diff, Zoo
 
 
@@ -255,15 +255,8 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     n_batches = -(-max(len(r) for r in per) // k)
     batches = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n_batches)]
     trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
-    start = 0
-    if ckpt_dir is not None and (ckpt_dir.exists() or ckpt_dir.with_name(ckpt_dir.name + ".old").exists()):
-        weights, opt, state = load_training_state(ckpt_dir)
-        with torch.no_grad():
-            for n in slot.A:
-                slot.A[n].copy_(weights[f"{n}.A"])
-                slot.B[n].copy_(weights[f"{n}.B"])
-        trainer.load_state_tensors(opt, state["optimizer"])
-        start = int(state["meta"]["batch"])
+    meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
+    start = int(meta["batch"]) if meta else 0
     pad = engine.tokenizer.pad_token_id
     for b in tqdm(range(start, len(batches)), desc="training diffs", unit="batch", leave=False, disable=not progress):
         batch = collate(batches[b], pad_id=pad).to(dev)
@@ -271,8 +264,7 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
         loss, _ = batch_loss(model, batch, ad, group_reduce="sum")
         trainer.backward(loss)
         if ckpt_dir is not None and (b + 1) % 50 == 0 and b + 1 < len(batches):
-            weights = {f"{n}.A": slot.A[n] for n in slot.A} | {f"{n}.B": slot.B[n] for n in slot.B}
-            save_training_state(ckpt_dir, weights, trainer, {"batch": b + 1})
+            save_slot_state(ckpt_dir, slot, trainer, {"batch": b + 1})
     return LoraSlot(A={k: v.detach() for k, v in slot.A.items()}, B={k: v.detach() for k, v in slot.B.items()},
                     scale=slot.scale, index=slot.index, name="diffs")
 

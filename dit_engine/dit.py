@@ -31,7 +31,7 @@ from .adapters import AdapterBatch, LoraSlot
 from .config import TARGET_MODULES
 from .engine import Engine
 from .generate import SamplingParams, generate
-from .train import Example, Trainer, batch_loss, collate, load_training_state, save_training_state
+from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .zoo import BaseIdentity, Zoo
 
 METHODS = ("dit", "diff", "diff+trigger", "base")
@@ -163,18 +163,14 @@ def train_dit(
                       master_fp32=model.dtype != torch.float32,
                       grad_sync=(lambda ps: _all_reduce_grads(ps, world)) if world > 1 else None)
     base = BaseIdentity.from_model(model)
-    done_batches = 0  # micro-batches finished, over all epochs
     ckpt = out / "checkpoint"
-    if ckpt.exists() or ckpt.with_name("checkpoint.old").exists():
-        weights, opt, state = load_training_state(ckpt)
-        if state["meta"].get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+
+    def same_settings(meta: dict) -> None:
+        if meta.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"{ckpt}: checkpoint was made with other settings; remove it or use the same settings")
-        with torch.no_grad():
-            for name in slot.A:
-                slot.A[name].copy_(weights[f"{name}.A"])
-                slot.B[name].copy_(weights[f"{name}.B"])
-        trainer.load_state_tensors(opt, state["optimizer"])
-        done_batches = int(state["meta"]["done_batches"])
+
+    meta = resume_slot_state(ckpt, slot, trainer, check=same_settings)
+    done_batches = int(meta["done_batches"]) if meta else 0  # micro-batches finished, over all epochs
     question = cfg.the_question
     bar = _bar(progress and rank == 0, total=steps_per_epoch * cfg.epochs, initial=done_batches, desc="DIT training",
                unit="batch")
@@ -238,8 +234,7 @@ def _dit_loss(engine, zoo, rows, slot, question, label_key):
 
 
 def _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches):
-    weights = {f"{n}.A": slot.A[n] for n in slot.A} | {f"{n}.B": slot.B[n] for n in slot.B}
-    save_training_state(ckpt, weights, trainer, {"config": dataclasses.asdict(cfg), "done_batches": done_batches})
+    save_slot_state(ckpt, slot, trainer, {"config": dataclasses.asdict(cfg), "done_batches": done_batches})
 
 
 # ---- interpretation ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .adapters import AdapterBatch
+from .adapters import AdapterBatch, LoraSlot
 from .kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 from .model import Transformer
 
@@ -271,6 +271,31 @@ def save_training_state(path: str | Path, weights: dict[str, Tensor], trainer: T
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_slot_state(path: str | Path, slot: LoraSlot, trainer: Trainer, meta: dict) -> None:
+    """Checkpoint a trainable adapter slot with its optimizer (see :func:`save_training_state`)."""
+    weights = {f"{n}.A": slot.A[n] for n in slot.A} | {f"{n}.B": slot.B[n] for n in slot.B}
+    save_training_state(path, weights, trainer, meta)
+
+
+def resume_slot_state(
+    path: str | Path, slot: LoraSlot, trainer: Trainer, check: Callable[[dict], None] | None = None
+) -> dict | None:
+    """Load a :func:`save_slot_state` checkpoint into ``slot`` and ``trainer``; its meta, or None
+    when there is none. ``check(meta)`` may refuse it (other settings) before anything is loaded."""
+    path = Path(path)
+    if not path.exists() and not path.with_name(path.name + ".old").exists():
+        return None
+    weights, opt, state = load_training_state(path)
+    if check is not None:
+        check(state["meta"])
+    with torch.no_grad():
+        for n in slot.A:
+            slot.A[n].copy_(weights[f"{n}.A"])
+            slot.B[n].copy_(weights[f"{n}.B"])
+    trainer.load_state_tensors(opt, state["optimizer"])
+    return state["meta"]
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
