@@ -156,6 +156,9 @@ def _dit_parsers(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--only-verified", action="store_true", help="skip diffs that failed verification")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-peft", default=None, metavar="DIR", help="also write the adapter as a PEFT LoRA dir")
+    p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help="base model name recorded in the PEFT export")
 
     p = sub.add_parser("interpret", help="ask every diff of a zoo (or one PEFT adapter) what it was trained on",
                        description="Batched interpretation: each sequence decodes with its own diff plus the DIT "
@@ -346,7 +349,9 @@ def _train(args) -> int:
     cfg = DitTrainConfig(task=args.task, question=args.question, rank=args.rank, alpha=args.alpha, lr=args.lr,
                          epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          val_fraction=args.val_fraction, only_verified=args.only_verified, seed=args.seed)
-    train_dit(eng, zoo, args.out, cfg)
+    adapter = train_dit(eng, zoo, args.out, cfg)
+    if args.export_peft:
+        print(adapter.export_peft(args.export_peft, eng.config, args.base_model_name))
     print(args.out)
     return 0
 

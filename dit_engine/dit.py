@@ -107,6 +107,16 @@ class DitAdapter:
                         index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
         return cls(slot, meta["question"], meta["task"], meta["base"])
 
+    def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:
+        """Write the adapter as a PEFT LoRA directory (for other tools: merge it, serve it, ...)."""
+        from .zoo import Diff
+        from .zoo_io import export_peft
+
+        diff = Diff(id="dit-adapter", A={m: a[0].float().cpu() for m, a in self.slot.A.items()},
+                    B={m: b[0].float().cpu() for m, b in self.slot.B.items()}, scale=float(self.slot.scale[0]),
+                    labels={}, split="", meta={"question": self.question, "task": self.task})
+        return export_peft(diff, out_dir, config, base_model_name)
+
     def check_base(self, base: BaseIdentity) -> None:
         if self.base.get("config_hash") != base.config_hash:
             raise ValueError(f"DIT adapter was trained on base {self.base.get('name')!r} "

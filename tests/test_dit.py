@@ -96,6 +96,17 @@ def test_saved_adapter_reloads_with_identical_answers(world):
     assert _answers(a) == _answers(b)
 
 
+def test_adapter_exports_as_peft_and_imports_back_exactly(world, tmp_path):
+    from dit_engine.zoo_io import import_peft
+
+    eng, _, adapter, _, _ = world
+    back = import_peft(adapter.export_peft(tmp_path / "peft", eng.config, "tiny"), eng.config)
+    assert back.scale == pytest.approx(float(adapter.slot.scale[0]))
+    for name in adapter.slot.A:
+        assert torch.equal(back.A[name], adapter.slot.A[name][0].float())
+        assert torch.equal(back.B[name], adapter.slot.B[name][0].float())
+
+
 def test_one_batch_and_one_at_a_time_give_identical_answers(world):
     eng, zoo, adapter, _, root = world
     big = interpret(eng, zoo, root / "big.jsonl", adapter=adapter, methods=("dit", "diff"), batch_size=64,
