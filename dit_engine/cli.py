@@ -194,6 +194,8 @@ def _dit_parsers(sub) -> None:
     p.add_argument("--out", default="runs/laptop", help="run directory")
     p.add_argument("--n-train", type=int, default=None, help="override the preset's number of training diffs")
     p.add_argument("--n-test", type=int, default=None, help="override the preset's number of held-out diffs")
+    p.add_argument("--scaling", default=None, metavar="N,N,...",
+                   help="also train DIT on the first N training diffs for each N: a data-scaling curve")
 
 
 @_command("fetch-model")
@@ -397,6 +399,8 @@ def _pipeline(args) -> int:
         cfg = dataclasses.replace(cfg, n_train=args.n_train)
     if args.n_test is not None:
         cfg = dataclasses.replace(cfg, n_test=args.n_test)
+    if args.scaling is not None:
+        cfg = dataclasses.replace(cfg, scaling=tuple(int(n) for n in args.scaling.split(",") if n.strip()))
     print(run_pipeline(_load_engine(args), args.out, cfg))
     return 0
 

@@ -59,6 +59,7 @@ class DitTrainConfig:
     val_fraction: float = 0.05
     split: str = "train"
     only_verified: bool = False  # skip diffs whose verification failed
+    max_diffs: int | None = None  # train on the first N usable diffs only (data-scaling curves)
     save_every: int = 50  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -153,6 +154,7 @@ def train_dit(
     label_key = LABEL_KEYS[cfg.task]
     rows = [r for r in zoo.rows if r.get("split") == cfg.split
             and (not cfg.only_verified or r.get("meta", {}).get("verify", {}).get("ok", True))]
+    rows = rows[: cfg.max_diffs]
     if len(rows) < 2:
         raise ValueError(f"zoo {zoo.path} has {len(rows)} usable diffs in split {cfg.split!r}; DIT needs at least 2")
     rng = random.Random(cfg.seed)

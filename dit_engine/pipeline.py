@@ -9,6 +9,7 @@ after a kill continues where it stopped:
     dit/              the DIT adapter (adapter.safetensors + adapter.json), training log
     results.jsonl     answers on held-out diffs: DIT and the baselines (and DIT on other ranks)
     results-train.jsonl  DIT's answers on a sample of its training diffs (what it fits on seen topics)
+    dit-n{N}/, results-n{N}.jsonl  DIT trained on N train diffs only (data-scaling curve), when asked
     report/           held-out evaluation: report.html, report.md, metrics.json
     report-train/     the same for the training sample
     timings.json      wall time of every stage
@@ -50,6 +51,7 @@ class PipelineConfig:
     dit_batch_size: int = 8
     interpret_batch_size: int = 64
     n_train_eval: int = 16  # train diffs also interpreted (shows what DIT fits on seen topics)
+    scaling: tuple[int, ...] = ()  # also train DIT on the first N train diffs, for a data-scaling curve
     seed: int = 0
 
 
@@ -60,6 +62,7 @@ PRESETS = {
                              n_train_eval=8),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
     "full": PipelineConfig(n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, diff_epochs=3,
+                           scaling=(125, 500),
                            n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_diff=2, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
                            interpret_batch_size=256, n_train_eval=100),
 }
@@ -95,13 +98,15 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     for r in cfg.test_ranks:
         test_zoos[r] = zoo_stage(f"zoo-test-r{r}", "test", cfg.n_test_other_ranks, r)
 
-    dit_dir = out / "dit"
-    if (dit_dir / "adapter.json").exists():
-        adapter = DitAdapter.load(dit_dir, device=engine.model.device, dtype=engine.model.dtype)
-    else:
+    def dit_stage(name: str, max_diffs: int | None) -> DitAdapter:
+        d = out / name
+        if (d / "adapter.json").exists():
+            return DitAdapter.load(d, device=engine.model.device, dtype=engine.model.dtype)
         tcfg = DitTrainConfig(task=cfg.task, rank=cfg.dit_rank, lr=cfg.dit_lr, epochs=cfg.dit_epochs,
-                              batch_size=cfg.dit_batch_size, seed=cfg.seed, val_fraction=0.0)
-        adapter = stage("dit-train", lambda: train_dit(engine, train_zoo, dit_dir, tcfg, progress=progress))
+                              batch_size=cfg.dit_batch_size, seed=cfg.seed, val_fraction=0.0, max_diffs=max_diffs)
+        return stage(f"{name}-train", lambda: train_dit(engine, train_zoo, d, tcfg, progress=progress))
+
+    adapter = dit_stage("dit", None)
 
     results = out / "results.jsonl"
     for r, zoo in test_zoos.items():
@@ -113,23 +118,44 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     stage("interpret-train", lambda: interpret(engine, train_zoo, seen, adapter=adapter, methods=("dit",),
                                                ids=train_ids, batch_size=cfg.interpret_batch_size,
                                                progress=progress))
+    scaling = []
+    for n in sorted(cfg.scaling):
+        if n >= cfg.n_train:
+            raise ValueError(f"scaling point {n} is not below the {cfg.n_train} training diffs")
+        small, res_n = dit_stage(f"dit-n{n}", n), out / f"results-n{n}.jsonl"
+        stage(f"interpret-test-n{n}", lambda: interpret(engine, test_zoos[cfg.rank], res_n, adapter=small,
+                                                        methods=("dit",), batch_size=cfg.interpret_batch_size,
+                                                        progress=progress))
+        scaling.append((n, res_n))
     stage("evaluate", lambda: evaluate_run(seen, out / "report-train", cfg.task,
                                            f"DIT on {len(train_ids)} of its training diffs ({cfg.task})"))
+    if scaling:
+        scaling.append((cfg.n_train, results))
     return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task,
-                                                  f"DIT on held-out diffs, never seen in training ({cfg.task})"))
+                                                  f"DIT on held-out diffs, never seen in training ({cfg.task})",
+                                                  scaling=scaling))
 
 
-def evaluate_run(results: Path, report_dir: Path, task: str, title: str | None = None) -> Path:
-    """Score a results file against every label of its task's splits and write the report."""
-    from .evaluate import evaluate_rows, load_results, summarize
+def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
+                 scaling: list[tuple[int, Path]] | None = None) -> Path:
+    """Score results file(s) against every label of the task's splits and write the report;
+    ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve."""
+    from .evaluate import summarize
     from .report import write_report
+
+    metrics = _metrics(results, task)
+    curve = [(n, _metrics(p, task)) for n, p in scaling] if scaling else None
+    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve)
+    print(summarize(metrics))
+    return path
+
+
+def _metrics(results, task: str):
+    from .evaluate import evaluate_rows, load_results
 
     rows = load_results(results)
     candidates = task_candidates(task)
-    metrics = evaluate_rows(rows, {s: c for s, c in candidates.items() if any(r.get("split") == s for r in rows)})
-    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})")
-    print(summarize(metrics))
-    return path
+    return evaluate_rows(rows, {s: c for s, c in candidates.items() if any(r.get("split") == s for r in rows)})
 
 
 def task_candidates(task: str) -> dict[str, list[str]]:
