@@ -96,16 +96,14 @@ class DitAdapter:
         try:
             meta = json.loads((path / "adapter.json").read_text())
             t = load_file(str(path / "adapter.safetensors"))
+            A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
+            B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
+            scale = torch.tensor([float(meta["scale"])], device=device)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{path}: not a DIT adapter directory ({Path(e.filename).name} missing)") from None
-        except (json.JSONDecodeError, Exception) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise ValueError(f"{path}: unreadable DIT adapter ({e})") from None
-        A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-        B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-        slot = LoraSlot(A=A, B=B, scale=torch.tensor([meta["scale"]], device=device),
-                        index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
+        except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
+            raise ValueError(f"{path}: unreadable DIT adapter ({type(e).__name__}: {e})") from None
+        slot = LoraSlot(A=A, B=B, scale=scale, index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
         return cls(slot, meta["question"], meta["task"], meta["base"])
 
     def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:

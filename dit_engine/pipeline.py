@@ -127,7 +127,7 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
                                                         methods=("dit",), batch_size=cfg.interpret_batch_size,
                                                         progress=progress))
         scaling.append((n, res_n))
-    stage("evaluate", lambda: evaluate_run(seen, out / "report-train", cfg.task,
+    stage("evaluate-train", lambda: evaluate_run(seen, out / "report-train", cfg.task,
                                            f"DIT on {len(train_ids)} of its training diffs ({cfg.task})"))
     if scaling:
         scaling.append((cfg.n_train, results))

@@ -107,6 +107,17 @@ def test_adapter_exports_as_peft_and_imports_back_exactly(world, tmp_path):
         assert torch.equal(back.B[name], adapter.slot.B[name][0].float())
 
 
+def test_corrupt_or_missing_adapter_is_refused_clearly(world, tmp_path):
+    _, _, adapter, _, _ = world
+    with pytest.raises(FileNotFoundError, match="not a DIT adapter directory"):
+        DitAdapter.load(tmp_path)
+    adapter.save(tmp_path / "a")
+    data = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    (tmp_path / "a" / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="unreadable DIT adapter"):
+        DitAdapter.load(tmp_path / "a")
+
+
 def test_one_batch_and_one_at_a_time_give_identical_answers(world):
     eng, zoo, adapter, _, root = world
     big = interpret(eng, zoo, root / "big.jsonl", adapter=adapter, methods=("dit", "diff"), batch_size=64,
