@@ -249,7 +249,8 @@ def _load(key: str) -> _Model:
         model = load_model("default", dtype=DTYPE, device=DEVICE).requires_grad_(False)
         label = f"{model.config.name or 'SmolLM2-135M-Instruct'} (real weights, {str(DTYPE).removeprefix('torch.')})"
     elif key == "qwen3-4b":
-        model = _random_cuda_model(ModelConfig.from_dict(_QWEN3_4B, source="bench_dit", name="Qwen3-4B-shapes"))
+        model = Transformer.random(ModelConfig.from_dict(_QWEN3_4B, source="bench_dit", name="Qwen3-4B-shapes"),
+                                   seed=0, dtype=DTYPE, device=DEVICE)
         label = "random weights at Qwen3-4B shapes (bf16)"
     else:
         raise ValueError(key)
@@ -259,22 +260,6 @@ def _load(key: str) -> _Model:
     label += (f"; training cases on its first {layers} of {model.config.num_hidden_layers} layers "
               f"(the dense baseline's per-sequence weights would not fit more)")
     return _Model(model, _first_layers(model, layers), label)
-
-
-def _random_cuda_model(config: ModelConfig) -> Transformer:
-    """Random bf16 weights built straight on the GPU (no fp32 copy on the host)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype=DTYPE).to_empty(device=DEVICE)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.init_buffers(DEVICE)
-    return model.eval().requires_grad_(False)
 
 
 def _layers_that_fit(model: Transformer, shapes: _Shapes) -> int:

@@ -101,18 +101,8 @@ def _cpu_model() -> tuple[Transformer, str]:
 def _cuda_model() -> tuple[Transformer, str]:
     """Qwen3-4B shapes, bf16, random weights built straight on the GPU (no fp32 copy on the host)."""
     config = ModelConfig.from_dict(_QWEN3_4B, source="bench_runtime", name="Qwen3-4B-shapes")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype=torch.bfloat16).to_empty(device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.init_buffers("cuda")
-    return model.eval().requires_grad_(False), "random weights at Qwen3-4B shapes (bf16)"
+    model = Transformer.random(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    return model, "random weights at Qwen3-4B shapes (bf16)"
 
 
 @pytest.fixture(scope="module")

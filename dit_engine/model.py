@@ -146,16 +146,21 @@ class Transformer(nn.Module):
     def random(
         cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ) -> "Transformer":
-        """Random weights (tests and speed benches): normal(0, 0.02) linears, unit norms."""
-        g = torch.Generator().manual_seed(seed)
-        m = cls(config)
+        """Random weights (tests and speed benches): normal(0, 0.02) linears, unit norms.
+
+        Built on the meta device and filled in place on ``device``: no host copy of a large model."""
+        with torch.device("meta"):
+            m = cls(config)
+        m = m.to(dtype=dtype).to_empty(device=device)
+        g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in m.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+                    p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
+        m.init_buffers(device)
+        return m.eval().requires_grad_(False)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
