@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import torch
 from torch import Tensor
@@ -58,7 +59,11 @@ class LoraSlot:
     def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
         shapes = config.linear_shapes()
         known = set(config.module_names())
-        n = self.n_adapters
+        # How many adapters: what most stacked A tensors say (so one odd tensor or a scale of another
+        # length is named as the odd one out).
+        n = Counter(a.shape[0] for a in self.A.values()).most_common(1)[0][0] if self.A else self.n_adapters
+        if self.scale.shape != (n,):
+            raise AdapterError(f"{self.name}: scale has shape {tuple(self.scale.shape)}, expected [{n}] (one per adapter)")
         if set(self.A) != set(self.B):
             raise AdapterError(f"{self.name}: modules with A but no B (or B but no A): {sorted(set(self.A) ^ set(self.B))}")
         for name, a in self.A.items():
@@ -72,8 +77,6 @@ class LoraSlot:
                 raise AdapterError(
                     f"{self.name}: {name} B has shape {tuple(b.shape)}, expected [{n}, {d_out}, {a.shape[1]}]"
                 )
-        if self.scale.shape != (n,):
-            raise AdapterError(f"{self.name}: scale has shape {tuple(self.scale.shape)}, expected [{n}]")
         if self.index.shape[0] != batch or (self.index.dim() == 2 and seq is not None and self.index.shape[1] != seq):
             want = f"[{batch}]" + (f" or [{batch}, {seq}]" if seq is not None else "")
             raise AdapterError(f"{self.name}: index has shape {tuple(self.index.shape)}, expected {want}")

@@ -356,3 +356,11 @@ def test_bound_adapters_sum_slot_deltas(routing):
     assert _rel(bound.delta(q0, x), _einsum_ref(x, s0.A[q0], s0.B[q0], s0.scale, tok0)) < 1e-5
     only_v = AdapterBatch(s1).bind(2, 3)
     assert only_v.delta(q0, x) is None  # no slot adapts it: the linear skips the LoRA work
+
+
+def test_scale_of_the_wrong_length_is_named_as_such():
+    cfg = tiny_config("llama")
+    slot = LoraSlot.create(cfg, 3, 2)
+    slot.scale = torch.ones(2)
+    with pytest.raises(AdapterError, match=r"scale has shape \(2,\), expected \[3\]"):
+        slot.validate(cfg, 3)
