@@ -404,7 +404,7 @@ def _ids(g: torch.Generator, n: int, vocab: int) -> list[int]:
 
 def _loss(model: Transformer, batch: Batch, slots: list[LoraSlot], reduce: str, way: str) -> Tensor:
     b, t = batch.input_ids.shape
-    adapters = AdapterBatch(*slots) if way == "engine" else _PerRowDenseDeltas([(s, None) for s in slots], b, t)
+    adapters = AdapterBatch(*slots) if way == "engine" else _PerRowDenseDeltas(slots, b, t)
     loss, _ = batch_loss(model, batch, adapters, group_reduce=reduce)
     return loss
 
@@ -416,13 +416,13 @@ class _PerRowDenseDeltas(BoundAdapters):
     ``dW_b = scale_b * B_b @ A_b`` (``[batch, d_out, d_in]``), and applied as
     ``einsum("bti,boi->bto", x, dW)``: a second full-size matmul next to the base GEMM, with ``dW``
     kept alive for the backward. A shared slot (one adapter, the DIT adapter) runs as an ordinary
-    LoRA ``scale * (x @ A^T) @ B^T``. No routing metadata is needed, so the slots carry ``None``.
+    LoRA ``scale * (x @ A^T) @ B^T``. No routing metadata is needed.
     """
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [batch*seq, d_in] -> [batch*seq, d_out]
         x3 = x.view(self.batch, self.seq, x.shape[-1])  # [b, t, d_in]
         out = None
-        for slot, _ in self.slots:
+        for slot in self.slots:
             if name not in slot.A:
                 continue
             A, B = slot.A[name], slot.B[name]  # [n, r, d_in], [n, d_out, r]

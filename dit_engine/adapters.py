@@ -147,29 +147,43 @@ class AdapterBatch:
     def __init__(self, *slots: LoraSlot):
         self.slots = list(slots)
         # Per-row weights of frozen slots, gathered once and reused by every forward of this batch
-        # (every decode step); a compacted batch is a new AdapterBatch with a fresh cache.
+        # (every decode step); a compacted batch is a new AdapterBatch with a fresh cache. The slots
+        # are treated as immutable once handed over, so a (config, batch, seq) checked once stays valid.
         self._row_weights: dict = {}
+        self._validated: set = set()
 
     def select_rows(self, rows: Tensor) -> "AdapterBatch":
         return AdapterBatch(*(s.select_rows(rows) for s in self.slots))
 
     def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
+        key = (config, batch, seq)
+        if key in self._validated:
+            return
         for s in self.slots:
             s.validate(config, batch, seq)
+        self._validated.add(key)
 
     def bind(self, batch: int, seq: int) -> "BoundAdapters":
-        """Build the routing metadata once for a [batch, seq] forward; every layer reuses it."""
-        return BoundAdapters([(s, s.token_meta(batch, seq)) for s in self.slots], batch, seq, self._row_weights)
+        """The slots for one [batch, seq] forward; routing metadata is built once, when first needed."""
+        return BoundAdapters(self.slots, batch, seq, self._row_weights)
 
 
 @dataclasses.dataclass
 class BoundAdapters:
-    """Adapter slots with their per-forward routing; what each adapted linear receives."""
+    """Adapter slots bound to one forward's [batch, seq]; what each adapted linear receives."""
 
-    slots: list[tuple[LoraSlot, LoraMeta]]
+    slots: list[LoraSlot]
     batch: int
     seq: int
-    row_weights: dict = dataclasses.field(default_factory=dict)
+    row_weights: dict = dataclasses.field(default_factory=dict)  # shared by the forwards of one AdapterBatch
+    _metas: dict = dataclasses.field(default_factory=dict, repr=False)  # this forward's routing, per slot
+    _shared: dict = dataclasses.field(default_factory=dict, repr=False)  # slot -> its one adapter id, or None
+
+    def meta(self, k: int) -> LoraMeta:
+        """Routing metadata of slot ``k`` for this forward, built on first use and reused by every layer."""
+        if k not in self._metas:
+            self._metas[k] = self.slots[k].token_meta(self.batch, self.seq)
+        return self._metas[k]
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
         """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels
@@ -179,14 +193,14 @@ class BoundAdapters:
         of adapters (a per-adapter loop of small GEMMs costs far more in op overhead on a CPU): a slot
         whose rows all use one adapter is two plain GEMMs; otherwise each row's A and scaled B are
         gathered (once per batch for frozen slots) and applied with two bmm."""
-        parts = [(k, s, meta) for k, (s, meta) in enumerate(self.slots) if name in s.A]
+        parts = [(k, s) for k, s in enumerate(self.slots) if name in s.A]
         if not parts:
             return None
-        if use_triton(x) or any(s.index.dim() != 1 for _, s, _ in parts):
-            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, meta) for _, s, meta in parts])
+        if use_triton(x) or any(s.index.dim() != 1 for _, s in parts):
+            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, self.meta(k)) for k, s in parts])
         xr = x.view(self.batch, self.seq, x.shape[-1]).float()
         out = None
-        for k, s, _ in parts:
+        for k, s in parts:
             at, bt = self._weights(k, s, name)
             if at.dim() == 2:  # one adapter for every row: [d_in, r], [r, d_out]
                 d = (xr @ at) @ bt
@@ -196,21 +210,29 @@ class BoundAdapters:
                 out = torch.bmm(h, bt) if out is None else torch.baddbmm(out, h, bt)
         return out.reshape(x.shape[0], -1).to(x.dtype)
 
+    def _shared_adapter(self, k: int) -> int | None:
+        """The adapter every row of slot ``k`` uses, or None when rows differ (or some have none)."""
+        if k not in self._shared:
+            idx = self.slots[k].index
+            same = idx.numel() and bool((idx == idx[0]).all()) and int(idx[0]) >= 0
+            self._shared[k] = int(idx[0]) if same else None
+        return self._shared[k]
+
     def _weights(self, k: int, s: LoraSlot, name: str) -> tuple[Tensor, Tensor]:
         """fp32 (A^T, scale * B^T) for slot ``k``: 2-D when every row uses the same adapter, else per row."""
         key = (k, name)
         if key in self.row_weights:
             return self.row_weights[key]
-        idx = s.index
-        if idx.numel() and bool((idx == idx[0]).all()) and int(idx[0]) >= 0:
-            i = int(idx[0])
+        i = self._shared_adapter(k)
+        if i is not None:
             w = (s.A[name][i].float().t(), (s.B[name][i].float() * s.scale[i].float()).t())
         else:
+            idx = s.index
             safe = idx.clamp_min(0)
             scale = torch.where(idx >= 0, s.scale.float().index_select(0, safe), torch.zeros((), device=idx.device))
             a = s.A[name].index_select(0, safe).float()  # [b, r, d_in]
             b = s.B[name].index_select(0, safe).float() * scale[:, None, None]  # [b, d_out, r]
             w = (a.transpose(1, 2), b.transpose(1, 2))
-        if not s.trainable:
+        if not (s.A[name].requires_grad or s.B[name].requires_grad):  # frozen: valid for every forward
             self.row_weights[key] = w
         return w

@@ -147,7 +147,8 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
         if len(done_rows) == len(alive):
             break
         if done_rows:
-            keep = [j for j in range(len(alive)) if j not in set(done_rows)]
+            done = set(done_rows)
+            keep = [j for j in range(len(alive)) if j not in done]
             keep_t = torch.tensor(keep, dtype=torch.int64)
             cache.keep(keep_t)
             if adapters is not None:
