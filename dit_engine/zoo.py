@@ -805,14 +805,19 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def read_json_file(path: Path, what: str) -> Any:
+    """``path`` parsed as JSON; a missing file means its directory is not ``what``."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ZooError(f"{path.parent}: not {what} ({path.name} not found)") from None
+    except json.JSONDecodeError as e:
+        raise ZooError(f"{path}: not valid JSON ({e})") from None
+
+
 def _read_manifest(path: Path) -> dict:
     mpath = path / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise ZooError(f"{path}: not a zoo ({MANIFEST} not found)") from None
-    except json.JSONDecodeError as e:
-        raise ZooError(f"{mpath}: not valid JSON ({e})") from None
+    manifest = read_json_file(mpath, "a zoo")
     if manifest.get("format") != FORMAT:
         raise ZooError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != FORMAT_VERSION:

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import TARGET_MODULES, ModelConfig
-from .zoo import Diff, ZooError, write_atomically
+from .zoo import Diff, ZooError, read_json_file, write_atomically
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -301,12 +301,7 @@ def dense_to_lora(
 # ---- helpers -------------------------------------------------------------------------------------
 def _read_peft_config(path: Path) -> dict:
     cpath = path / PEFT_CONFIG
-    try:
-        cfg = json.loads(cpath.read_text())
-    except FileNotFoundError:
-        raise ZooError(f"{path}: not a PEFT adapter dir ({PEFT_CONFIG} not found)") from None
-    except json.JSONDecodeError as e:
-        raise ZooError(f"{cpath}: not valid JSON ({e})") from None
+    cfg = read_json_file(cpath, "a PEFT adapter dir")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ZooError(f"{cpath}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     refused = {
