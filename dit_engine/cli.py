@@ -232,22 +232,20 @@ def _peft_adapters(engine, peft_dir: str | None, n: int):
 def _generate(args) -> int:
     from .generate import SamplingParams
 
-    prompts: list = [{"text": t, "chat": False} for t in args.prompts] + [{"text": t, "chat": True} for t in args.chat]
+    # Plain prompts as text; --chat messages as one user turn each (rendered with the chat template).
+    prompts: list = list(args.prompts) + [[{"role": "user", "content": t}] for t in args.chat]
     if not prompts:
         raise ValueError("give at least one PROMPT or --chat MESSAGE")
     eng = _load_engine(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop),
-                            stop_token_ids=eng.stop_ids())
-    ids = [eng.encode_prompt(p["text"], chat=p["chat"], system=args.system) for p in prompts]
-    from .generate import generate
-
-    adapters = _peft_adapters(eng, args.adapter, len(ids))
-    outs = generate(eng.model, ids, params, adapters=adapters, decode=eng.tokenizer.decode, batch_size=args.batch_size)
+                            top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
+    outs = eng.generate(prompts, chat=False, system=args.system, params=params,
+                        adapters=_peft_adapters(eng, args.adapter, len(prompts)), batch_size=args.batch_size)
     for p, o in zip(prompts, outs):
         if args.json:
-            print(json.dumps({"prompt": p["text"], "chat": p["chat"], "text": o.text, "token_ids": o.token_ids,
-                              "logprobs": o.logprobs, "finish_reason": o.finish_reason}))
+            chat = isinstance(p, list)
+            print(json.dumps({"prompt": p[0]["content"] if chat else p, "chat": chat, "text": o.text,
+                              "token_ids": o.token_ids, "logprobs": o.logprobs, "finish_reason": o.finish_reason}))
         else:
             print(o.text)
     return 0

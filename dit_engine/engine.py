@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -79,7 +80,7 @@ class Engine:
         if params is None:
             params = SamplingParams(**sampling)
         if params.stop_token_ids is None:
-            params.stop_token_ids = self.stop_ids()
+            params = dataclasses.replace(params, stop_token_ids=self.stop_ids())
         ids = [self.encode_prompt(p, chat=chat, system=system) for p in prompts]
         return generate(self.model, ids, params, adapters=adapters, decode=self.tokenizer.decode,
                         batch_size=batch_size, progress=progress)
