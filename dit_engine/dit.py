@@ -290,7 +290,8 @@ def interpret(
                                        A={k: v.to(dev, model.dtype) for k, v in adapter.slot.A.items()},
                                        B={k: v.to(dev, model.dtype) for k, v in adapter.slot.B.items()},
                                        scale=adapter.slot.scale.to(dev))
-    rows = [r for r in zoo.rows if (split is None or r.get("split") == split) and (ids is None or r["id"] in ids)]
+    wanted = None if ids is None else set(ids)
+    rows = [r for r in zoo.rows if (split is None or r.get("split") == split) and (wanted is None or r["id"] in wanted)]
     rows = rows[rank::world]
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=engine.stop_ids())
     todo = [(r, m) for r in rows for m in methods if (r["id"], m) not in done]
