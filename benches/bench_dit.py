@@ -82,11 +82,12 @@ from _results import save_results
 from torch import Tensor
 
 from dit_engine.adapters import AdapterBatch, BoundAdapters, LoraSlot
-from dit_engine.checkpoint import default_model_dir, load_model
+from dit_engine.checkpoint import load_model
 from dit_engine.config import ModelConfig
 from dit_engine.diffgen import DiffGenConfig
 from dit_engine.generate import SamplingParams, generate
 from dit_engine.model import Transformer
+from dit_engine.model_store import default_model_dir
 from dit_engine.train import Batch, Example, batch_loss, collate
 
 CUDA = torch.cuda.is_available()
@@ -246,7 +247,7 @@ def _load(key: str) -> _Model:
     if key == "smollm2":
         if not (default_model_dir() / "config.json").is_file():
             raise _Unavailable(f"default model not in the engine's cache ({default_model_dir()}); not fetched here")
-        model = load_model("default", dtype=DTYPE, device=DEVICE).requires_grad_(False)
+        model = load_model(default_model_dir(), dtype=DTYPE, device=DEVICE).requires_grad_(False)
         label = f"{model.config.name or 'SmolLM2-135M-Instruct'} (real weights, {str(DTYPE).removeprefix('torch.')})"
     elif key == "qwen3-4b":
         model = Transformer.random(ModelConfig.from_dict(_QWEN3_4B, source="bench_dit", name="Qwen3-4B-shapes"),

@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from _results import save_results
 
-from dit_engine.kernels.cross_entropy import (
+from dit_kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
-from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora_multi
-from dit_engine.kernels.rms_norm import rms_norm, rms_norm_ref
-from dit_engine.kernels.rope import apply_rope, apply_rope_ref
-from dit_engine.kernels.swiglu import swiglu, swiglu_ref
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi
+from dit_kernels.rms_norm import rms_norm, rms_norm_ref
+from dit_kernels.rope import apply_rope, apply_rope_ref
+from dit_kernels.swiglu import swiglu, swiglu_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

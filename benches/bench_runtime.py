@@ -6,7 +6,7 @@ per sequence on all 7 target modules of every block (32 LoRAs at batch 32); a si
 with the LoRA/base time ratio is printed at the end and each ratio is also stored in the LoRA
 case's ``benchmark.extra_info["lora_over_base"]``. Nothing is asserted about speed.
 
-Model. On CPU: the default model (SmolLM2-135M-Instruct, fp32) from ``load_model("default")``; if it
+Model. On CPU: the default model (SmolLM2-135M-Instruct, fp32) from ``load_model(resolve_model("default"))``; if it
 cannot be loaded, random weights at the same shapes (the table header says which and why).
 With CUDA: Qwen3-4B shapes with random bf16 weights, and the figures are saved to
 ``benches/results/<device>.json`` with the device, commit and date.
@@ -89,8 +89,9 @@ class _Bench:
 def _cpu_model() -> tuple[Transformer, str]:
     try:
         from dit_engine.checkpoint import load_model
+        from dit_engine.model_store import resolve_model
 
-        model = load_model("default")
+        model = load_model(resolve_model("default"))
         return model, f"default model {model.config.name or 'SmolLM2-135M-Instruct'} (fp32, real weights)"
     except Exception as e:  # any failure to load means: measure the same shapes with random weights
         config = ModelConfig.from_dict(_SMOLLM2_135M, source="bench_runtime", name="SmolLM2-135M-shapes")

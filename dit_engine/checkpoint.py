@@ -4,8 +4,8 @@ A checkpoint dir holds ``config.json`` and either ``model.safetensors`` or a sha
 ``model.safetensors.index.json`` with its shards. Tensors stream one at a time from the file
 (safetensors memory-maps it), are checked against the model's own ``state_dict`` keys and shapes,
 and are assigned straight into a model built on the meta device, so the weights never exist twice
-in memory. The spec ``"default"`` names the engine's default model (SmolLM2-135M-Instruct), which
-is fetched and converted once into :func:`engine_home` (see :mod:`dit_engine.gguf_convert`).
+in memory. Only directories: resolving a ``--model`` argument ("default", an HF cache name) is
+:mod:`dit_engine.model_store`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     from .model import Transformer
 
-DEFAULT_SPEC = "default"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -42,31 +40,9 @@ class CheckpointError(ValueError):
     """A checkpoint the engine cannot load: names the file or tensor and expected vs. found."""
 
 
-def engine_home() -> Path:
-    """Where the engine caches models: ``$DIT_ENGINE_HOME``, else ``$XDG_CACHE_HOME/dit-engine``,
-    else ``~/.cache/dit-engine``."""
-    if os.environ.get("DIT_ENGINE_HOME"):
-        return Path(os.environ["DIT_ENGINE_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "dit-engine"
-
-
-def default_model_dir(home: Path | None = None) -> Path:
-    return (home or engine_home()) / "models" / DEFAULT_MODEL_NAME
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """``"default"`` -> the cached default model dir (fetched and converted on first use);
-    anything else -> an existing HF checkpoint directory holding a config.json."""
-    if str(spec) == DEFAULT_SPEC:
-        target = default_model_dir()
-        if (target / "config.json").is_file():
-            return target
-        # Imported here because the converter itself writes through save_checkpoint below.
-        from .gguf_convert import fetch_default_model
-
-        return fetch_default_model()
-    path = Path(spec).expanduser()
+def checkpoint_dir(path: str | Path) -> Path:
+    """``path`` if it is an HF checkpoint directory (holds a config.json); one clear error otherwise."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: model directory not found (pass an HF checkpoint dir or 'default')")
     if not path.is_dir():
@@ -91,14 +67,14 @@ def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
             raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Transformer":
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Transformer":
     """Build the :class:`~dit_engine.model.Transformer` of a checkpoint and fill it with its weights.
 
     Floating-point tensors are cast to ``dtype``; the model is returned in eval mode, its base
     weights frozen (``requires_grad=False``), with ``model.config`` the checkpoint's :class:`ModelConfig`."""
     from .model import Transformer  # the model module is heavy; keep `import checkpoint` light
 
-    path = resolve_model(spec)
+    path = checkpoint_dir(path)
     config = ModelConfig.from_json(path / "config.json")
     with torch.device("meta"):
         model = Transformer(config)

@@ -202,8 +202,7 @@ def _dit_parsers(sub) -> None:
 def _fetch_model(args) -> int:
     import shutil
 
-    from .checkpoint import default_model_dir
-    from .gguf_convert import fetch_default_model
+    from .model_store import default_model_dir, fetch_default_model
 
     if args.force and default_model_dir().exists():
         shutil.rmtree(default_model_dir())

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from .adapters import AdapterBatch
-from .checkpoint import load_model, resolve_model
+from .checkpoint import load_model
+from .model_store import resolve_model
 from .generate import Generation, SamplingParams, Score, generate, score
 from .model import Transformer
 from .tokenizer import Tokenizer

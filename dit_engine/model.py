@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dit_kernels.rms_norm import rms_norm
+from dit_kernels.rope import apply_rope
+from dit_kernels.swiglu import swiglu
+
 from .adapters import AdapterBatch, BoundAdapters
 from .cache import KVCache
 from .config import ModelConfig
-from .kernels.rms_norm import rms_norm
-from .kernels.rope import apply_rope
-from .kernels.swiglu import swiglu
 
 Output = Literal["logits", "last", "hidden"]
 

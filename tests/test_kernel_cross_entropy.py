@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import rel_err as _rel
 
-from dit_engine.kernels import cross_entropy as ce
-from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
+from dit_kernels import cross_entropy as ce
+from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction
 
-from dit_engine.kernels import _dispatch
-from dit_engine.kernels import rms_norm as rms_mod
-from dit_engine.kernels.rms_norm import rms_norm
+from dit_kernels import _dispatch
+from dit_kernels import rms_norm as rms_mod
+from dit_kernels.rms_norm import rms_norm
 
 
 def test_env_and_argument_choose_the_path(monkeypatch):

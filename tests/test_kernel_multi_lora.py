@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import rel_err as _rel
 
-from dit_engine.kernels import multi_lora as ml
-from dit_engine.kernels.multi_lora import (
+from dit_kernels import multi_lora as ml
+from dit_kernels.multi_lora import (
     build_lora_meta,
     multi_lora,
     multi_lora_multi,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err as _rel
 
-from dit_engine.kernels.rms_norm import rms_norm, rms_norm_ref
+from dit_kernels.rms_norm import rms_norm, rms_norm_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 

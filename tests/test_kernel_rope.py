@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err as _rel
 
-from dit_engine.kernels.rope import apply_rope, apply_rope_ref
+from dit_kernels.rope import apply_rope, apply_rope_ref
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err as _rel
 
-from dit_engine.kernels.swiglu import swiglu, swiglu_ref
+from dit_kernels.swiglu import swiglu, swiglu_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 

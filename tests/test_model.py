@@ -24,7 +24,7 @@ from conftest import tiny_config
 from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.cache import KVCache
 from dit_engine.config import TARGET_MODULES, ModelConfig
-from dit_engine.kernels.rope import apply_rope
+from dit_kernels.rope import apply_rope
 from dit_engine.model import Transformer
 
 _LLAMA3_SCALING = {

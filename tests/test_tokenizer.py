@@ -181,7 +181,7 @@ def test_bad_files_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_tokenizer():
-    from dit_engine.checkpoint import resolve_model
+    from dit_engine.model_store import resolve_model
 
     tok = Tokenizer.from_dir(resolve_model("default"))
     ids = tok.encode("What is the capital of France?")

@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.generate import SamplingParams, generate
-from dit_engine.kernels.cross_entropy import (
+from dit_kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
     linear_kl_to_teacher,

@@ -17,8 +17,11 @@ from conftest import tiny_config
 from safetensors.torch import save_file
 
 from dit_engine.config import TARGET_MODULES
-from dit_engine.zoo import BaseIdentity, Diff, Zoo, ZooError
-from dit_engine.zoo_io import (
+from dit_engine.zoo import (
+    BaseIdentity,
+    Diff,
+    Zoo,
+    ZooError,
     dense_to_lora,
     export_dit_file,
     export_peft,
@@ -366,9 +369,10 @@ _KILLED_JOB = textwrap.dedent(
     import json, os, sys
     sys.path.insert(0, {tests!r})
     import dit_engine.zoo as zoo_mod
+    import dit_engine.zoo.shards as shards_mod
     from test_zoo import _job
     fault, path = sys.argv[1], sys.argv[2]
-    real_commit, real_save = zoo_mod.Zoo._commit_rows, zoo_mod.save_file
+    real_commit, real_save = zoo_mod.Zoo._commit_rows, shards_mod.save_file
     commits = []
     def commit(self, rows):
         if len(commits) == 1 and fault == "before_index":
@@ -386,7 +390,7 @@ _KILLED_JOB = textwrap.dedent(
                 fh.write(b"partial")
             os._exit(9)
         return real_save(tensors, filename, metadata=metadata)
-    zoo_mod.Zoo._commit_rows, zoo_mod.save_file = commit, save
+    zoo_mod.Zoo._commit_rows, shards_mod.save_file = commit, save
     _job(path)
     """
 )

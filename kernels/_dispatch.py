@@ -41,7 +41,7 @@ def use_triton(*tensors: Tensor, backend: str | None = None) -> bool:
     mode = backend if backend is not None else os.environ.get(ENV_BACKEND, "auto")
     if mode not in BACKENDS:
         source = "backend argument" if backend is not None else f"environment variable {ENV_BACKEND}"
-        raise ValueError(f"dit_engine.kernels: {source} is {mode!r}, expected one of {BACKENDS}")
+        raise ValueError(f"dit_kernels: {source} is {mode!r}, expected one of {BACKENDS}")
     if mode == "torch":
         return False
     if mode == "triton":

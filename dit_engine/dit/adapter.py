@@ -1,0 +1,72 @@
+"""The DIT adapter's file format: one shared LoRA with its question, task and base identity.
+
+A directory with ``adapter.safetensors`` (per module ``{module}.lora_A`` [r, d_in] and
+``{module}.lora_B`` [d_out, r], fp32) and ``adapter.json`` (format, rank, scale, question, task,
+base identity, modules). Exports as a PEFT LoRA directory for other tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..adapters import LoraSlot
+from ..files import write_atomically, write_json
+from ..zoo import BaseIdentity, Diff, export_peft
+
+
+@dataclasses.dataclass
+class DitAdapter:
+    """A trained DIT adapter: one LoRA (n = 1) with its question and base identity."""
+
+    slot: LoraSlot
+    question: str
+    task: str
+    base: dict
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.slot.A:
+            tensors[f"{name}.lora_A"] = self.slot.A[name][0].detach().contiguous().cpu().float()
+            tensors[f"{name}.lora_B"] = self.slot.B[name][0].detach().contiguous().cpu().float()
+        write_atomically(out / "adapter.safetensors", lambda p: save_file(tensors, str(p)))
+        meta = {"format": "dit-engine-adapter/1", "rank": self.slot.rank, "scale": float(self.slot.scale[0]),
+                "question": self.question, "task": self.task, "base": self.base, "modules": sorted(self.slot.A)}
+        write_json(out / "adapter.json", meta, indent=1)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, *, device="cpu", dtype=torch.float32) -> "DitAdapter":
+        """Read an adapter directory written by :meth:`save`; one clear error when it is incomplete
+        or corrupt."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "adapter.json").read_text())
+            t = load_file(str(path / "adapter.safetensors"))
+            A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
+            B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
+            scale = torch.tensor([float(meta["scale"])], device=device)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path}: not a DIT adapter directory ({Path(e.filename).name} missing)") from None
+        except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
+            raise ValueError(f"{path}: unreadable DIT adapter ({type(e).__name__}: {e})") from None
+        slot = LoraSlot(A=A, B=B, scale=scale, index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
+        return cls(slot, meta["question"], meta["task"], meta["base"])
+
+    def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:
+        """Write the adapter as a PEFT LoRA directory (for other tools: merge it, serve it, ...)."""
+        diff = Diff(id="dit-adapter", A={m: a[0].float().cpu() for m, a in self.slot.A.items()},
+                    B={m: b[0].float().cpu() for m, b in self.slot.B.items()}, scale=float(self.slot.scale[0]),
+                    labels={}, split="", meta={"question": self.question, "task": self.task})
+        return export_peft(diff, out_dir, config, base_model_name)
+
+    def check_base(self, base: BaseIdentity) -> None:
+        if self.base.get("config_hash") != base.config_hash:
+            raise ValueError(f"DIT adapter was trained on base {self.base.get('name')!r} "
+                             f"(config {self.base.get('config_hash')}), this model is {base.name!r} ({base.config_hash})")

@@ -1,0 +1,178 @@
+"""DIT training: the shared interpretation adapter over a zoo.
+
+For each (diff, label) of the zoo's train split, the model runs with slot 0 = that diff (frozen, a
+different one per row, streamed from the zoo, never densified) and slot 1 = the shared DIT adapter
+(trainable), asked the task's question in the chat template; the loss is the cross-entropy of the
+label tokens and the closing end-of-turn token (never padding). Resumable from ``out/checkpoint``;
+data-parallel under ``torchrun`` (the rows are sharded across ranks, gradients all-reduced).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import AdapterBatch, LoraSlot
+from ..config import TARGET_MODULES
+from ..distributed import all_reduce_grads, rank_world
+from ..engine import Engine
+from ..tasks import get_task
+from ..train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
+from ..zoo import BaseIdentity, Zoo
+from .adapter import DitAdapter
+
+
+@dataclasses.dataclass
+class DitTrainConfig:
+    task: str = "hidden-topic"
+    question: str | None = None  # default: the task's question
+    rank: int = 16
+    alpha: float = 32.0  # scale = alpha / rank
+    targets: tuple[str, ...] = TARGET_MODULES
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    val_fraction: float = 0.05
+    split: str = "train"
+    only_verified: bool = False  # skip diffs whose verification failed
+    max_diffs: int | None = None  # train on the first N usable diffs only (data-scaling curves)
+    save_every: int = 50  # optimizer steps between checkpoints
+    seed: int = 0
+
+    @property
+    def the_question(self) -> str:
+        return self.question or get_task(self.task).interpretation_question
+
+
+def dit_examples(engine: Engine, rows: list[dict], question: str, label_key: str) -> list[Example]:
+    """Row i asks ``question``; target = its label tokens + the end-of-turn token (loss on both)."""
+    tok = engine.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    out = []
+    for i, r in enumerate(rows):
+        label = r["labels"].get(label_key)
+        if not label:
+            raise ValueError(f"zoo row {r['id']} has no label {label_key!r} (labels: {sorted(r['labels'])})")
+        out.append(Example(prompt, tok.encode(label) + [tok.end_of_turn_id], "ce", group=i))
+    return out
+
+
+def train_dit(
+    engine: Engine,
+    zoo: Zoo,
+    out_dir: str | Path,
+    cfg: DitTrainConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> DitAdapter:
+    """Train the DIT adapter over the zoo's ``cfg.split``; resumable from ``out_dir/checkpoint``."""
+    out = Path(out_dir)
+    rank, world = rank_world()
+    model, config, dev = engine.model, engine.config, engine.model.device
+    label_key = get_task(cfg.task).label_key
+    rows = [r for r in zoo.rows if r.get("split") == cfg.split
+            and (not cfg.only_verified or r.get("meta", {}).get("verify", {}).get("ok", True))]
+    rows = rows[: cfg.max_diffs]
+    if len(rows) < 2:
+        raise ValueError(f"zoo {zoo.path} has {len(rows)} usable diffs in split {cfg.split!r}; DIT needs at least 2")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(rows)
+    n_val = max(1, int(len(rows) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    val_rows, train_rows = rows[:n_val], rows[n_val:]
+    steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * world))
+    total_steps = max(1, steps_per_epoch * cfg.epochs // cfg.grad_accum)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    slot = LoraSlot.create(config, 1, cfg.rank, targets=cfg.targets, scale=cfg.alpha / cfg.rank, init="peft",
+                           dtype=torch.float32, generator=gen, name="dit")
+    slot = LoraSlot(A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
+                    B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
+                    scale=slot.scale.to(dev), index=slot.index.to(dev), name="dit")
+    trainer = Trainer(slot.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
+                      schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                      master_fp32=model.dtype != torch.float32,
+                      grad_sync=(lambda ps: all_reduce_grads(ps, world)) if world > 1 else None)
+    base = BaseIdentity.from_model(model)
+    ckpt = out / "checkpoint"
+
+    def same_settings(meta: dict) -> None:
+        if meta.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+            raise ValueError(f"{ckpt}: checkpoint was made with other settings; remove it or use the same settings")
+
+    meta = resume_slot_state(ckpt, slot, trainer, check=same_settings)
+    done_batches = int(meta["done_batches"]) if meta else 0  # micro-batches finished, over all epochs
+    question = cfg.the_question
+    bar = tqdm(disable=not (progress and rank == 0), total=steps_per_epoch * cfg.epochs, initial=done_batches, desc="DIT training",
+               unit="batch")
+    history = []
+    for epoch in range(cfg.epochs):
+        order = list(train_rows)
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        mine = order[rank::world]
+        for b in range(steps_per_epoch):
+            global_b = epoch * steps_per_epoch + b
+            if global_b < done_batches:
+                continue
+            chunk = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            if chunk:
+                loss = _dit_loss(engine, zoo, chunk, slot, question, label_key)
+            else:  # an uneven last batch: this rank still takes part in the gradient all-reduce
+                loss = sum(p.sum() * 0 for p in slot.parameters())
+            loss_val = float(loss.detach())
+            trainer.backward(loss)
+            done_batches = global_b + 1
+            rec = {"epoch": epoch, "batch": done_batches, "loss": loss_val, "lr": trainer.lr_at(trainer.step_count)}
+            history.append(rec)
+            if log:
+                log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+            if rank == 0 and trainer.micro == 0 and trainer.step_count % cfg.save_every == 0:
+                _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
+        if val_rows and rank == 0:
+            with torch.no_grad():
+                vl = _dit_loss(engine, zoo, val_rows[: 4 * cfg.batch_size], slot, question, label_key)
+            history.append({"epoch": epoch, "val_loss": float(vl)})
+            if log:
+                log(history[-1])
+    bar.close()
+    if trainer.micro:  # gradients accumulated by an uneven tail still make one step
+        trainer.step()
+    adapter = DitAdapter(LoraSlot(A={k: v.detach() for k, v in slot.A.items()},
+                                  B={k: v.detach() for k, v in slot.B.items()},
+                                  scale=slot.scale, index=slot.index, name="dit"),
+                         question, cfg.task, dataclasses.asdict(base))
+    if rank == 0:
+        adapter.save(out)
+        _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
+        (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return adapter
+
+
+def _dit_loss(engine, zoo, rows, slot, question, label_key):
+    model = engine.model
+    (batch_rows, diffs), = list(zoo.iter_batches(len(rows), ids=[r["id"] for r in rows], device=model.device,
+                                                dtype=model.dtype))
+    examples = dit_examples(engine, batch_rows, question, label_key)
+    batch = collate(examples, pad_id=engine.tokenizer.pad_token_id).to(model.device)
+    b = batch.n_rows
+    ad = AdapterBatch(diffs.with_index(torch.arange(b, device=model.device)),
+                      slot.with_index(torch.zeros(b, dtype=torch.int64, device=model.device)))
+    loss, _ = batch_loss(model, batch, ad, group_reduce="mean")
+    return loss
+
+
+def _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches):
+    save_slot_state(ckpt, slot, trainer, {"config": dataclasses.asdict(cfg), "done_batches": done_batches})
