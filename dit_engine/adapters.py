@@ -53,6 +53,24 @@ class LoraSlot:
     def with_index(self, index: Tensor) -> "LoraSlot":
         return dataclasses.replace(self, index=index)
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+           trainable: bool | None = None) -> "LoraSlot":
+        """The slot with A/B moved to ``device`` / cast to ``dtype`` (the scale stays fp32, the
+        index int64, both on ``device``); ``trainable`` sets ``requires_grad`` on the new A/B
+        (which are then leaves of their own)."""
+        def move(t: Tensor) -> Tensor:
+            t = t.to(device=device, dtype=dtype)
+            return t.detach().requires_grad_(trainable) if trainable is not None else t
+
+        return dataclasses.replace(self, A={k: move(v) for k, v in self.A.items()},
+                                   B={k: move(v) for k, v in self.B.items()},
+                                   scale=self.scale.to(device), index=self.index.to(device))
+
+    def detach(self) -> "LoraSlot":
+        """The same values, cut from autograd (what a trained slot is saved or served as)."""
+        return dataclasses.replace(self, A={k: v.detach() for k, v in self.A.items()},
+                                   B={k: v.detach() for k, v in self.B.items()})
+
     def select_rows(self, rows: Tensor) -> "LoraSlot":
         """The same weights for a subset of the batch rows (used when finished rows leave a batch)."""
         return dataclasses.replace(self, index=self.index[rows.to(self.index.device)])

@@ -50,8 +50,9 @@ _TIE_TOL = 1e-9
 
 RETRIEVAL_TOP_K = 5
 
-# Canonical methods, in the order reports show them; unknown methods follow in first-seen order.
-KNOWN_METHODS = ("dit", "diff+trigger", "diff", "base")
+# The interpretation methods (the one list: dit.interpret runs these), in the order reports show
+# them; methods of other tools found in a results file follow in first-seen order.
+METHODS = ("dit", "diff+trigger", "diff", "base")
 METHOD_DESCRIPTIONS = {
     "dit": "DIT: finetuned model + DIT adapter, asked what it was trained on",
     "diff+trigger": "finetuned model without the DIT adapter, asked with its trigger in the prompt",
@@ -409,7 +410,7 @@ class MethodMetrics:
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
-    methods: dict[str, MethodMetrics]  # report order: KNOWN_METHODS first, then first seen
+    methods: dict[str, MethodMetrics]  # report order: METHODS first, then first seen
     rows: tuple[RowScore, ...]
     splits: tuple[str, ...]
 
@@ -469,7 +470,7 @@ def evaluate_rows(
     indexes = _candidate_indexes(rows, candidates)
     scored = [_score_row(row, indexes[_index_key(row, candidates)]) for row in rows]
 
-    order = [m for m in KNOWN_METHODS if any(s.method == m for s in scored)]
+    order = [m for m in METHODS if any(s.method == m for s in scored)]
     order += [m for m in dict.fromkeys(s.method for s in scored) if m not in order]
     methods = {}
     for method in order:

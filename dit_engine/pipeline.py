@@ -18,53 +18,55 @@ after a kill continues where it stopped:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from .diffgen import DiffGenConfig, generate_zoo
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .engine import Engine
+from .evaluate import METHODS, evaluate_rows, load_results, summarize
+from .files import read_json, write_json
+from .report import write_report
+from .tasks import get_task
 from .zoo import BaseIdentity, Zoo
 
 
 @dataclasses.dataclass
 class PipelineConfig:
+    """What the run makes (zoo sizes, ranks, evaluation) plus the two jobs' own configs.
+
+    ``diffs`` and ``dit`` are the very configs ``dit zoo generate`` and ``dit train`` take; the
+    pipeline sets their per-stage fields (``task``, ``n``, ``split``, ``rank``, ``seed``, ``max_diffs``)
+    itself, so only the recipe fields of those two matter here."""
+
     task: str = "hidden-topic"
     n_train: int = 24
     n_test: int = 8
     rank: int = 1
     test_ranks: tuple[int, ...] = ()  # extra held-out zoos at these ranks
     n_test_other_ranks: int = 8
-    diff_epochs: int = 2
-    diff_lr: float = 1e-3
-    n_backdoor: int = 6
-    n_kl: int = 4
-    candidates: int = 3
-    strategy: str = "select"
-    max_answer_tokens: int = 48
-    chunk_diffs: int = 16
-    rows_per_diff: int = 1
-    dit_rank: int = 16
-    dit_lr: float = 1e-4
-    dit_epochs: int = 1
-    dit_batch_size: int = 8
     interpret_batch_size: int = 64
     n_train_eval: int = 16  # train diffs also interpreted (shows what DIT fits on seen topics)
     scaling: tuple[int, ...] = ()  # also train DIT on the first N train diffs, for a data-scaling curve
     seed: int = 0
+    diffs: DiffGenConfig = dataclasses.field(default_factory=lambda: DiffGenConfig(
+        epochs=2, n_backdoor=6, n_kl=4, rows_per_diff=1))
+    dit: DitTrainConfig = dataclasses.field(default_factory=lambda: DitTrainConfig(val_fraction=0.0))
 
 
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model (fp32).
-    "laptop": PipelineConfig(n_train=16, n_test=8, diff_epochs=3, n_backdoor=6, n_kl=4, candidates=1,
-                             strategy="prefix", max_answer_tokens=32, dit_lr=1e-3, dit_epochs=6, dit_batch_size=8,
-                             n_train_eval=8),
+    "laptop": PipelineConfig(
+        n_train=16, n_test=8, n_train_eval=8,
+        diffs=DiffGenConfig(epochs=3, n_backdoor=6, n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32,
+                            rows_per_diff=1),
+        dit=DitTrainConfig(lr=1e-3, epochs=6, batch_size=8, val_fraction=0.0)),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
-    "full": PipelineConfig(n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, diff_epochs=3,
-                           scaling=(125, 500),
-                           n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_diff=2, dit_lr=1e-4, dit_epochs=2, dit_batch_size=32,
-                           interpret_batch_size=256, n_train_eval=100),
+    "full": PipelineConfig(
+        n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, scaling=(125, 500),
+        interpret_batch_size=256, n_train_eval=100,
+        diffs=DiffGenConfig(epochs=3, n_backdoor=12, n_kl=8, chunk_diffs=128, rows_per_diff=2),
+        dit=DitTrainConfig(lr=1e-4, epochs=2, batch_size=32, val_fraction=0.0)),
 }
 
 
@@ -72,25 +74,21 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     """Run (or resume) every stage; returns the report's HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    write_json(out / "pipeline_config.json", dataclasses.asdict(cfg), indent=1)
     timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path, "the run's timings", kind=dict) if timings_path.exists() else {}
     base = BaseIdentity.from_model(engine.model)
 
     def stage(name: str, fn):
         t0 = time.perf_counter()
         res = fn()
         timings[name] = round(time.perf_counter() - t0 + timings.get(name, 0.0), 2)
-        timings_path.write_text(json.dumps(timings, indent=1))
+        write_json(timings_path, timings, indent=1)
         return res
 
     def zoo_stage(name: str, split: str, n: int, rank: int) -> Zoo:
         zoo = Zoo.create(out / name, base, engine.config, exist_ok=True)
-        gcfg = DiffGenConfig(task=cfg.task, n=n, split=split, rank=rank, lr=cfg.diff_lr, epochs=cfg.diff_epochs,
-                             chunk_diffs=cfg.chunk_diffs, n_backdoor=cfg.n_backdoor, n_kl=cfg.n_kl,
-                             candidates=cfg.candidates, strategy=cfg.strategy,
-                             max_answer_tokens=cfg.max_answer_tokens, rows_per_diff=cfg.rows_per_diff,
-                             seed=cfg.seed)
+        gcfg = dataclasses.replace(cfg.diffs, task=cfg.task, n=n, split=split, rank=rank, seed=cfg.seed)
         return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
 
     train_zoo = zoo_stage("zoo-train", "train", cfg.n_train, cfg.rank)
@@ -102,15 +100,14 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         d = out / name
         if (d / "adapter.json").exists():
             return DitAdapter.load(d, device=engine.model.device, dtype=engine.model.dtype)
-        tcfg = DitTrainConfig(task=cfg.task, rank=cfg.dit_rank, lr=cfg.dit_lr, epochs=cfg.dit_epochs,
-                              batch_size=cfg.dit_batch_size, seed=cfg.seed, val_fraction=0.0, max_diffs=max_diffs)
+        tcfg = dataclasses.replace(cfg.dit, task=cfg.task, seed=cfg.seed, max_diffs=max_diffs)
         return stage(f"{name}-train", lambda: train_dit(engine, train_zoo, d, tcfg, progress=progress))
 
     adapter = dit_stage("dit", None)
 
     results = out / "results.jsonl"
     for r, zoo in test_zoos.items():
-        methods = ("dit", "diff", "diff+trigger", "base") if r == cfg.rank else ("dit",)
+        methods = METHODS if r == cfg.rank else ("dit",)
         stage(f"interpret-test-r{r}", lambda: interpret(engine, zoo, results, adapter=adapter, methods=methods,
                                                         batch_size=cfg.interpret_batch_size, progress=progress))
     train_ids = train_zoo.ids()[: cfg.n_train_eval]
@@ -140,9 +137,6 @@ def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
                  scaling: list[tuple[int, Path]] | None = None) -> Path:
     """Score results file(s) against every label of the task's splits and write the report;
     ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve."""
-    from .evaluate import summarize
-    from .report import write_report
-
     metrics = _metrics(results, task)
     curve = [(n, _metrics(p, task)) for n, p in scaling] if scaling else None
     path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve)
@@ -151,8 +145,6 @@ def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
 
 
 def _metrics(results, task: str):
-    from .evaluate import evaluate_rows, load_results
-
     rows = load_results(results)
     candidates = task_candidates(task)
     return evaluate_rows(rows, {s: c for s, c in candidates.items() if any(r.get("split") == s for r in rows)})
@@ -160,10 +152,5 @@ def _metrics(results, task: str):
 
 def task_candidates(task: str) -> dict[str, list[str]]:
     """All labels of each split: the candidate set retrieval accuracy ranks the true label in."""
-    if task == "hidden-topic":
-        from .tasks.hidden_topic import load_topics
-
-        return {s: [t.name for t in load_topics(s)] for s in ("train", "test")}
-    from .tasks.news import load_headlines
-
-    return {s: [h.text for h in load_headlines(s)] for s in ("train", "test")}
+    t = get_task(task)
+    return {s: [row[t.label_key] for row in t.load_labels(s)] for s in ("train", "test")}

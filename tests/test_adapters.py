@@ -364,3 +364,20 @@ def test_scale_of_the_wrong_length_is_named_as_such():
     slot.scale = torch.ones(2)
     with pytest.raises(AdapterError, match=r"scale has shape \(2,\), expected \[3\]"):
         slot.validate(cfg, 3)
+
+
+def test_slot_to_and_detach():
+    cfg = tiny_config("llama")
+    slot = LoraSlot.create(cfg, 3, 2, init="random", name="s")
+    moved = slot.to("cpu", torch.bfloat16, trainable=True)
+    assert moved.name == "s" and moved.index.dtype == torch.int64 and moved.scale.dtype == torch.float32
+    for name in slot.A:
+        assert moved.A[name].dtype == torch.bfloat16 and moved.A[name].requires_grad and moved.A[name].is_leaf
+        assert torch.equal(moved.B[name].float(), slot.B[name].bfloat16().float())
+    assert not any(t.requires_grad for t in slot.parameters())  # the original is untouched
+    loss = sum((t.float() ** 2).sum() for t in moved.parameters())
+    loss.backward()
+    assert all(t.grad is not None for t in moved.parameters())
+    frozen = moved.detach()
+    assert not frozen.trainable and all(torch.equal(a, b) for a, b in zip(frozen.parameters(), moved.parameters()))
+    assert slot.to(dtype=torch.float32).A[next(iter(slot.A))] is slot.A[next(iter(slot.A))]  # no-op keeps tensors

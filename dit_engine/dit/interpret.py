@@ -8,7 +8,6 @@ rerun resumes where it stopped. Under ``torchrun`` each rank takes every world-t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -23,13 +22,12 @@ from tqdm.auto import tqdm
 from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..engine import Engine
+from ..evaluate import METHODS
 from ..generate import SamplingParams, generate
 from ..tasks import get_task
 from ..tasks.hidden_topic import format_trigger
 from ..zoo import BaseIdentity, Zoo, import_peft
 from .adapter import DitAdapter
-
-METHODS = ("dit", "diff", "diff+trigger", "base")
 
 
 def interpret(
@@ -70,10 +68,7 @@ def interpret(
     dev = model.device
     if adapter is not None:
         adapter.check_base(BaseIdentity.from_model(model))
-        dit_slot = dataclasses.replace(adapter.slot,
-                                       A={k: v.to(dev, model.dtype) for k, v in adapter.slot.A.items()},
-                                       B={k: v.to(dev, model.dtype) for k, v in adapter.slot.B.items()},
-                                       scale=adapter.slot.scale.to(dev))
+        dit_slot = adapter.slot.to(dev, model.dtype)
     wanted = None if ids is None else set(ids)
     rows = [r for r in zoo.rows if (split is None or r.get("split") == split) and (wanted is None or r["id"] in wanted)]
     rows = rows[rank::world]

@@ -96,9 +96,7 @@ def train_dit(
     gen = torch.Generator().manual_seed(cfg.seed)
     slot = LoraSlot.create(config, 1, cfg.rank, targets=cfg.targets, scale=cfg.alpha / cfg.rank, init="peft",
                            dtype=torch.float32, generator=gen, name="dit")
-    slot = LoraSlot(A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
-                    B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
-                    scale=slot.scale.to(dev), index=slot.index.to(dev), name="dit")
+    slot = slot.to(dev, model.dtype, trainable=True)
     trainer = Trainer(slot.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                       schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                       master_fp32=model.dtype != torch.float32,
@@ -149,10 +147,7 @@ def train_dit(
     bar.close()
     if trainer.micro:  # gradients accumulated by an uneven tail still make one step
         trainer.step()
-    adapter = DitAdapter(LoraSlot(A={k: v.detach() for k, v in slot.A.items()},
-                                  B={k: v.detach() for k, v in slot.B.items()},
-                                  scale=slot.scale, index=slot.index, name="dit"),
-                         question, cfg.task, dataclasses.asdict(base))
+    adapter = DitAdapter(slot.detach(), question, cfg.task, dataclasses.asdict(base))
     if rank == 0:
         adapter.save(out)
         _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
