@@ -10,40 +10,20 @@ All metrics live in [0, 1], so every y axis spans exactly [0, 1]: bars of differ
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
-import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dit_engine.evaluate import (
-    CHANCE_FIELD,
-    CONTAINS_MAX_EXTRA_WORDS,
-    METHOD_DESCRIPTIONS,
-    METRIC_FIELDS,
-    METRIC_NAMES,
-    Metrics,
-    ResultsError,
-    RowScore,
-)
+from .charts import PALETTE, bar_chart, esc, line_chart
+from .evaluate import CHANCE_FIELD, METHOD_DESCRIPTIONS, METRIC_FIELDS, METRIC_NAMES, Metrics, ResultsError, RowScore
+from .files import write_text
+from .text_match import CONTAINS_MAX_EXTRA_WORDS
 
-# Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
-_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#999999", "#000000")
-_CHANCE_COLOUR = "#C0392B"
 _BAR_METRICS = ("exact_match", "contains_match", "token_f1", "retrieval_at_1", "retrieval_at_5")
 _RANK_METRICS = ("contains_match", "retrieval_at_1")
 _SCALING_METRICS = ("exact_match", "contains_match", "token_f1", "retrieval_at_1")
 _PRIMARY_METHOD = "dit"
 _MAX_EXAMPLES = 12
-
-# Bar chart geometry (pixels); the plot area is what bar heights are proportional to.
-_BAR_W, _BAR_H = 250, 220
-_BAR_MARGIN = dict(left=34, right=10, top=30, bottom=46)
-_BAR_PLOT_H = _BAR_H - _BAR_MARGIN["top"] - _BAR_MARGIN["bottom"]
-# Line chart geometry: a legend column on the right.
-_LINE_W, _LINE_H = 470, 250
-_LINE_MARGIN = dict(left=40, right=140, top=30, bottom=44)
 
 
 def write_report(
@@ -67,12 +47,12 @@ def write_report(
 
     charts = _charts(metrics, scaling)
     for name, svg in charts.items():
-        _write_atomic(out / "charts" / f"{name}.svg", svg)
+        write_text(out / "charts" / f"{name}.svg", svg)
     payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling)}
-    _write_atomic(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
-    _write_atomic(out / "report.md", _markdown(metrics, title, scaling, list(charts)))
+    write_text(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
+    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts)))
     html_path = out / "report.html"
-    _write_atomic(html_path, _html(metrics, title, scaling, charts))
+    write_text(html_path, _html(metrics, title, scaling, charts))
     return html_path
 
 
@@ -104,19 +84,6 @@ def _scaling_dict(scaling: list[tuple[int, Metrics]]) -> list[dict]:
     ]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A sibling temp name (same file system, so os.replace is atomic); plain open() keeps the
-    # usual umask permissions, which mkstemp's private 0600 would not.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ---- what goes into the report ------------------------------------------------------------------
 
 
@@ -133,7 +100,7 @@ def _charts(metrics: Metrics, scaling: list[tuple[int, Metrics]]) -> dict[str, s
 
 
 def _method_colours(metrics: Metrics) -> dict[str, str]:
-    return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(metrics.methods)}
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(metrics.methods)}
 
 
 def _has_rank_sweep(metrics: Metrics) -> bool:
@@ -146,7 +113,7 @@ def _bar_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
     if field in CHANCE_FIELD:
         overall = [m.overall for m in metrics.methods.values()]
         chance = sum(getattr(s, CHANCE_FIELD[field]) * s.n for s in overall) / sum(s.n for s in overall)
-    return _svg_bars(METRIC_NAMES[field], values, colours, chance)
+    return bar_chart(METRIC_NAMES[field], values, colours, chance)
 
 
 def _rank_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
@@ -156,7 +123,7 @@ def _rank_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
         for name, m in metrics.methods.items()
         if m.by_rank
     ]
-    return _svg_lines(
+    return line_chart(
         f"{METRIC_NAMES[field]} by diff rank", [float(r) for r in ranks], [str(r) for r in ranks],
         series, x_title="LoRA rank of the diff", scale="categorical",
     )
@@ -165,149 +132,15 @@ def _rank_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
 def _scaling_chart(scaling: list[tuple[int, Metrics]]) -> str:
     xs = [float(n) for n, _ in scaling]
     series = [
-        (METRIC_NAMES[f], _PALETTE[i], [getattr(m.methods[_primary(m)].overall, f) for _, m in scaling])
+        (METRIC_NAMES[f], PALETTE[i], [getattr(m.methods[_primary(m)].overall, f) for _, m in scaling])
         for i, f in enumerate(_SCALING_METRICS)
     ]
     spread = max(xs) / min(xs)
-    return _svg_lines(
+    return line_chart(
         f"{_primary(scaling[-1][1])}: metrics vs training diffs", xs, [str(n) for n, _ in scaling],
         series, x_title="number of training diffs" + (" (log scale)" if spread >= 10 else ""),
         scale="log" if spread >= 10 else "linear",
     )
-
-
-# ---- SVG ----------------------------------------------------------------------------------------
-
-
-def _svg_open(width: int, height: int, title: str) -> list[str]:
-    return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">',
-        f"<title>{_esc(title)}</title>",
-        f'<rect width="{width}" height="{height}" fill="#fff"/>',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{_esc(title)}</text>',
-    ]
-
-
-def _svg_y_axis(left: float, right: float, top: float, plot_h: float) -> list[str]:
-    parts = []
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = top + plot_h * (1 - tick)
-        stroke = "#333" if tick == 0 else "#ddd"
-        parts.append(f'<line x1="{left:.1f}" y1="{y:.1f}" x2="{right:.1f}" y2="{y:.1f}" stroke="{stroke}"/>')
-        parts.append(f'<text x="{left - 4:.1f}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{tick:g}</text>')
-    return parts
-
-
-def _svg_bars(title: str, values: dict[str, float], colours: dict[str, str], chance: float | None) -> str:
-    m = _BAR_MARGIN
-    top, left, right = m["top"], m["left"], _BAR_W - m["right"]
-    baseline = top + _BAR_PLOT_H
-    parts = _svg_open(_BAR_W, _BAR_H, title) + _svg_y_axis(left, right, top, _BAR_PLOT_H)
-    slot = (right - left) / len(values)
-    bar_w = slot * 0.62
-    for i, (method, value) in enumerate(values.items()):
-        height = value * _BAR_PLOT_H
-        x = left + i * slot + (slot - bar_w) / 2
-        cx = x + bar_w / 2
-        parts.append(
-            f'<rect class="bar" data-method="{_esc(method)}" data-value="{value:.6f}" x="{x:.2f}" '
-            f'y="{baseline - height:.4f}" width="{bar_w:.2f}" height="{height:.4f}" fill="{colours[method]}">'
-            f"<title>{_esc(method)}: {value:.3f}</title></rect>"
-        )
-        parts.append(f'<text x="{cx:.1f}" y="{baseline - height - 3:.1f}" text-anchor="middle">{value:.2f}</text>')
-        for j, line in enumerate(_label_lines(method, slot)):
-            parts.append(
-                f'<text x="{cx:.1f}" y="{baseline + 14 + 12 * j:.1f}" text-anchor="middle">{_esc(line)}</text>'
-            )
-    if chance is not None:
-        y = baseline - chance * _BAR_PLOT_H
-        parts.append(
-            f'<line class="chance" data-value="{chance:.6f}" x1="{left}" y1="{y:.4f}" x2="{right}" y2="{y:.4f}" '
-            f'stroke="{_CHANCE_COLOUR}" stroke-width="1.5" stroke-dasharray="5 3"/>'
-        )
-        parts.append(
-            f'<text x="{right:.1f}" y="{_BAR_H - 4}" text-anchor="end" fill="{_CHANCE_COLOUR}">'
-            f"- - chance {chance:.3f}</text>"
-        )
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _svg_lines(
-    title: str,
-    xs: list[float],
-    x_labels: list[str],
-    series: list[tuple[str, str, list[float | None]]],
-    x_title: str,
-    scale: str,
-) -> str:
-    m = _LINE_MARGIN
-    top, left, right = m["top"], m["left"], _LINE_W - m["right"]
-    plot_h = _LINE_H - top - m["bottom"]
-    baseline = top + plot_h
-    parts = _svg_open(_LINE_W, _LINE_H, title) + _svg_y_axis(left, right, top, plot_h)
-    positions = _x_positions(xs, scale)
-    px = [left + 12 + p * (right - left - 24) for p in positions]
-    for x, label in zip(px, x_labels):
-        parts.append(f'<line x1="{x:.1f}" y1="{baseline}" x2="{x:.1f}" y2="{baseline + 4}" stroke="#333"/>')
-        parts.append(f'<text x="{x:.1f}" y="{baseline + 16}" text-anchor="middle">{_esc(label)}</text>')
-    parts.append(
-        f'<text x="{(left + right) / 2:.1f}" y="{_LINE_H - 8}" text-anchor="middle" fill="#555">{_esc(x_title)}</text>'
-    )
-    for i, (name, colour, ys) in enumerate(series):
-        points = [(x, baseline - y * plot_h, y) for x, y in zip(px, ys) if y is not None]
-        if len(points) > 1:
-            path = " ".join(f"{x:.2f},{y:.2f}" for x, y, _ in points)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for x, y, value in points:
-            parts.append(
-                f'<circle class="point" data-series="{_esc(name)}" data-value="{value:.6f}" cx="{x:.2f}" '
-                f'cy="{y:.4f}" r="3.5" fill="{colour}"><title>{_esc(name)}: {value:.3f}</title></circle>'
-            )
-        ly = top + 8 + 18 * i
-        parts.append(
-            f'<line x1="{right + 12}" y1="{ly}" x2="{right + 32}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'
-        )
-        parts.append(f'<text x="{right + 37}" y="{ly + 4}">{_esc(_short(name, 100))}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _x_positions(xs: list[float], scale: str) -> list[float]:
-    """Positions in [0, 1] along the x axis: evenly spaced, linear, or logarithmic in x."""
-    if len(xs) == 1:
-        return [0.5]
-    if scale == "categorical":
-        return [i / (len(xs) - 1) for i in range(len(xs))]
-    f = math.log if scale == "log" else float
-    lo, hi = f(min(xs)), f(max(xs))
-    return [(f(x) - lo) / (hi - lo) if hi > lo else 0.5 for x in xs]
-
-
-def _label_lines(name: str, width_px: float) -> list[str]:
-    """One line if it fits, else two: broken before a '+' or at a space/-/_ ("diff" / "+trigger")."""
-    if len(name) <= _chars_fitting(width_px):
-        return [name]
-    for sep, keep_on_second in (("+", True), (" ", False), ("-", False), ("_", False)):
-        head, found, tail = name.partition(sep)
-        if found and head:
-            return [_short(head, width_px), _short((sep if keep_on_second else "") + tail, width_px)]
-    return [_short(name, width_px)]
-
-
-def _chars_fitting(width_px: float) -> int:
-    return max(4, int(width_px / 6))  # ~6 px per character at 11 px sans-serif
-
-
-def _short(name: str, width_px: float) -> str:
-    """Truncate a label to what fits in about width_px."""
-    limit = _chars_fitting(width_px)
-    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 # ---- tables (shared cell values for Markdown and HTML) ------------------------------------------
@@ -465,10 +298,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } td.best { font
 
 
 def _html(metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: dict[str, str]) -> str:
-    body = [f"<h1>{_esc(title)}</h1>", f'<p class="note">{_esc(_summary_sentence(metrics))}</p>']
+    body = [f"<h1>{esc(title)}</h1>", f'<p class="note">{esc(_summary_sentence(metrics))}</p>']
     body += ["<h2>Methods</h2>", "<ul>"]
     body += [
-        f"<li><b>{_esc(n)}</b>: {_esc(METHOD_DESCRIPTIONS.get(n, 'custom method'))}</li>" for n in metrics.methods
+        f"<li><b>{esc(n)}</b>: {esc(METHOD_DESCRIPTIONS.get(n, 'custom method'))}</li>" for n in metrics.methods
     ]
     body += ["</ul>", "<h2>Overall</h2>", _html_overall(metrics)]
     body.append(_html_charts(charts, "methods_"))
@@ -481,11 +314,11 @@ def _html(metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], char
         body += ["<h2>Data scaling</h2>", _html_charts(charts, "scaling"), _html_table(*_scaling_table(scaling))]
     body += ["<h2>Examples</h2>", _html_examples(metrics)]
     body += ["<h2>Definitions</h2>", "<dl>"]
-    body += [f"<dt><b>{_esc(k)}</b></dt><dd>{_esc(v)}</dd>" for k, v in _DEFINITIONS]
+    body += [f"<dt><b>{esc(k)}</b></dt><dd>{esc(v)}</dd>" for k, v in _DEFINITIONS]
     body.append("</dl>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )
@@ -501,14 +334,14 @@ def _html_table(header: list[str], rows: list[list[str]], best_cols: Sequence[in
         values = [float(r[c]) for r in rows if r[c]]
         if len(values) > 1 and max(values) > min(values):  # nothing to point at when all tie
             best[c] = max(values)
-    out = ["<table>", "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
+    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     for r in rows:
         cells = []
         for c, v in enumerate(r):
             cls = "num" if _is_number(v) else ""
             if c in best and v and float(v) == best[c]:
                 cls += " best"
-            cells.append(f'<td class="{cls.strip()}">{_esc(v)}</td>' if cls else f"<td>{_esc(v)}</td>")
+            cells.append(f'<td class="{cls.strip()}">{esc(v)}</td>' if cls else f"<td>{esc(v)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -534,12 +367,12 @@ def _html_breakdown(metrics: Metrics, by: str, key_name: str) -> str:
     short = {"contains_match": "contains", "token_f1": "F1", "retrieval_at_1": "R@1"}
     out = [
         "<table>",
-        f'<tr><th rowspan="2">{_esc(key_name)}</th><th rowspan="2">n</th>'
-        + "".join(f'<th colspan="{k}">{_esc(m)}</th>' for m in methods) + "</tr>",
+        f'<tr><th rowspan="2">{esc(key_name)}</th><th rowspan="2">n</th>'
+        + "".join(f'<th colspan="{k}">{esc(m)}</th>' for m in methods) + "</tr>",
         "<tr>" + "".join(f"<th>{short[f]}</th>" for _ in methods for f in _BREAKDOWN_FIELDS) + "</tr>",
     ]
     for key, n, values in rows:
-        cells = [f"<td>{_esc(key)}</td>", f'<td class="num">{_esc(n)}</td>']
+        cells = [f"<td>{esc(key)}</td>", f'<td class="num">{esc(n)}</td>']
         for v in values:
             if v is None:
                 cells.append("<td></td>")
@@ -554,17 +387,17 @@ def _html_breakdown(metrics: Metrics, by: str, key_name: str) -> str:
 def _html_examples(metrics: Metrics) -> str:
     out = [
         "<table>",
-        "<tr><th>id</th><th>label</th>" + "".join(f"<th>{_esc(m)}</th>" for m in metrics.methods) + "</tr>",
+        "<tr><th>id</th><th>label</th>" + "".join(f"<th>{esc(m)}</th>" for m in metrics.methods) + "</tr>",
     ]
     for diff_id, label, rows in _examples(metrics):
-        cells = [f"<td>{_esc(diff_id)}</td>", f"<td>{_esc(label)}</td>"]
+        cells = [f"<td>{esc(diff_id)}</td>", f"<td>{esc(label)}</td>"]
         for r in rows:
             if r is None:
                 cells.append("<td></td>")
                 continue
             cls, mark = ("hit", "\u2713") if r.contains_match else ("miss", "\u2717")
             cells.append(
-                f'<td><span class="{cls}">{mark}</span> {_esc(r.answer.strip())} '
+                f'<td><span class="{cls}">{mark}</span> {esc(r.answer.strip())} '
                 f'<span class="note">(rank {r.retrieval_rank})</span></td>'
             )
         out.append("<tr>" + "".join(cells) + "</tr>")

@@ -12,20 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from dit_engine import report
-from dit_engine.evaluate import (
+from dit_engine import charts
+from dit_engine.evaluate import Metrics, ResultsError, evaluate_rows, load_results, summarize
+from dit_engine.text_match import (
     CONTAINS_MAX_EXTRA_WORDS,
     CandidateIndex,
-    Metrics,
-    ResultsError,
     contains_match,
-    evaluate_rows,
     exact_match,
-    load_results,
     normalize,
     retrieval_accuracy,
     retrieval_rank,
-    summarize,
     token_f1,
 )
 from dit_engine.report import write_report
@@ -386,15 +382,15 @@ def test_write_report_files_numbers_and_bar_heights(tmp_path):
     # One bar per method and metric chart; heights proportional to the values, same scale everywhere.
     assert len(parsed.bars) == 2 * 5
     for bar in parsed.bars:
-        assert float(bar["height"]) == pytest.approx(float(bar["data-value"]) * report._BAR_PLOT_H, abs=1e-3)
-        assert float(bar["y"]) + float(bar["height"]) == pytest.approx(report._BAR_MARGIN["top"] + report._BAR_PLOT_H)
+        assert float(bar["height"]) == pytest.approx(float(bar["data-value"]) * charts._BAR_PLOT_H, abs=1e-3)
+        assert float(bar["y"]) + float(bar["height"]) == pytest.approx(charts._BAR_MARGIN["top"] + charts._BAR_PLOT_H)
     heights = {(b["data-method"], i // 2): float(b["height"]) for i, b in enumerate(parsed.bars)}
     contains_chart = 1  # order: exact, contains, F1, R@1, R@5
-    assert heights[("dit", contains_chart)] == pytest.approx(0.75 * report._BAR_PLOT_H, abs=1e-3)
+    assert heights[("dit", contains_chart)] == pytest.approx(0.75 * charts._BAR_PLOT_H, abs=1e-3)
     assert heights[("base", contains_chart)] == 0.0
     assert [float(c["data-value"]) for c in parsed.chance] == pytest.approx([0.1, 0.5])
     for line in parsed.chance:
-        y = report._BAR_MARGIN["top"] + report._BAR_PLOT_H * (1 - float(line["data-value"]))
+        y = charts._BAR_MARGIN["top"] + charts._BAR_PLOT_H * (1 - float(line["data-value"]))
         assert float(line["y1"]) == pytest.approx(y, abs=1e-3)
 
     # Two diff ranks -> rank-generalisation charts (2 metrics x 2 methods x 2 ranks points).
