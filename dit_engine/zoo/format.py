@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from torch import Tensor
 from ..checkpoint import weights_fingerprint
 from ..config import TARGET_MODULES, ModelConfig
 from ..files import read_json
+
+if TYPE_CHECKING:
+    from .shards import ShardSet
 
 FORMAT = "dit-zoo"
 FORMAT_VERSION = 1
@@ -204,6 +207,64 @@ def matcher(where: Where) -> Callable[[dict], bool]:
 
 
 _ABSENT = object()
+
+
+def parse_index(data: bytes, index: Path, shards: "ShardSet") -> tuple[list[dict], int]:
+    """Committed rows of ``index.jsonl`` (its bytes ``data``) and the byte length they occupy, each
+    row group checked against its shard's header. Only the last row group may be torn."""
+    lines = data.split(b"\n")
+    lines.pop()  # bytes after the last newline: b"", or a line torn by a kill (not committed)
+    rows: list[dict] = []
+    ends: list[int] = []  # byte offset after each row
+    pos = 0
+    for n, line in enumerate(lines, 1):
+        pos += len(line) + 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ZooError(f"{index}: line {n} is not valid JSON") from None
+        rows.append(check_row(row, f"{index} line {n}"))
+        ends.append(pos)
+    # Rows come in contiguous groups, one per shard (one append chunk); check each group.
+    kept, i = 0, 0
+    done_shards: set[str] = set()
+    while i < len(rows):
+        shard = rows[i]["shard"]
+        if shard in done_shards:
+            raise ZooError(f"{index}: rows of shard {shard} are not contiguous (line {i + 1})")
+        done_shards.add(shard)
+        j = i
+        while j < len(rows) and rows[j]["shard"] == shard:
+            j += 1
+        if not _check_group(shards, shard, rows[i:j], last=(j == len(rows))):
+            break
+        kept = i = j
+    rows = rows[:kept]
+    seen: set[str] = set()
+    for n, r in enumerate(rows, 1):
+        if r["id"] in seen:
+            raise ZooError(f"{index}: line {n}: duplicate id {r['id']!r}")
+        seen.add(r["id"])
+    return rows, (ends[kept - 1] if kept else 0)
+
+
+def _check_group(shards: "ShardSet", shard: str, group: list[dict], last: bool) -> bool:
+    """True if ``group`` is exactly the shard's rows; False if it is a torn prefix of the last
+    shard (a kill during the index append); raise on anything else."""
+    where = shards.dir / shard
+    shard_rows = shards.header(shard)[1]
+    ids = [r["id"] for r in shard_rows]
+    got = [(r["id"], r["offset"]) for r in group]
+    want = [(r["id"], r["offset"]) for r in shard_rows]
+    if got == want:
+        for r, s in zip(group, shard_rows):
+            for k in ("rank", "scale", "n_params", "sha256"):
+                if r[k] != s[k]:
+                    raise ZooError(f"{where}: index row {r['id']!r} has {k}={r[k]!r}, the shard says {s[k]!r}")
+        return True
+    if last and got == want[: len(got)]:
+        return False
+    raise ZooError(f"{where}: index rows {[g[0] for g in got][:5]}... do not match the shard's diffs {ids[:5]}...")
 
 
 # ---- helpers the import formats share ------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..adapters import LoraSlot
 from ..files import TMP_MARK, write_atomically
 from .format import DTYPES, FORMAT, FORMAT_VERSION, SHARDS, Diff, ZooError, check_row
 
@@ -126,6 +127,44 @@ class ShardSet:
             self._views.popitem(last=False)
         return views
 
+    def gather(self, rows: list[dict], device: torch.device, dtype: torch.dtype) -> LoraSlot:
+        """The diffs of ``rows`` (from any shards) as one slot: A [k, r_max, d_in], B [k, d_out, r_max]
+        (ranks zero-padded), scale [k], index arange(k). Per module, the rows taken from one shard
+        are gathered in one copy."""
+        k = len(rows)
+        r_max = max(r["rank"] for r in rows)
+        by_shard: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # shard -> (offset, pos)
+        for pos, r in enumerate(rows):
+            by_shard[r["shard"]].append((r["offset"], pos))
+        plan = []  # per shard: views, rank to read, shard rows to take, batch positions to fill
+        for shard, pairs in by_shard.items():
+            offsets, positions = [o for o, _ in pairs], [p for _, p in pairs]
+            # Rows beyond each diff's own rank are zeros in the shard, so one rank cut serves all.
+            r = min(r_max, self.header(shard)[0])
+            plan.append((self.views(shard), r, _as_slice(offsets) or torch.tensor(offsets),
+                         _as_slice(positions) or torch.tensor(positions)))
+        A: dict[str, Tensor] = {}
+        B: dict[str, Tensor] = {}
+        for m in self.modules:
+            d_in, d_out = self.shapes[m]
+            a = torch.zeros(k, r_max, d_in, dtype=self.dtype)
+            b = torch.zeros(k, d_out, r_max, dtype=self.dtype)
+            for views, r, take, put in plan:
+                src_a, src_b = views[f"{m}.A"][:, :r], views[f"{m}.B"][:, :, :r]
+                src_a = src_a[take] if isinstance(take, slice) else src_a.index_select(0, take)
+                src_b = src_b[take] if isinstance(take, slice) else src_b.index_select(0, take)
+                # index_copy_ rather than a[idx] = ...: advanced-index assignment is far slower on CPU
+                if isinstance(put, slice):
+                    a[put, :r] = src_a
+                    b[put, :, :r] = src_b
+                else:
+                    a[:, :r].index_copy_(0, put, src_a)
+                    b[:, :, :r].index_copy_(0, put, src_b)
+            A[m] = a.to(device=device, dtype=dtype)
+            B[m] = b.to(device=device, dtype=dtype)
+        scale = torch.tensor([float(r["scale"]) for r in rows], dtype=torch.float32, device=device)
+        return LoraSlot(A=A, B=B, scale=scale, index=torch.arange(k, device=device), name="zoo")
+
     def check_digests(self, shard: str, rows: list[dict]) -> list[str]:
         """Problems (empty if none) of ``rows`` of one shard: sha256 mismatch, NaN/Inf, unreadable."""
         try:
@@ -210,6 +249,13 @@ def row_digests(A: Mapping[str, Tensor], B: Mapping[str, Tensor], modules: Itera
             for i, h in enumerate(hashes):
                 h.update(raw[i * step : (i + 1) * step])
     return [h.hexdigest() for h in hashes]
+
+
+def _as_slice(positions: list[int]) -> slice | None:
+    """``positions`` as a slice when they are consecutive (the common, in-order case)."""
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        return slice(positions[0], positions[0] + len(positions))
+    return None
 
 
 def _raw_bytes(t: Tensor) -> memoryview:

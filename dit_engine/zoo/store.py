@@ -32,7 +32,7 @@ from ..adapters import LoraSlot
 from ..config import TARGET_MODULES, ConfigError, ModelConfig
 from ..files import TMP_MARK, write_atomically
 from .format import (DTYPES, FORMAT, FORMAT_VERSION, INDEX, MANIFEST, RESERVED_FIELDS, SHARDS, BaseIdentity,
-                     Diff, Where, ZooError, check_row, json_line, matcher, read_manifest)
+                     Diff, Where, ZooError, check_row, json_line, matcher, parse_index, read_manifest)
 from .shards import ShardSet, shard_files
 
 
@@ -216,7 +216,7 @@ class Zoo:
         chosen = self._select(split, where, ids)
         for start in range(0, len(chosen), batch_size):
             rows = chosen[start : start + batch_size]
-            yield [dict(r) for r in rows], self._load_slot(rows, torch.device(device), dtype or self.dtype)
+            yield [dict(r) for r in rows], self._shardset.gather(rows, torch.device(device), dtype or self.dtype)
 
     def info(self) -> dict:
         """Counts by split / category / rank, base identity and size on disk (for ``dit zoo info``)."""
@@ -344,103 +344,12 @@ class Zoo:
             data = index.read_bytes()
         except FileNotFoundError:
             raise ZooError(f"{index}: missing (every zoo has an index, even an empty one)") from None
-        rows, committed = self._parse_index(data)
+        rows, committed = parse_index(data, self.path / INDEX, self._shardset)
         self._rows = rows
         self._by_id = {r["id"]: i for i, r in enumerate(rows)}
         self._committed_bytes, self._index_bytes = committed, len(data)
         if repair:
             self._repair()
-
-    def _parse_index(self, data: bytes) -> tuple[list[dict], int]:
-        """Committed rows and the byte length they occupy. Only the last row group may be torn."""
-        index = self.path / INDEX
-        lines = data.split(b"\n")
-        lines.pop()  # bytes after the last newline: b"", or a line torn by a kill (not committed)
-        rows: list[dict] = []
-        ends: list[int] = []  # byte offset after each row
-        pos = 0
-        for n, line in enumerate(lines, 1):
-            pos += len(line) + 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ZooError(f"{index}: line {n} is not valid JSON") from None
-            rows.append(check_row(row, f"{index} line {n}"))
-            ends.append(pos)
-        # Rows come in contiguous groups, one per shard (one append chunk); check each group.
-        kept, i = 0, 0
-        done_shards: set[str] = set()
-        while i < len(rows):
-            shard = rows[i]["shard"]
-            if shard in done_shards:
-                raise ZooError(f"{index}: rows of shard {shard} are not contiguous (line {i + 1})")
-            done_shards.add(shard)
-            j = i
-            while j < len(rows) and rows[j]["shard"] == shard:
-                j += 1
-            if not self._check_group(shard, rows[i:j], last=(j == len(rows))):
-                break
-            kept = i = j
-        rows = rows[:kept]
-        seen: set[str] = set()
-        for n, r in enumerate(rows, 1):
-            if r["id"] in seen:
-                raise ZooError(f"{index}: line {n}: duplicate id {r['id']!r}")
-            seen.add(r["id"])
-        return rows, (ends[kept - 1] if kept else 0)
-
-    def _check_group(self, shard: str, group: list[dict], last: bool) -> bool:
-        """True if ``group`` is exactly the shard's rows; False if it is a torn prefix of the last
-        shard (a kill during the index append); raise on anything else."""
-        where = self.path / SHARDS / shard
-        shard_rows = self._shardset.header(shard)[1]
-        ids = [r["id"] for r in shard_rows]
-        got = [(r["id"], r["offset"]) for r in group]
-        want = [(r["id"], r["offset"]) for r in shard_rows]
-        if got == want:
-            for r, s in zip(group, shard_rows):
-                for k in ("rank", "scale", "n_params", "sha256"):
-                    if r[k] != s[k]:
-                        raise ZooError(f"{where}: index row {r['id']!r} has {k}={r[k]!r}, the shard says {s[k]!r}")
-            return True
-        if last and got == want[: len(got)]:
-            return False
-        raise ZooError(f"{where}: index rows {[g[0] for g in got][:5]}... do not match the shard's diffs {ids[:5]}...")
-
-    def _load_slot(self, rows: list[dict], device: torch.device, dtype: torch.dtype) -> LoraSlot:
-        k = len(rows)
-        r_max = max(r["rank"] for r in rows)
-        by_shard: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # shard -> (offset, pos)
-        for pos, r in enumerate(rows):
-            by_shard[r["shard"]].append((r["offset"], pos))
-        plan = []  # per shard: views, rank to read, shard rows to take, batch positions to fill
-        for shard, pairs in by_shard.items():
-            offsets, positions = [o for o, _ in pairs], [p for _, p in pairs]
-            # Rows beyond each diff's own rank are zeros in the shard, so one rank cut serves all.
-            r = min(r_max, self._shardset.header(shard)[0])
-            plan.append((self._shardset.views(shard), r, _as_slice(offsets) or torch.tensor(offsets),
-                         _as_slice(positions) or torch.tensor(positions)))
-        A: dict[str, Tensor] = {}
-        B: dict[str, Tensor] = {}
-        for m in self.modules:
-            d_in, d_out = self._shapes[m]
-            a = torch.zeros(k, r_max, d_in, dtype=self.dtype)
-            b = torch.zeros(k, d_out, r_max, dtype=self.dtype)
-            for views, r, take, put in plan:
-                src_a, src_b = views[f"{m}.A"][:, :r], views[f"{m}.B"][:, :, :r]
-                src_a = src_a[take] if isinstance(take, slice) else src_a.index_select(0, take)
-                src_b = src_b[take] if isinstance(take, slice) else src_b.index_select(0, take)
-                # index_copy_ rather than a[idx] = ...: advanced-index assignment is far slower on CPU
-                if isinstance(put, slice):
-                    a[put, :r] = src_a
-                    b[put, :, :r] = src_b
-                else:
-                    a[:, :r].index_copy_(0, put, src_a)
-                    b[:, :, :r].index_copy_(0, put, src_b)
-            A[m] = a.to(device=device, dtype=dtype)
-            B[m] = b.to(device=device, dtype=dtype)
-        scale = torch.tensor([float(r["scale"]) for r in rows], dtype=torch.float32, device=device)
-        return LoraSlot(A=A, B=B, scale=scale, index=torch.arange(k, device=device), name="zoo")
 
     # ---- internals: writing ----------------------------------------------------------------------
     @contextmanager
@@ -532,12 +441,6 @@ class Zoo:
         self._committed_bytes += len(data)
         self._index_bytes = self._committed_bytes
 
-
-def _as_slice(positions: list[int]) -> slice | None:
-    """``positions`` as a slice when they are consecutive (the common, in-order case)."""
-    if positions == list(range(positions[0], positions[0] + len(positions))):
-        return slice(positions[0], positions[0] + len(positions))
-    return None
 
 def _nonempty(p: Path) -> bool:
     return p.exists() and p.stat().st_size > 0
