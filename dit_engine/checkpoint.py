@@ -11,10 +11,7 @@ in memory. Only directories: resolving a ``--model`` argument ("default", an HF 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .files import read_json, write_atomically, write_json
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -133,9 +131,8 @@ def save_checkpoint(state: Mapping[str, Tensor], config: ModelConfig, out_dir: s
             t = t.clone()
         seen_storage.add(t.untyped_storage().data_ptr())
         tensors[name] = t
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
-    _atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomically(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_json(out_dir / "config.json", config.to_dict())
     return out_dir
 
 
@@ -170,10 +167,9 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        weight_map = read_json(index, "a safetensors index", kind=dict, error=CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
@@ -199,17 +195,3 @@ def _assign(model: nn.Module, name: str, value: Tensor) -> None:
 def _preview(names: list[str], limit: int = 12) -> str:
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write via ``write(tmp_path)`` into a temp file beside ``target``, then rename it in place,
-    so a killed writer never leaves a half file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; checkpoints are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

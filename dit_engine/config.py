@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .files import read_json
+
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 # Linear layers that carry LoRAs, in the order they run inside one block, with their HF parent.
@@ -176,12 +179,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config.json not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, "a model config.json", kind=dict, error=ConfigError)
         return cls.from_dict(d, source=str(path), name=path.parent.name)
 
 

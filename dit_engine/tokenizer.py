@@ -19,6 +19,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .files import read_json
+
 # Tokens that close a chat turn in common templates; used only when the template cannot tell.
 _KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 _SENTINEL = "DITENGINESENTINEL"
@@ -194,12 +196,7 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """An optional JSON object file: ``{}`` when absent, one clear error when unreadable."""
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json(path, "a JSON object", kind=dict, error=TokenizerError)
