@@ -49,6 +49,18 @@ def use_triton(*tensors: Tensor, backend: str | None = None) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def device_guard(tensor: Tensor):
+    """Context for launching a kernel on ``tensor``'s data: its CUDA device made the current one.
+
+    Triton launches on the current CUDA device (and its current stream), not on the device of the
+    pointers it is given, so a launcher for tensors on ``cuda:1`` must switch to it first. CPU
+    tensors (the interpreter) need nothing. Every launcher enters this around its launch.
+    """
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def on_device(kernel, device: torch.device):
     """The kernel to launch for tensors on ``device``: compiled on CUDA, interpreted on CPU."""
     if device.type == "cuda" and isinstance(kernel, JITFunction):
