@@ -49,28 +49,44 @@ def use_triton(*tensors: Tensor, backend: str | None = None) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def device_guard(tensor: Tensor):
+    """Context for launching a kernel on ``tensor``'s data: its CUDA device made the current one.
+
+    Triton launches on the current CUDA device (and its current stream), not on the device of the
+    pointers it is given, so a launcher for tensors on ``cuda:1`` must switch to it first. CPU
+    tensors (the interpreter) need nothing. Every launcher enters this around its launch.
+    """
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def on_device(kernel, device: torch.device):
     """The kernel to launch for tensors on ``device``: compiled on CUDA, interpreted on CPU."""
-    if device.type == "cuda" or not isinstance(kernel, JITFunction):
+    if device.type == "cuda" and isinstance(kernel, JITFunction):
         return kernel
     return _InterpretedKernel(kernel)
 
 
 class _InterpretedKernel:
-    """A compiled-mode ``@triton.jit`` kernel run by Triton's interpreter: ``kernel[grid](*args)``.
+    """A ``@triton.jit`` kernel run by Triton's interpreter: ``kernel[grid](*args)``.
 
     ``triton.language`` defines some of its own functions (``tl.zeros``, ``tl.sum``, ``tl.max``,
     ``tl.sigmoid``, ...) with ``@triton.jit``; imported without ``TRITON_INTERPRET=1`` they are
     compiled-mode objects that refuse to run in Python. For the duration of the launch they are
     swapped for interpreted twins, which is what importing under ``TRITON_INTERPRET=1`` would give.
+    A kernel imported under ``TRITON_INTERPRET=1`` is already interpreted and runs as it is; both
+    kinds run with :func:`_scalar_loop_bounds`.
     """
 
-    def __init__(self, kernel: JITFunction):
-        self._fn = _twin(kernel)
+    def __init__(self, kernel):
+        self._compiled_mode = isinstance(kernel, JITFunction)
+        self._fn = _twin(kernel) if self._compiled_mode else kernel
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            with _interpreted_language():
+            language = _interpreted_language() if self._compiled_mode else contextlib.nullcontext()
+            with language, _scalar_loop_bounds():
                 return self._fn[grid](*args, **kwargs)
 
         return launch
@@ -97,6 +113,47 @@ def _interpreted_language():
     finally:
         for module, name, obj in saved:
             setattr(module, name, obj)
+
+
+@contextlib.contextmanager
+def _scalar_loop_bounds():
+    """Lets the interpreter use a scalar tensor as a ``range()`` bound on every supported Triton.
+
+    The interpreter holds a scalar (a kernel's int argument, ``tl.program_id``, a loaded value) as a
+    one-element 1-D numpy array, and ``range()`` converts it through ``tensor.__index__``. Up to
+    Triton 3.6 that is ``int(array)``, which numpy 2.4 rejects for arrays with a dimension
+    ("only 0-dimensional arrays can be converted to Python scalars"; deprecated since numpy 1.25), so
+    every loop with a run-time bound fails. No loop form avoids it without costing the compiled
+    kernels (a ``while`` loop is not software-pipelined; a constexpr trip count recompiles per
+    shape or runs masked iterations). Triton 3.9 squeezes the array first; this gives older
+    interpreters the same conversion, added to the patches the interpreter applies at each launch
+    and undone with them.
+    """
+    from triton.runtime import interpreter
+
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    if patch_lang is None:  # a Triton whose interpreter is organised differently: leave it as it is
+        yield
+        return
+
+    def patch_lang_with_scalar_index(fn):
+        scope = patch_lang(fn)
+        if hasattr(scope, "set_attr"):
+            scope.set_attr(tl.core.tensor, "__index__", _scalar_index)
+        return scope
+
+    interpreter._patch_lang = patch_lang_with_scalar_index
+    try:
+        yield
+    finally:
+        interpreter._patch_lang = patch_lang
+
+
+def _scalar_index(t) -> int:
+    data = t.handle.data
+    if data.size != 1:
+        raise TypeError(f"a Triton block of shape {tuple(data.shape)} cannot be used as an index")
+    return int(data.reshape(()))
 
 
 def interpreted(device: torch.device) -> bool:

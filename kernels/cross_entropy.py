@@ -184,7 +184,8 @@ def _ce_rows_fwd(
     C, V = logits.shape
     kernel = _dispatch.on_device(_ce_fwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
+    with _dispatch.device_guard(logits):
+        kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
 def _ce_rows_bwd(
@@ -203,7 +204,8 @@ def _ce_rows_bwd(
     C, V = logits.shape
     kernel = _dispatch.on_device(_ce_bwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
+    with _dispatch.device_guard(logits):
+        kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
 def _kl_rows_fwd(
@@ -224,10 +226,11 @@ def _kl_rows_fwd(
         return
     C, V = logits.shape
     kernel = _dispatch.on_device(_kl_fwd_kernel, logits.device)
-    kernel[(C,)](
-        logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0),
-        BLOCK_V=_block_v(V, logits.device),
-    )
+    with _dispatch.device_guard(logits):
+        kernel[(C,)](
+            logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0),
+            BLOCK_V=_block_v(V, logits.device),
+        )
 
 
 def _kl_rows_bwd(
@@ -246,7 +249,8 @@ def _kl_rows_bwd(
     C, V = logits.shape
     kernel = _dispatch.on_device(_kl_bwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=block_v)
+    with _dispatch.device_guard(logits):
+        kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=block_v)
 
 
 def _block_v(V: int, device: torch.device) -> int:

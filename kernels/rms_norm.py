@@ -75,9 +75,10 @@ def _rms_norm_fwd(
         return y, rstd
     block_d = triton.next_power_of_2(d)
     kernel = _dispatch.on_device(_rms_norm_fwd_kernel, x.device)
-    kernel[(rows,)](
-        x, weight, y, rstd, d, x.stride(0), y.stride(0), eps, BLOCK_D=block_d, num_warps=_warps(block_d)
-    )
+    with _dispatch.device_guard(x):
+        kernel[(rows,)](
+            x, weight, y, rstd, d, x.stride(0), y.stride(0), eps, BLOCK_D=block_d, num_warps=_warps(block_d)
+        )
     return y, rstd
 
 
@@ -96,11 +97,12 @@ def _rms_norm_bwd(
     if rows:
         block_d = triton.next_power_of_2(d)
         kernel = _dispatch.on_device(_rms_norm_bwd_kernel, x.device)
-        kernel[(n_prog,)](
-            dy, x, weight, rstd, dx, partial, rows, d,
-            dy.stride(0), x.stride(0), dx.stride(0), partial.stride(0),
-            NEED_WEIGHT=need_weight, BLOCK_D=block_d, num_warps=_warps(block_d),
-        )  # fmt: skip
+        with _dispatch.device_guard(x):
+            kernel[(n_prog,)](
+                dy, x, weight, rstd, dx, partial, rows, d,
+                dy.stride(0), x.stride(0), dx.stride(0), partial.stride(0),
+                NEED_WEIGHT=need_weight, BLOCK_D=block_d, num_warps=_warps(block_d),
+            )  # fmt: skip
     dw = None
     if need_weight:
         dw = partial.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)

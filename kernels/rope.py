@@ -71,11 +71,12 @@ def _rope(
         return out
     block_h = min(triton.next_power_of_2(H), 16)
     kernel = _dispatch.on_device(_rope_kernel, x.device)
-    kernel[(B * T, triton.cdiv(H, block_h))](
-        x, cos, sin, out, H, T, hd // 2,
-        *x.stride(), *out.stride(), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(hd // 2),
-    )  # fmt: skip
+    with _dispatch.device_guard(x):
+        kernel[(B * T, triton.cdiv(H, block_h))](
+            x, cos, sin, out, H, T, hd // 2,
+            *x.stride(), *out.stride(), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(hd // 2),
+        )  # fmt: skip
     return out
 
 

@@ -66,11 +66,12 @@ def _swiglu(
     block = min(triton.next_power_of_2(f), 1024)
     o0, o1 = outs[0], outs[-1]
     kernel = _dispatch.on_device(_swiglu_kernel, gate.device)
-    kernel[(rows, triton.cdiv(f, block))](
-        gate, up, dy if dy is not None else gate, o0, o1, f,
-        gate.stride(0), up.stride(0), dy.stride(0) if dy is not None else 0, o0.stride(0), o1.stride(0),
-        BACKWARD=dy is not None, BLOCK=block,
-    )  # fmt: skip
+    with _dispatch.device_guard(gate):
+        kernel[(rows, triton.cdiv(f, block))](
+            gate, up, dy if dy is not None else gate, o0, o1, f,
+            gate.stride(0), up.stride(0), dy.stride(0) if dy is not None else 0, o0.stride(0), o1.stride(0),
+            BACKWARD=dy is not None, BLOCK=block,
+        )  # fmt: skip
     return outs
 
 

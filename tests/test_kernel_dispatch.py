@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from dit_kernels import _dispatch
@@ -41,13 +43,49 @@ def test_env_forces_triton_through_public_ops(monkeypatch):
 
 def test_cpu_launch_is_interpreted_cuda_launch_is_compiled():
     kernel = rms_mod._rms_norm_fwd_kernel
-    assert _dispatch.on_device(kernel, torch.device("cuda")) is kernel
     on_cpu = _dispatch.on_device(kernel, torch.device("cpu"))
+    assert isinstance(on_cpu, _dispatch._InterpretedKernel)
     if isinstance(kernel, JITFunction):
-        assert on_cpu is not kernel  # an interpreted twin of the compiled-mode kernel
+        assert _dispatch.on_device(kernel, torch.device("cuda")) is kernel
+        assert on_cpu._fn is not kernel  # an interpreted twin of the compiled-mode kernel
     else:
-        assert on_cpu is kernel  # imported under TRITON_INTERPRET=1: already interpreted
+        assert on_cpu._fn is kernel  # imported under TRITON_INTERPRET=1: already interpreted
     assert _dispatch.interpreted(torch.device("cpu"))
+
+
+@triton.jit
+def _strided_partial_sums_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    # Loop bounds from program_id, num_programs and an int argument: scalars at run time.
+    i_p = tl.program_id(0)
+    b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(i_p * BLOCK, N, tl.num_programs(0) * BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        b_acc += tl.load(x_ptr + o, mask=o < N, other=0.0)
+    tl.store(out_ptr + i_p, tl.sum(b_acc, axis=0))
+
+
+def test_interpreter_takes_run_time_loop_bounds():
+    # Up to Triton 3.6 the interpreter turns a loop bound into an int with int(one-element array),
+    # which numpy >= 2.4 refuses; the launch must give it a conversion that works.
+    x = torch.arange(23, dtype=torch.float32)
+    out = torch.empty(3)
+    _dispatch.on_device(_strided_partial_sums_kernel, x.device)[(3,)](x, out, x.numel(), BLOCK=4)
+    want = torch.stack([x[torch.arange(23) // 4 % 3 == p].sum() for p in range(3)])
+    assert torch.equal(out, want)
+
+
+def test_loop_bound_conversion_refuses_blocks_and_is_undone():
+    import numpy as np
+    from triton.runtime import interpreter
+
+    block = tl.core.tensor(interpreter.TensorHandle(np.arange(2, dtype=np.int32), tl.int32),
+                           tl.block_type(tl.int32, [2]))
+    with pytest.raises(TypeError, match="cannot be used as an index"):
+        _dispatch._scalar_index(block)
+    before = interpreter._patch_lang
+    with _dispatch._scalar_loop_bounds():
+        assert interpreter._patch_lang is not before
+    assert interpreter._patch_lang is before
 
 
 def test_poisoned_buffers_are_nan_only_when_asked(monkeypatch):
