@@ -18,13 +18,13 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-import dit_engine.kernels as kernels_pkg
-from dit_engine.kernels import _dispatch
-from dit_engine.kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
-from dit_engine.kernels.multi_lora import build_lora_meta, multi_lora_multi
-from dit_engine.kernels.rms_norm import rms_norm
-from dit_engine.kernels.rope import apply_rope
-from dit_engine.kernels.swiglu import swiglu
+import dit_kernels as kernels_pkg
+from dit_kernels import _dispatch
+from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi
+from dit_kernels.rms_norm import rms_norm
+from dit_kernels.rope import apply_rope
+from dit_kernels.swiglu import swiglu
 
 
 def _package_kernels() -> set[str]:
