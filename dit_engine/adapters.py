@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from dit_kernels._dispatch import use_triton
+from dit_kernels.backend import use_triton
 from dit_kernels.multi_lora import LoraMeta, build_lora_meta, multi_lora_multi
 
 from .config import TARGET_MODULES, ModelConfig

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dit_kernels import _dispatch  # noqa: E402
+from dit_kernels import backend  # noqa: E402
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher  # noqa: E402
 from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi  # noqa: E402
 from dit_kernels.rms_norm import rms_norm  # noqa: E402
@@ -85,9 +85,9 @@ def _type(v) -> str:
 def compiled(monkeypatch, tmp_path):
     """Launchers believe they are on an H100 (GPU block sizes, bf16 dots); launches only compile."""
     out: list = []
-    monkeypatch.setattr(_dispatch, "interpreted", lambda device: False)
-    monkeypatch.setattr(_dispatch, "num_sms", lambda device: 132)
-    monkeypatch.setattr(_dispatch, "on_device", lambda kernel, device: _CompileForHopper(kernel, out, tmp_path))
+    monkeypatch.setattr(backend, "interpreted", lambda device: False)
+    monkeypatch.setattr(backend, "num_sms", lambda device: 132)
+    monkeypatch.setattr(backend, "on_device", lambda kernel, device: _CompileForHopper(kernel, out, tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     return out
 

@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import dit_kernels as kernels_pkg
-from dit_kernels import _dispatch
+from dit_kernels import backend
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi
 from dit_kernels.rms_norm import rms_norm
@@ -43,7 +43,7 @@ def launches(monkeypatch):
     """(kernel name, the tensor of the innermost guard or None, the launch's tensor arguments)."""
     record: list = []
     guards: list = []
-    real_guard, real_on_device = _dispatch.device_guard, _dispatch.on_device
+    real_guard, real_on_device = backend.device_guard, backend.on_device
 
     @contextlib.contextmanager
     def recording_guard(tensor):
@@ -67,8 +67,8 @@ def launches(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(_dispatch, "device_guard", recording_guard)
-    monkeypatch.setattr(_dispatch, "on_device", RecordingLaunch)
+    monkeypatch.setattr(backend, "device_guard", recording_guard)
+    monkeypatch.setattr(backend, "on_device", RecordingLaunch)
     return record
 
 
@@ -115,9 +115,9 @@ def test_guard_makes_a_cuda_tensors_device_current_and_leaves_cpu_alone(monkeypa
 
     monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
     on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))  # only .device is read
-    with _dispatch.device_guard(on_gpu1):
+    with backend.device_guard(on_gpu1):
         pass
-    with _dispatch.device_guard(torch.zeros(1)):
+    with backend.device_guard(torch.zeros(1)):
         pass
     assert entered == [torch.device("cuda", 1)]
 

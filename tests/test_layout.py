@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -184,9 +185,13 @@ def test_pyproject_lists_every_package():
 @pytest.mark.slow
 def test_built_wheel_installs_and_imports(tmp_path):
     """`pip wheel .` then a fresh venv: both import names come from the wheel, not the source tree."""
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "out", "*.egg-info",
+                                                             "__pycache__", ".gguf", ".whl"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(ROOT)], check=True, timeout=600)
+                    str(wheels), str(src)], check=True, timeout=600)
     (wheel,) = wheels.glob("dit_engine-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dit_kernels/multi_lora.py", "dit_engine/zoo/store.py", "dit_engine/dit/training.py",

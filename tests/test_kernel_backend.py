@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from dit_kernels import _dispatch
+from dit_kernels import backend
 from dit_kernels import rms_norm as rms_mod
 from dit_kernels.rms_norm import rms_norm
 
@@ -16,16 +16,16 @@ from dit_kernels.rms_norm import rms_norm
 def test_env_and_argument_choose_the_path(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("DIT_KERNELS", raising=False)
-    assert not _dispatch.use_triton(cpu)  # auto: CPU tensors take the reference
+    assert not backend.use_triton(cpu)  # auto: CPU tensors take the reference
     monkeypatch.setenv("DIT_KERNELS", "triton")
-    assert _dispatch.use_triton(cpu)
-    assert not _dispatch.use_triton(cpu, backend="torch")  # the argument wins
+    assert backend.use_triton(cpu)
+    assert not backend.use_triton(cpu, backend="torch")  # the argument wins
     monkeypatch.setenv("DIT_KERNELS", "torch")
-    assert not _dispatch.use_triton(cpu)
-    assert _dispatch.use_triton(cpu, backend="triton")
+    assert not backend.use_triton(cpu)
+    assert backend.use_triton(cpu, backend="triton")
     monkeypatch.setenv("DIT_KERNELS", "gpu")
     with pytest.raises(ValueError, match="environment variable DIT_KERNELS is 'gpu'"):
-        _dispatch.use_triton(cpu)
+        backend.use_triton(cpu)
 
 
 def test_env_forces_triton_through_public_ops(monkeypatch):
@@ -43,14 +43,14 @@ def test_env_forces_triton_through_public_ops(monkeypatch):
 
 def test_cpu_launch_is_interpreted_cuda_launch_is_compiled():
     kernel = rms_mod._rms_norm_fwd_kernel
-    on_cpu = _dispatch.on_device(kernel, torch.device("cpu"))
-    assert isinstance(on_cpu, _dispatch._InterpretedKernel)
+    on_cpu = backend.on_device(kernel, torch.device("cpu"))
+    assert isinstance(on_cpu, backend._InterpretedKernel)
     if isinstance(kernel, JITFunction):
-        assert _dispatch.on_device(kernel, torch.device("cuda")) is kernel
+        assert backend.on_device(kernel, torch.device("cuda")) is kernel
         assert on_cpu._fn is not kernel  # an interpreted twin of the compiled-mode kernel
     else:
         assert on_cpu._fn is kernel  # imported under TRITON_INTERPRET=1: already interpreted
-    assert _dispatch.interpreted(torch.device("cpu"))
+    assert backend.interpreted(torch.device("cpu"))
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def test_interpreter_takes_run_time_loop_bounds():
     # which numpy >= 2.4 refuses; the launch must give it a conversion that works.
     x = torch.arange(23, dtype=torch.float32)
     out = torch.empty(3)
-    _dispatch.on_device(_strided_partial_sums_kernel, x.device)[(3,)](x, out, x.numel(), BLOCK=4)
+    backend.on_device(_strided_partial_sums_kernel, x.device)[(3,)](x, out, x.numel(), BLOCK=4)
     want = torch.stack([x[torch.arange(23) // 4 % 3 == p].sum() for p in range(3)])
     assert torch.equal(out, want)
 
@@ -81,9 +81,9 @@ def test_loop_bound_conversion_refuses_blocks_and_is_undone():
     block = tl.core.tensor(interpreter.TensorHandle(np.arange(2, dtype=np.int32), tl.int32),
                            tl.block_type(tl.int32, [2]))
     with pytest.raises(TypeError, match="cannot be used as an index"):
-        _dispatch._scalar_index(block)
+        backend._scalar_index(block)
     before = interpreter._patch_lang
-    with _dispatch._scalar_loop_bounds():
+    with backend._scalar_loop_bounds():
         assert interpreter._patch_lang is not before
     assert interpreter._patch_lang is before
 
@@ -91,6 +91,6 @@ def test_loop_bound_conversion_refuses_blocks_and_is_undone():
 def test_poisoned_buffers_are_nan_only_when_asked(monkeypatch):
     monkeypatch.delenv("DIT_KERNELS_POISON", raising=False)
     monkeypatch.setenv("DIT_KERNELS_POISON", "1")
-    assert torch.isnan(_dispatch.empty((3,), torch.float32, torch.device("cpu"))).all()
-    assert torch.isnan(_dispatch.empty_like(torch.zeros(2, 2).T)).all()
-    assert _dispatch.empty((2,), torch.int64, torch.device("cpu")).dtype == torch.int64
+    assert torch.isnan(backend.empty((3,), torch.float32, torch.device("cpu"))).all()
+    assert torch.isnan(backend.empty_like(torch.zeros(2, 2).T)).all()
+    assert backend.empty((2,), torch.int64, torch.device("cpu")).dtype == torch.int64
