@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import backend
+from . import backend as _backend
 
 IGNORE_INDEX = -100
 
@@ -47,7 +47,7 @@ def linear_cross_entropy(
     if bool(bad.any()):
         raise ValueError(f"linear_cross_entropy: labels must lie in [0, {weight.shape[0]}) or be {IGNORE_INDEX}; "
                          f"found {labels[bad][:5].tolist()}")
-    triton_rows = backend.use_triton(hidden, weight, backend=backend)
+    triton_rows = _backend.use_triton(hidden, weight, backend=backend)
     return _LinearCrossEntropy.apply(hidden, weight, labels.to(torch.int64), chunk_size, triton_rows)
 
 
@@ -64,7 +64,7 @@ def linear_kl_to_teacher(
     if teacher_hidden.shape != hidden.shape:
         raise ValueError(f"linear_kl_to_teacher: teacher_hidden {tuple(teacher_hidden.shape)} "
                          f"!= hidden {tuple(hidden.shape)}")
-    triton_rows = backend.use_triton(hidden, weight, backend=backend)
+    triton_rows = _backend.use_triton(hidden, weight, backend=backend)
     return _LinearKL.apply(hidden, teacher_hidden.detach(), weight, chunk_size, triton_rows)
 
 
@@ -90,8 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size, triton_rows):
         n = hidden.shape[0]
         w = _compute_weight(hidden, weight, triton_rows)
-        loss = backend.empty((n,), torch.float32, hidden.device)
-        lse = backend.empty((n,), torch.float32, hidden.device)
+        loss = _backend.empty((n,), torch.float32, hidden.device)
+        lse = _backend.empty((n,), torch.float32, hidden.device)
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
             logits = hidden[c].to(w.dtype) @ w.T  # [chunk, V]
@@ -105,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = _compute_weight(hidden, weight, ctx.triton_rows)
-        dh = backend.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
+        dh = _backend.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         dloss = dloss.float().contiguous()  # a broadcast upstream grad (loss.sum()) has stride 0
         for s in range(0, hidden.shape[0], ctx.chunk_size):
@@ -125,9 +125,9 @@ class _LinearKL(torch.autograd.Function):
     def forward(ctx, hidden, teacher_hidden, weight, chunk_size, triton_rows):
         n = hidden.shape[0]
         w = _compute_weight(hidden, weight, triton_rows)
-        kl = backend.empty((n,), torch.float32, hidden.device)
-        lse = backend.empty((n,), torch.float32, hidden.device)
-        lse_t = backend.empty((n,), torch.float32, hidden.device)
+        kl = _backend.empty((n,), torch.float32, hidden.device)
+        lse = _backend.empty((n,), torch.float32, hidden.device)
+        lse_t = _backend.empty((n,), torch.float32, hidden.device)
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
             logits = hidden[c].to(w.dtype) @ w.T  # [chunk, V]
@@ -142,7 +142,7 @@ class _LinearKL(torch.autograd.Function):
         hidden, teacher_hidden, weight, lse, lse_t = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         w = _compute_weight(hidden, weight, ctx.triton_rows)
-        dh = backend.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
+        dh = _backend.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         dkl = dkl.float().contiguous()
         for s in range(0, hidden.shape[0], ctx.chunk_size):
@@ -182,9 +182,9 @@ def _ce_rows_fwd(
         loss_out.copy_(torch.where(labels != IGNORE_INDEX, lse - picked, torch.zeros_like(lse)))
         return
     C, V = logits.shape
-    kernel = backend.on_device(_ce_fwd_kernel, logits.device)
+    kernel = _backend.on_device(_ce_fwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    with backend.device_guard(logits):
+    with _backend.device_guard(logits):
         kernel[(C,)](logits, labels, lse_out, loss_out, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
@@ -202,9 +202,9 @@ def _ce_rows_bwd(
         logits.copy_(g * torch.where(valid, dloss, torch.zeros_like(dloss))[:, None])
         return
     C, V = logits.shape
-    kernel = backend.on_device(_ce_bwd_kernel, logits.device)
+    kernel = _backend.on_device(_ce_bwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    with backend.device_guard(logits):
+    with _backend.device_guard(logits):
         kernel[(C,)](logits, labels, lse, dloss, V, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK_V=block_v)
 
 
@@ -225,8 +225,8 @@ def _kl_rows_fwd(
         kl_out.copy_((log_p.exp() * (log_p - (lf - lse[:, None]))).sum(-1))
         return
     C, V = logits.shape
-    kernel = backend.on_device(_kl_fwd_kernel, logits.device)
-    with backend.device_guard(logits):
+    kernel = _backend.on_device(_kl_fwd_kernel, logits.device)
+    with _backend.device_guard(logits):
         kernel[(C,)](
             logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0),
             BLOCK_V=_block_v(V, logits.device),
@@ -247,15 +247,15 @@ def _kl_rows_bwd(
         logits.copy_((q - p) * dkl[:, None])
         return
     C, V = logits.shape
-    kernel = backend.on_device(_kl_bwd_kernel, logits.device)
+    kernel = _backend.on_device(_kl_bwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
-    with backend.device_guard(logits):
+    with _backend.device_guard(logits):
         kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=block_v)
 
 
 def _block_v(V: int, device: torch.device) -> int:
     # Small blocks under the interpreter so that test vocabularies take several online-softmax steps.
-    return min(triton.next_power_of_2(V), 256 if backend.interpreted(device) else 4096)
+    return min(triton.next_power_of_2(V), 256 if _backend.interpreted(device) else 4096)
 
 
 # ---- kernels: one program per row, one online pass over the vocabulary --------------------------------

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import backend
+from . import backend as _backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def multi_lora(
     Differentiable w.r.t. ``x``, ``A`` and ``B``; ``dA``/``dB`` are computed only when they require grad.
     """
     _check_shapes(x, A, B, scale, meta)
-    if not backend.use_triton(x, backend=backend):
+    if not _backend.use_triton(x, backend=backend):
         return multi_lora_ref(x, A, B, scale, meta)
     return _multi_lora_triton(x, [(A, B, scale, meta)])
 
@@ -122,7 +122,7 @@ def multi_lora_multi(
     d_outs = {B.shape[1] for _, B, _, _ in slots}
     if len(d_outs) != 1:
         raise ValueError(f"multi_lora_multi: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
-    if not backend.use_triton(x, backend=backend):
+    if not _backend.use_triton(x, backend=backend):
         out = multi_lora_ref(x, *slots[0])
         for slot in slots[1:]:
             out = out + multi_lora_ref(x, *slot)
@@ -334,12 +334,12 @@ def _lora_shrink(
     n_work = tiles.shape[0] - n_none
     ranks = [w.shape[1] if w is not None else 0 for w in weights] + [0]
     block_m = route.block_m
-    block_r = [backend.pow2_at_least(r) for r in ranks[:2]]
-    interp = backend.interpreted(x.device)
+    block_r = [_backend.pow2_at_least(r) for r in ranks[:2]]
+    interp = _backend.interpreted(x.device)
     block_k = 64 if interp else (128 if max(block_r) <= 32 else 64)
     if split_k is None:
         # Few tiles (decode with few adapters, one big adapter): split d_in so every SM streams weights.
-        want = 2 * backend.num_sms(x.device)
+        want = 2 * _backend.num_sms(x.device)
         split_k = max(1, min(triton.cdiv(want, max(n_work, 1)), triton.cdiv(K, block_k), 32))
     outs = []
     for w, r in zip(weights, ranks):
@@ -348,14 +348,14 @@ def _lora_shrink(
         elif split_k > 1:
             outs.append(torch.zeros(n_tok, r, dtype=torch.float32, device=x.device))
         else:
-            outs.append(backend.empty((n_tok, r), torch.float32, x.device))
+            outs.append(_backend.empty((n_tok, r), torch.float32, x.device))
     if n_work == 0:
         return outs
     w0, w1 = (weights + [None])[:2]
     s0, s1 = (outs + [None])[:2]
     sc0, sc1 = ((scales or []) + [None, None])[:2]
-    kernel = backend.on_device(_lora_shrink_kernel, x.device)
-    with backend.device_guard(x):
+    kernel = _backend.on_device(_lora_shrink_kernel, x.device)
+    with _backend.device_guard(x):
         kernel[(n_work, split_k)](
             x,
             route.tokens,
@@ -383,8 +383,8 @@ def _lora_shrink(
             BLOCK_K=block_k,
             BLOCK_R0=block_r[0],
             BLOCK_R1=block_r[1],
-            DOT_DTYPE=backend.dot_dtype(x.dtype, x.device),
-            PRECISION=backend.fp32_precision(x.dtype),
+            DOT_DTYPE=_backend.dot_dtype(x.dtype, x.device),
+            PRECISION=_backend.fp32_precision(x.dtype),
         )
     return outs
 
@@ -401,18 +401,18 @@ def _lora_expand(
     n_out = weights[0].shape[1]
     device = route.tokens.device
     tiles, _ = route.tiles()
-    y = backend.empty((n_tok, n_out), out_dtype, device)
+    y = _backend.empty((n_tok, n_out), out_dtype, device)
     if n_tok == 0:
         return y
     used = [w if s is not None else None for s, w in zip(S, weights)] + [None]
     ranks = [w.shape[2] if w is not None else 0 for w in used[:2]]
-    block_r = [backend.pow2_at_least(r) for r in ranks]
+    block_r = [_backend.pow2_at_least(r) for r in ranks]
     block_n = 64
     s0, s1 = (list(S) + [None])[:2]
     w0, w1 = used[:2]
     sc0, sc1 = ((scales or []) + [None, None])[:2]
-    kernel = backend.on_device(_lora_expand_kernel, device)
-    with backend.device_guard(y):
+    kernel = _backend.on_device(_lora_expand_kernel, device)
+    with _backend.device_guard(y):
         kernel[(tiles.shape[0], triton.cdiv(n_out, block_n))](
             s0 if w0 is not None else y,
             s1 if w1 is not None else y,
@@ -439,7 +439,7 @@ def _lora_expand(
             BLOCK_N=block_n,
             BLOCK_R0=block_r[0],
             BLOCK_R1=block_r[1],
-            PRECISION=backend.fp32_precision(out_dtype),
+            PRECISION=_backend.fp32_precision(out_dtype),
         )
     return y
 
@@ -460,20 +460,20 @@ def _lora_wgrad(
     if meta.num_routed == 0:
         return out.to(out_dtype)
     # The rank side (<= 128) fits one block; the model side (d_in or d_out) is tiled by 64.
-    block_p = backend.pow2_at_least(P) if P <= 128 else 64
-    block_q = backend.pow2_at_least(Q) if Q <= 128 else 64
+    block_p = _backend.pow2_at_least(P) if P <= 128 else 64
+    block_q = _backend.pow2_at_least(Q) if Q <= 128 else 64
     block_t = 64
     grid_pq = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     if chunk is None:
         # Halve the chunk until the grid fills the GPU; adapters spanning several chunks use atomics.
         chunk = max(block_t, triton.next_power_of_2(meta.max_count))
-        want = 2 * backend.num_sms(device)
+        want = 2 * _backend.num_sms(device)
         while chunk > block_t and grid_pq * sum(triton.cdiv(c, chunk) for c in meta.counts_list) < want:
             chunk //= 2
     chunks, atomic = _wgrad_chunks(meta, chunk, device)
     tokens = meta.sorted_tokens.to(device)
-    kernel = backend.on_device(_lora_wgrad_kernel, device)
-    with backend.device_guard(left):
+    kernel = _backend.on_device(_lora_wgrad_kernel, device)
+    with _backend.device_guard(left):
         kernel[(chunks.shape[0], triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
             left,
             right,
@@ -495,7 +495,7 @@ def _lora_wgrad(
             BLOCK_T=block_t,
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
-            PRECISION=backend.fp32_precision(left.dtype if left.dtype != torch.float32 else right.dtype),
+            PRECISION=_backend.fp32_precision(left.dtype if left.dtype != torch.float32 else right.dtype),
         )
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import backend
+from . import backend as _backend
 
 
 def rms_norm(
@@ -24,7 +24,7 @@ def rms_norm(
 ) -> Tensor:  # [..., d]
     """RMSNorm; Triton on CUDA, :func:`rms_norm_ref` on CPU. Differentiable w.r.t. ``x`` and ``weight``."""
     _check(x, weight)
-    if not backend.use_triton(x, backend=backend):
+    if not _backend.use_triton(x, backend=backend):
         return rms_norm_ref(x, weight, eps)
     return _RMSNormFunction.apply(x, weight, float(eps))
 
@@ -69,13 +69,13 @@ def _rms_norm_fwd(
 ) -> tuple[Tensor, Tensor]:  # y [rows, d], rstd [rows] fp32
     rows, d = x.shape
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y = backend.empty((rows, d), out_dtype, x.device)
-    rstd = backend.empty((rows,), torch.float32, x.device)
+    y = _backend.empty((rows, d), out_dtype, x.device)
+    rstd = _backend.empty((rows,), torch.float32, x.device)
     if rows == 0:
         return y, rstd
     block_d = triton.next_power_of_2(d)
-    kernel = backend.on_device(_rms_norm_fwd_kernel, x.device)
-    with backend.device_guard(x):
+    kernel = _backend.on_device(_rms_norm_fwd_kernel, x.device)
+    with _backend.device_guard(x):
         kernel[(rows,)](
             x, weight, y, rstd, d, x.stride(0), y.stride(0), eps, BLOCK_D=block_d, num_warps=_warps(block_d)
         )
@@ -90,14 +90,14 @@ def _rms_norm_bwd(
     need_weight: bool,
 ) -> tuple[Tensor, Tensor | None]:  # dx [rows, d], dweight [d] or None
     rows, d = x.shape
-    dx = backend.empty((rows, d), x.dtype, x.device)
+    dx = _backend.empty((rows, d), x.dtype, x.device)
     # Each program walks rows i, i + G, ... and keeps its own fp32 partial dweight; torch sums the G.
-    n_prog = max(1, min(rows, 4 * backend.num_sms(x.device)))
-    partial = backend.empty((n_prog, d), torch.float32, x.device)
+    n_prog = max(1, min(rows, 4 * _backend.num_sms(x.device)))
+    partial = _backend.empty((n_prog, d), torch.float32, x.device)
     if rows:
         block_d = triton.next_power_of_2(d)
-        kernel = backend.on_device(_rms_norm_bwd_kernel, x.device)
-        with backend.device_guard(x):
+        kernel = _backend.on_device(_rms_norm_bwd_kernel, x.device)
+        with _backend.device_guard(x):
             kernel[(n_prog,)](
                 dy, x, weight, rstd, dx, partial, rows, d,
                 dy.stride(0), x.stride(0), dx.stride(0), partial.stride(0),

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import backend
+from . import backend as _backend
 
 
 def apply_rope(
@@ -27,7 +27,7 @@ def apply_rope(
     """RoPE; Triton on CUDA, :func:`apply_rope_ref` on CPU. Differentiable w.r.t. ``x`` only (cos/sin
     are position tables: if they require grad, the reference path runs so autograd sees them)."""
     _check(x, cos, sin)
-    if not backend.use_triton(x, backend=backend) or cos.requires_grad or sin.requires_grad:
+    if not _backend.use_triton(x, backend=backend) or cos.requires_grad or sin.requires_grad:
         return apply_rope_ref(x, cos, sin)
     return _RopeFunction.apply(x, cos, sin)
 
@@ -66,12 +66,12 @@ def _rope(
     backward: bool,
 ) -> Tensor:  # [B, H, T, hd], x's layout
     B, H, T, hd = x.shape
-    out = backend.empty_like(x)
+    out = _backend.empty_like(x)
     if out.numel() == 0:
         return out
     block_h = min(triton.next_power_of_2(H), 16)
-    kernel = backend.on_device(_rope_kernel, x.device)
-    with backend.device_guard(x):
+    kernel = _backend.on_device(_rope_kernel, x.device)
+    with _backend.device_guard(x):
         kernel[(B * T, triton.cdiv(H, block_h))](
             x, cos, sin, out, H, T, hd // 2,
             *x.stride(), *out.stride(), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),

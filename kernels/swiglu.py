@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import backend
+from . import backend as _backend
 
 
 def swiglu(
@@ -23,7 +23,7 @@ def swiglu(
 ) -> Tensor:  # [..., f]
     """``silu(gate) * up``; Triton on CUDA, :func:`swiglu_ref` on CPU. Differentiable w.r.t. both."""
     _check(gate, up)
-    if not backend.use_triton(gate, up, backend=backend):
+    if not _backend.use_triton(gate, up, backend=backend):
         return swiglu_ref(gate, up)
     return _SwigluFunction.apply(gate, up)
 
@@ -58,15 +58,15 @@ def _swiglu(
     rows, f = gate.shape
     out_dtype = torch.promote_types(gate.dtype, up.dtype)
     if dy is None:
-        outs = (backend.empty((rows, f), out_dtype, gate.device),)
+        outs = (_backend.empty((rows, f), out_dtype, gate.device),)
     else:
-        outs = (backend.empty((rows, f), gate.dtype, gate.device), backend.empty((rows, f), up.dtype, up.device))
+        outs = (_backend.empty((rows, f), gate.dtype, gate.device), _backend.empty((rows, f), up.dtype, up.device))
     if rows * f == 0:
         return outs
     block = min(triton.next_power_of_2(f), 1024)
     o0, o1 = outs[0], outs[-1]
-    kernel = backend.on_device(_swiglu_kernel, gate.device)
-    with backend.device_guard(gate):
+    kernel = _backend.on_device(_swiglu_kernel, gate.device)
+    with _backend.device_guard(gate):
         kernel[(rows, triton.cdiv(f, block))](
             gate, up, dy if dy is not None else gate, o0, o1, f,
             gate.stride(0), up.stride(0), dy.stride(0) if dy is not None else 0, o0.stride(0), o1.stride(0),
