@@ -14,7 +14,7 @@ for every implementation of a case, so figures compare), the fraction of the roo
 measured on this device at the start), and how many times faster "ours" is.
 
 Implementations of the multi-LoRA delta (per-sequence adapters, as in DIT):
-- ``ours``: ``multi_lora`` / ``multi_lora_multi`` with the routing built once per batch (outside the
+- ``ours``: ``multi_lora`` / ``multi_lora_sum`` with the routing built once per batch (outside the
   timed region, as the model builds it once for all layers);
 - ``dense_einsum``: the DIT paper's way: materialise each sequence's dense ``scale * B @ A`` and einsum;
 - ``gather_bmm``: gather each sequence's A and B, two bmm;
@@ -41,7 +41,7 @@ from dit_kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
-from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_sum
 from dit_kernels.rms_norm import rms_norm, rms_norm_ref
 from dit_kernels.rope import apply_rope, apply_rope_ref
 from dit_kernels.swiglu import swiglu, swiglu_ref
@@ -243,7 +243,7 @@ def _lora_impl(case: _LoraCase, impl: str) -> Callable[[], object]:
         routed = [(A, B, s, build_lora_meta(idx[:, None].expand(b, t).reshape(-1))) for A, B, s, idx in slots]
 
         def delta():
-            return multi_lora_multi(x, routed)
+            return multi_lora_sum(x, routed)
     elif impl == "dense_einsum":
 
         def delta():

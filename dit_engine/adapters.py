@@ -17,8 +17,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from dit_kernels.backend import use_triton
-from dit_kernels.multi_lora import LoraMeta, build_lora_meta, multi_lora_multi
+from dit_kernels.multi_lora import Routing, RowRouting, build_lora_meta, multi_lora_sum
 
 from .config import TARGET_MODULES, ModelConfig
 
@@ -103,13 +102,6 @@ class LoraSlot:
             raise AdapterError(f"{self.name}: index values must lie in [-1, {n - 1}], found "
                                f"[{int(self.index.min())}, {int(self.index.max())}]")
 
-    def token_meta(self, batch: int, seq: int) -> LoraMeta:
-        """Routing metadata for a [batch, seq] block of tokens flattened row-major."""
-        idx = self.index
-        if idx.dim() == 1:
-            idx = idx[:, None].expand(batch, seq)
-        return build_lora_meta(idx.reshape(-1), self.n_adapters)
-
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def create(
@@ -165,10 +157,11 @@ class AdapterBatch:
 
     def __init__(self, *slots: LoraSlot):
         self.slots = list(slots)
-        # Per-row weights of frozen slots, gathered once and reused by every forward of this batch
-        # (every decode step); a compacted batch is a new AdapterBatch with a fresh cache. The slots
-        # are treated as immutable once handed over, so a (config, batch, seq) checked once stays valid.
-        self._row_weights: dict = {}
+        # Per-sequence routing of each slot (with its cached per-row weights of frozen slots), kept for
+        # every forward of this batch (every decode step); a compacted batch is a new AdapterBatch with
+        # fresh routing. The slots are treated as immutable once handed over, so a (config, batch, seq)
+        # checked once stays valid.
+        self._row_routing: dict = {}
         self._validated: set = set()
 
     def select_rows(self, rows: Tensor) -> "AdapterBatch":
@@ -184,74 +177,37 @@ class AdapterBatch:
 
     def bind(self, batch: int, seq: int) -> "BoundAdapters":
         """The slots for one [batch, seq] forward; routing metadata is built once, when first needed."""
-        return BoundAdapters(self.slots, batch, seq, self._row_weights)
+        return BoundAdapters(self.slots, batch, seq, self._row_routing)
 
 
 @dataclasses.dataclass
 class BoundAdapters:
-    """Adapter slots bound to one forward's [batch, seq]; what each adapted linear receives."""
+    """Adapter slots bound to one forward's [batch, seq]; what each adapted linear receives.
+
+    Describes routing only: which adapter of each slot every token uses. The maths, on every
+    backend, is :func:`dit_kernels.multi_lora.multi_lora_sum`."""
 
     slots: list[LoraSlot]
     batch: int
     seq: int
-    row_weights: dict = dataclasses.field(default_factory=dict)  # shared by the forwards of one AdapterBatch
-    _metas: dict = dataclasses.field(default_factory=dict, repr=False)  # this forward's routing, per slot
-    _shared: dict = dataclasses.field(default_factory=dict, repr=False)  # slot -> its one adapter id, or None
+    row_routing: dict = dataclasses.field(default_factory=dict)  # slot -> RowRouting, kept by the AdapterBatch
+    _metas: dict = dataclasses.field(default_factory=dict, repr=False)  # this forward's token routing, per slot
 
-    def meta(self, k: int) -> LoraMeta:
-        """Routing metadata of slot ``k`` for this forward, built on first use and reused by every layer."""
+    def routing(self, k: int) -> Routing:
+        """Routing of slot ``k``: per sequence (kept across the batch's forwards, e.g. decode steps)
+        or per token (built on first use in this forward, reused by every layer)."""
+        s = self.slots[k]
+        if s.index.dim() == 1:
+            if k not in self.row_routing:
+                self.row_routing[k] = RowRouting(s.index, s.n_adapters)
+            return self.row_routing[k]
         if k not in self._metas:
-            self._metas[k] = self.slots[k].token_meta(self.batch, self.seq)
+            self._metas[k] = build_lora_meta(s.index.reshape(-1), s.n_adapters)
         return self._metas[k]
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
-        """Sum over slots of the LoRA deltas for module ``name``; the one function boundary to kernels
-        (on the Triton path two slots share each launch and ``x`` is read once).
-
-        Off the Triton path, slots routed per sequence take a batched-matmul path whatever the number
-        of adapters (a per-adapter loop of small GEMMs costs far more in op overhead on a CPU): a slot
-        whose rows all use one adapter is two plain GEMMs; otherwise each row's A and scaled B are
-        gathered (once per batch for frozen slots) and applied with two bmm."""
+        """Sum over slots of the LoRA deltas for module ``name``: one kernel call per adapted linear."""
         parts = [(k, s) for k, s in enumerate(self.slots) if name in s.A]
         if not parts:
             return None
-        if use_triton(x) or any(s.index.dim() != 1 for _, s in parts):
-            return multi_lora_multi(x, [(s.A[name], s.B[name], s.scale, self.meta(k)) for k, s in parts])
-        xr = x.view(self.batch, self.seq, x.shape[-1]).float()
-        out = None
-        for k, s in parts:
-            at, bt = self._weights(k, s, name)
-            if at.dim() == 2:  # one adapter for every row: [d_in, r], [r, d_out]
-                d = (xr @ at) @ bt
-                out = d if out is None else out.add_(d)
-            else:  # per-row: [b, d_in, r], [b, r, d_out]
-                h = torch.bmm(xr, at)
-                out = torch.bmm(h, bt) if out is None else torch.baddbmm(out, h, bt)
-        return out.reshape(x.shape[0], -1).to(x.dtype)
-
-    def _shared_adapter(self, k: int) -> int | None:
-        """The adapter every row of slot ``k`` uses, or None when rows differ (or some have none)."""
-        if k not in self._shared:
-            idx = self.slots[k].index
-            same = idx.numel() and bool((idx == idx[0]).all()) and int(idx[0]) >= 0
-            self._shared[k] = int(idx[0]) if same else None
-        return self._shared[k]
-
-    def _weights(self, k: int, s: LoraSlot, name: str) -> tuple[Tensor, Tensor]:
-        """fp32 (A^T, scale * B^T) for slot ``k``: 2-D when every row uses the same adapter, else per row."""
-        key = (k, name)
-        if key in self.row_weights:
-            return self.row_weights[key]
-        i = self._shared_adapter(k)
-        if i is not None:
-            w = (s.A[name][i].float().t(), (s.B[name][i].float() * s.scale[i].float()).t())
-        else:
-            idx = s.index
-            safe = idx.clamp_min(0)
-            scale = torch.where(idx >= 0, s.scale.float().index_select(0, safe), torch.zeros((), device=idx.device))
-            a = s.A[name].index_select(0, safe).float()  # [b, r, d_in]
-            b = s.B[name].index_select(0, safe).float() * scale[:, None, None]  # [b, d_out, r]
-            w = (a.transpose(1, 2), b.transpose(1, 2))
-        if not (s.A[name].requires_grad or s.B[name].requires_grad):  # frozen: valid for every forward
-            self.row_weights[key] = w
-        return w
+        return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts])

@@ -108,26 +108,127 @@ def multi_lora(
     return _multi_lora_triton(x, [(A, B, scale, meta)])
 
 
-def multi_lora_multi(
-    x: Tensor,  # [N, d_in]
-    slots: Sequence[tuple[Tensor, Tensor, Tensor, LoraMeta]],  # (A [n_k, r_k, d_in], B [n_k, d_out, r_k], scale [n_k], meta)
+@dataclasses.dataclass
+class RowRouting:
+    """Per-sequence routing of one batch: every token of row ``b`` uses adapter ``index[b]`` (-1: none).
+
+    Built once per batch and kept for every forward of it (each decode step): the token-level
+    :class:`LoraMeta` of a sequence length, the adapter all rows share (if any) and the per-row
+    weights of frozen operands gathered for the plain-torch path are cached here.
+    """
+
+    index: Tensor  # [batch] int64, -1 = none
+    n_adapters: int
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.index.shape[0]
+
+    def token_meta(self, seq: int) -> LoraMeta:
+        """Routing of the ``batch * seq`` tokens of a forward, flattened row-major."""
+        key = ("meta", seq)
+        if key not in self.cache:
+            tokens = self.index[:, None].expand(self.batch, seq).reshape(-1)
+            self.cache[key] = build_lora_meta(tokens, self.n_adapters)
+        return self.cache[key]
+
+    def shared_adapter(self) -> int | None:
+        """The adapter every row uses, or None when rows differ (or some have none)."""
+        if "shared" not in self.cache:
+            idx = self.index
+            same = idx.numel() and bool((idx == idx[0]).all()) and int(idx[0]) >= 0
+            self.cache["shared"] = int(idx[0]) if same else None
+        return self.cache["shared"]
+
+
+Routing = LoraMeta | RowRouting
+Operand = tuple[Tensor, Tensor, Tensor, Routing]  # (A [n, r, d_in], B [n, d_out, r], scale [n], routing)
+
+
+def multi_lora_sum(
+    x: Tensor,  # [N, d_in]; with a RowRouting, N = batch * seq, row-major
+    slots: Sequence[Operand],
     *,
     backend: str | None = None,
 ) -> Tensor:  # [N, d_out]
-    """Sum of the deltas of several adapter slots; on the Triton path two slots share each launch."""
+    """Sum of the LoRA deltas of several adapter slots: the one entry the model's linears call.
+
+    Triton on CUDA (two slots share each launch, ``x`` read once); on CPU the plain-torch
+    references: :func:`multi_lora_ref` for token-routed slots, and for row-routed slots two GEMMs
+    when every row shares one adapter, else each row's A and scaled B gathered (once per batch for
+    frozen weights) and two bmm."""
     if not slots:
-        raise ValueError("multi_lora_multi: needs at least one (A, B, scale, meta) slot")
-    for A, B, scale, meta in slots:
-        _check_shapes(x, A, B, scale, meta)
+        raise ValueError("multi_lora_sum: needs at least one (A, B, scale, routing) slot")
     d_outs = {B.shape[1] for _, B, _, _ in slots}
     if len(d_outs) != 1:
-        raise ValueError(f"multi_lora_multi: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
-    if not _backend.use_triton(x, backend=backend):
-        out = multi_lora_ref(x, *slots[0])
-        for slot in slots[1:]:
-            out = out + multi_lora_ref(x, *slot)
-        return out
-    return _multi_lora_triton(x, list(slots))
+        raise ValueError(f"multi_lora_sum: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
+    if _backend.use_triton(x, backend=backend):
+        metas = [(A, B, scale, _token_meta(routing, x)) for A, B, scale, routing in slots]
+        for A, B, scale, meta in metas:
+            _check_shapes(x, A, B, scale, meta)
+        return _multi_lora_triton(x, metas)
+    out = None
+    for A, B, scale, routing in slots:
+        if isinstance(routing, RowRouting):
+            d = multi_lora_rows_ref(x, A, B, scale, routing)
+        else:
+            d = multi_lora_ref(x, A, B, scale, routing)
+        out = d if out is None else out.add_(d)
+    return out
+
+
+def multi_lora_rows_ref(
+    x: Tensor,  # [batch * seq, d_in]
+    A: Tensor,  # [n, r, d_in]
+    B: Tensor,  # [n, d_out, r]
+    scale: Tensor,  # [n]
+    routing: RowRouting,
+) -> Tensor:  # [batch * seq, d_out]
+    """Plain torch for per-sequence routing, differentiable by autograd, fp32 intermediate.
+
+    A batched matmul whatever the number of adapters (a per-adapter loop of small GEMMs costs far
+    more in op overhead on a CPU); one shared adapter is two plain GEMMs."""
+    if routing.batch == 0 or x.shape[0] % routing.batch:
+        raise ValueError(f"multi_lora: {x.shape[0]} tokens do not split into the {routing.batch} routed rows")
+    _check_shapes(x, A, B, scale, x.shape[0])
+    at, bt = _row_weights(A, B, scale, routing)
+    xr = x.view(routing.batch, -1, x.shape[-1]).float()
+    if at.dim() == 2:  # one adapter for every row: [d_in, r], [r, d_out]
+        d = (xr @ at) @ bt
+    else:  # per row: [b, d_in, r], [b, r, d_out]
+        d = torch.bmm(torch.bmm(xr, at), bt)
+    return d.reshape(x.shape[0], -1).to(x.dtype)
+
+
+def _row_weights(A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting) -> tuple[Tensor, Tensor]:
+    """fp32 (A^T, scale * B^T): 2-D when every row uses the same adapter, else gathered per row.
+    Frozen weights are gathered once per batch (cached in the routing, keyed by the tensor)."""
+    frozen = not (A.requires_grad or B.requires_grad)
+    key = ("rows", id(A), id(B))
+    hit = routing.cache.get(key) if frozen else None
+    if hit is not None and hit[0] is A and hit[1] is B:
+        return hit[2], hit[3]
+    i = routing.shared_adapter()
+    if i is not None:
+        at, bt = A[i].float().t(), (B[i].float() * scale[i].float()).t()
+    else:
+        idx = routing.index
+        safe = idx.clamp_min(0)
+        s = torch.where(idx >= 0, scale.float().index_select(0, safe), torch.zeros((), device=idx.device))
+        at = A.index_select(0, safe).float().transpose(1, 2)  # [b, d_in, r]
+        bt = (B.index_select(0, safe).float() * s[:, None, None]).transpose(1, 2)  # [b, r, d_out]
+    if frozen:
+        routing.cache[key] = (A, B, at, bt)  # A, B held so their ids cannot be reused while cached
+    return at, bt
+
+
+def _token_meta(routing: Routing, x: Tensor) -> LoraMeta:
+    if isinstance(routing, RowRouting):
+        if routing.batch == 0 or x.shape[0] % routing.batch:
+            raise ValueError(f"multi_lora: {x.shape[0]} tokens do not split into the {routing.batch} routed rows")
+        return routing.token_meta(x.shape[0] // routing.batch)
+    return routing
 
 
 def multi_lora_ref(
@@ -728,7 +829,8 @@ def _lora_wgrad_kernel(
 # ---- input checks -----------------------------------------------------------------------------------
 
 
-def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta) -> None:
+def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta | int) -> None:
+    """``meta``: the routing metadata, or the number of tokens it routes."""
     if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
         raise ValueError(
             f"multi_lora expects x [N, d_in], A [n, r, d_in], B [n, d_out, r]; got "
@@ -742,8 +844,9 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta
         )
     if scale.shape != (n,):
         raise ValueError(f"multi_lora: scale must be [{n}], got {tuple(scale.shape)}")
-    if meta.num_tokens != x.shape[0]:
-        raise ValueError(f"multi_lora: metadata is for {meta.num_tokens} tokens, x has {x.shape[0]}")
+    n_tokens = meta if isinstance(meta, int) else meta.num_tokens
+    if n_tokens != x.shape[0]:
+        raise ValueError(f"multi_lora: metadata is for {n_tokens} tokens, x has {x.shape[0]}")
 
 
 def _check_devices(x: Tensor, slots: list[tuple[Tensor, Tensor, Tensor, LoraMeta]]) -> None:

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dit_kernels import backend  # noqa: E402
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher  # noqa: E402
-from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi  # noqa: E402
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_sum  # noqa: E402
 from dit_kernels.rms_norm import rms_norm  # noqa: E402
 from dit_kernels.rope import apply_rope  # noqa: E402
 from dit_kernels.swiglu import swiglu  # noqa: E402
@@ -109,7 +109,7 @@ def test_multi_lora_kernels_compile(compiled, dtype):
         B = torch.randn(n, d_out, r).to(dtype).requires_grad_()
         idx = torch.randint(-1, n, (n_tok,))
         slots.append((A, B, torch.ones(n), build_lora_meta(idx)))
-    y = multi_lora_multi(x, slots, backend="triton")
+    y = multi_lora_sum(x, slots, backend="triton")
     torch.autograd.grad(y, [x] + [w for A, B, _, _ in slots for w in (A, B)], torch.ones_like(y))
     _assert_compiled(compiled, ["_lora_shrink_kernel", "_lora_expand_kernel", "_lora_wgrad_kernel"])
 

@@ -21,7 +21,7 @@ from triton.runtime.jit import JITFunction
 import dit_kernels as kernels_pkg
 from dit_kernels import backend
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
-from dit_kernels.multi_lora import build_lora_meta, multi_lora_multi
+from dit_kernels.multi_lora import build_lora_meta, multi_lora_sum
 from dit_kernels.rms_norm import rms_norm
 from dit_kernels.rope import apply_rope
 from dit_kernels.swiglu import swiglu
@@ -80,7 +80,7 @@ def _run_every_op():
         A = torch.randn(n, r, 32, generator=g, requires_grad=True)
         B = torch.randn(n, 16, r, generator=g, requires_grad=True)
         slots.append((A, B, torch.ones(n), build_lora_meta(torch.randint(-1, n, (20,), generator=g))))
-    y = multi_lora_multi(x, slots, backend="triton")
+    y = multi_lora_sum(x, slots, backend="triton")
     torch.autograd.grad(y.sum(), [x] + [w for A, B, _, _ in slots for w in (A, B)])
 
     w = torch.rand(32, requires_grad=True)

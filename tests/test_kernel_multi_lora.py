@@ -12,10 +12,11 @@ from conftest import rel_err as _rel
 
 from dit_kernels import multi_lora as ml
 from dit_kernels.multi_lora import (
+    RowRouting,
     build_lora_meta,
     multi_lora,
-    multi_lora_multi,
     multi_lora_ref,
+    multi_lora_sum,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -79,7 +80,7 @@ def _check(x, slots, *, dtype):
     if len(slots) == 1:
         y = multi_lora(x, *args[0], backend="triton")
     else:
-        y = multi_lora_multi(x, args, backend="triton")
+        y = multi_lora_sum(x, args, backend="triton")
     y_ref = _oracle(x, slots)
     assert y.dtype == x.dtype and y.shape == y_ref.shape
     assert not torch.isnan(y).any()
@@ -272,7 +273,7 @@ def test_cpu_auto_takes_reference_and_torch_backend_matches():
     auto = multi_lora(x, A, B, scale, meta)
     assert torch.equal(auto, multi_lora_ref(x, A, B, scale, meta))
     assert torch.equal(multi_lora(x, A, B, scale, meta, backend="torch"), auto)
-    both = multi_lora_multi(x, [(A, B, scale, meta), (A, B, scale, meta)], backend="torch")
+    both = multi_lora_sum(x, [(A, B, scale, meta), (A, B, scale, meta)], backend="torch")
     assert torch.allclose(both, 2 * auto)
 
 
@@ -285,7 +286,7 @@ def test_bad_shapes_name_what_was_expected():
     with pytest.raises(ValueError, match="metadata is for 5 tokens, x has 4"):
         multi_lora(x[:4], A, B, torch.ones(2), meta, backend="triton")
     with pytest.raises(ValueError, match="disagree on d_out"):
-        multi_lora_multi(x, [(A, B, torch.ones(2), meta), (A, torch.randn(2, 9, 4), torch.ones(2), meta)])
+        multi_lora_sum(x, [(A, B, torch.ones(2), meta), (A, torch.randn(2, 9, 4), torch.ones(2), meta)])
     with pytest.raises(ValueError, match="backend argument is 'cuda'"):
         multi_lora(x, A, B, torch.ones(2), meta, backend="cuda")
 
@@ -307,7 +308,7 @@ def test_gpu_compiled_kernels(pattern, dtype):
     xg, A0g, B0g, A1g, B1g = gpu_leaves
     metas = [build_lora_meta(idx0.cuda()), build_lora_meta(idx1.cuda())]
     slots = [(A0g, B0g, s0.cuda(), metas[0]), (A1g, B1g, s1.cuda(), metas[1])]
-    y = multi_lora_multi(xg, slots, backend="triton")
+    y = multi_lora_sum(xg, slots, backend="triton")
     y_ref = _oracle(x, [(A0, B0, s0, idx0), (A1, B1, s1, idx1)])
     tol = 10 * TOL[dtype]  # TF32 / half-precision tensor cores
     assert _rel(y.cpu(), y_ref) < tol
@@ -316,3 +317,54 @@ def test_gpu_compiled_kernels(pattern, dtype):
     want = torch.autograd.grad(y_ref, cpu_leaves, dy)
     for a, b in zip(got, want):
         assert _rel(a.cpu(), b) < tol
+
+
+# ---- per-sequence routing: one entry, every backend ------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows", ["distinct", "shared", "with_none"])
+def test_row_routing_matches_the_oracle_on_every_backend(backend, rows):
+    """multi_lora_sum with a per-sequence RowRouting (the model's common case) against the fp64
+    per-token oracle, forward and gradients, on the plain-torch path (gathered weights, bmm, or two
+    GEMMs for a shared adapter) and on the Triton path."""
+    g = torch.Generator().manual_seed(7)
+    batch, seq, d_in, d_out = 5, 3, 63, 37
+    row_idx = {"distinct": torch.tensor([3, 0, 2, 1, 4]), "shared": torch.full((5,), 2),
+               "with_none": torch.tensor([1, -1, 1, 4, -1])}[rows]
+    A, B, scale = _slot(5, 4, d_in, d_out, g)
+    A1, B1, scale1 = _slot(1, 2, d_in, d_out, g)
+    x = torch.randn(batch * seq, d_in, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    routing, shared = RowRouting(row_idx, 5), RowRouting(torch.zeros(batch, dtype=torch.int64), 1)
+    y = multi_lora_sum(x, [(A, B, scale, routing), (A1, B1, scale1, shared)], backend=backend)
+    tok = row_idx[:, None].expand(batch, seq).reshape(-1)
+    want = _oracle(x, [(A, B, scale, tok), (A1, B1, scale1, torch.zeros(batch * seq, dtype=torch.int64))])
+    assert _rel(y, want) < TOL[torch.float32]
+    dy = torch.randn_like(want)
+    got = torch.autograd.grad(y, (x, A, B, A1, B1), dy.float())
+    ref = torch.autograd.grad(want, (x, A, B, A1, B1), dy)
+    for a, b in zip(got, ref):
+        assert _rel(a, b) < TOL[torch.float32]
+
+
+def test_row_routing_gathers_frozen_weights_once_per_batch():
+    g = torch.Generator().manual_seed(3)
+    A, B, scale = _slot(4, 2, 16, 8, g, grad=False)
+    routing = RowRouting(torch.tensor([1, 0, 3]), 4)
+    x = torch.randn(3 * 2, 16, generator=g)
+    first = multi_lora_sum(x, [(A, B, scale, routing)], backend="torch")
+    cached = [k for k in routing.cache if k[0] == "rows"]
+    assert len(cached) == 1
+    gathered = routing.cache[cached[0]][2]
+    second = multi_lora_sum(x[:3], [(A, B, scale, routing)], backend="torch")  # a decode step: seq 1
+    assert routing.cache[cached[0]][2] is gathered
+    assert _rel(second, multi_lora_ref(x[:3], A, B, scale, build_lora_meta(torch.tensor([1, 0, 3]), 4))) < 1e-6
+    assert _rel(first, multi_lora_ref(x, A, B, scale, build_lora_meta(torch.tensor([1, 1, 0, 0, 3, 3]), 4))) < 1e-6
+    At, Bt, _ = _slot(4, 2, 16, 8, g, grad=True)
+    multi_lora_sum(x, [(At, Bt, scale, routing)], backend="torch")
+    assert len([k for k in routing.cache if k[0] == "rows"]) == 1  # trainable weights are never cached
+
+
+def test_row_routing_refuses_tokens_that_do_not_split_into_its_rows():
+    g = torch.Generator().manual_seed(3)
+    A, B, scale = _slot(2, 2, 8, 4, g)
+    with pytest.raises(ValueError, match="7 tokens do not split into the 3 routed rows"):
+        multi_lora_sum(torch.randn(7, 8), [(A, B, scale, RowRouting(torch.tensor([0, 1, 0]), 2))], backend="torch")
