@@ -347,7 +347,7 @@ def interpret_peft(engine: Engine, peft_dir: str | Path, *, adapter: DitAdapter 
                    methods: Iterable[str] = ("dit",), question: str | None = None, task: str = "hidden-topic",
                    max_new_tokens: int = 20) -> dict[str, str]:
     """Interpret one PEFT LoRA directory: method -> greedy answer."""
-    from .zoo import import_peft
+    from .zoo_io import import_peft
 
     model = engine.model
     diff = import_peft(peft_dir, engine.config)
