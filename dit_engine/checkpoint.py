@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .hf_cache import find_cached_model, looks_like_repo_id
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -67,6 +68,8 @@ def resolve_model(spec: str | Path) -> Path:
 
         return fetch_default_model()
     path = Path(spec).expanduser()
+    if not path.exists() and looks_like_repo_id(str(spec)):
+        return find_cached_model(str(spec))  # ORG/NAME of a model in the local Hugging Face cache
     if not path.exists():
         raise CheckpointError(f"{path}: model directory not found (pass an HF checkpoint dir or 'default')")
     if not path.is_dir():
