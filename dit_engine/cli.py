@@ -571,7 +571,7 @@ def _zoo_import(args) -> int:
     if per_dir is not None:
         unlabelled = [d for d in dirs if d.name not in per_dir]
         if unlabelled:
-            raise ValueError(f"{args.labels}: no labels for adapter dir(s) {', '.join(d.name for d in unlabelled)} "
+            raise ValueError(f"--labels {args.labels}: no labels for adapter dir(s) {', '.join(d.name for d in unlabelled)} "
                              f"(it has {len(per_dir)}: {', '.join(sorted(per_dir)[:5])}"
                              f"{', ...' if len(per_dir) > 5 else ''})")
     eng = _load_engine(args)
