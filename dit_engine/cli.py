@@ -739,8 +739,9 @@ def _pipeline(args) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     bad = [n for n in cfg.scaling if n >= cfg.n_train]
     if bad:
-        raise UsageError(f"--scaling {','.join(map(str, bad))}: each point must be below the {cfg.n_train} "
-                         "training diffs (--n-train)")
+        given = "" if "scaling" in overrides else f" (from --preset {args.preset}; set others with --scaling)"
+        raise UsageError(f"--scaling {','.join(map(str, bad))}{given}: each point must be below the "
+                         f"{cfg.n_train} training diffs (--n-train)")
     print(run_pipeline(_load_engine(args), args.out, cfg))
     return 0
 

@@ -104,6 +104,8 @@ USAGE_ERRORS = [
     (["pipeline", "--scaling", "4,x"], "dit pipeline", "argument --scaling: '4,x': expected a comma list of positive"),
     (["pipeline", "--scaling", "0"], "dit pipeline", "argument --scaling: '0': expected a comma list"),
     (["pipeline", "--n-train", "4", "--scaling", "8"], "dit pipeline", "--scaling 8: each point must be below the 4"),
+    (["pipeline", "--preset", "full", "--n-train", "200"], "dit pipeline",
+     "--scaling 500 (from --preset full; set others with --scaling): each point must be below the 200"),
     (["pipeline", "--set", "n_epochs=3"], "dit pipeline", "argument --set: 'n_epochs' is not a pipeline setting"),
     (["pipeline", "--set", "dit_lr=fast"], "dit pipeline", "argument --set: dit_lr: 'fast' is not a number"),
     (["pipeline", "--set", "diff_epochs=-1"], "dit pipeline", "argument --set: diff_epochs: -1 is negative"),
