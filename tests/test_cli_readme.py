@@ -207,6 +207,11 @@ def test_train(workdir, trained):
     assert meta["rank"] == 16 and meta["question"] == "What topic have you been trained on?"
     assert json.loads((workdir / "dit" / "train_config.json").read_text())["lr"] == 1e-4
     assert (workdir / "dit" / "train_log.jsonl").read_text().strip()
+    # --export-peft also writes the adapter as a PEFT dir that imports as a diff of the same base.
+    out = ok(type_(TRAIN, "--out", "dit2/", "--export-peft", "dit-peft/")).strip().splitlines()
+    assert out[-2:] == ["dit-peft", "dit2"]
+    ok(type_("dit zoo import --peft dit-peft/ --out dit-as-zoo/"))
+    assert Zoo.open(workdir / "dit-as-zoo").rows[0]["rank"] == 16
 
 
 @types(INTERPRET_ZOO)
