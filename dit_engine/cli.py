@@ -230,6 +230,8 @@ def _device(s: str) -> str:
 
 
 _PIPELINE_FIELDS = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+_PIPELINE_CHOICES = {"task": ("hidden-topic", "news"), "strategy": ("select", "prefix")}
+_PIPELINE_MAY_BE_ZERO = ("n_kl", "n_train_eval", "n_test_other_ranks")
 
 
 def _pipeline_setting(s: str) -> tuple[str, object]:
@@ -242,9 +244,13 @@ def _pipeline_setting(s: str) -> tuple[str, object]:
         if isinstance(default, tuple):
             return key, _int_list(value) if value.strip() else ()
         if isinstance(default, int):
-            return key, _int(value) if key == "seed" else _nonnegative_int(value)
+            if key == "seed":
+                return key, _int(value)
+            return key, _nonnegative_int(value) if key in _PIPELINE_MAY_BE_ZERO else _positive_int(value)
         if isinstance(default, float):
-            return key, _finite(value)
+            return key, _positive_float(value)
+        if key in _PIPELINE_CHOICES and value not in _PIPELINE_CHOICES[key]:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(_PIPELINE_CHOICES[key])}")
         return key, _nonempty_text(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{key}: {e}") from None
