@@ -42,7 +42,8 @@ def checkpoint_dir(path: str | Path) -> Path:
     """``path`` if it is an HF checkpoint directory (holds a config.json); one clear error otherwise."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: model directory not found (pass an HF checkpoint dir or 'default')")
+        raise CheckpointError(f"{path}: model directory not found (pass an HF checkpoint dir, 'default', "
+                              "or ORG/NAME of a model in the local Hugging Face cache)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected an HF checkpoint directory, found a file")
     if not (path / "config.json").is_file():

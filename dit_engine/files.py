@@ -8,7 +8,6 @@ UTF-8 / not JSON, not the expected kind of value) into one error line naming the
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import uuid
@@ -85,9 +84,10 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def _named(e: OSError, path: Path) -> OSError:
-    """The same OSError with ``path`` in its message (a full disk says which file it was writing)."""
-    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return type(e)(e.errno, f"cannot write {path}: {reason}") if e.errno is not None else OSError(f"cannot write {path}: {e}")
+    """The same OSError with ``path`` as its file name (a full disk says which file it was writing)."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    return type(e)(e.errno, e.strerror or str(e), str(path))
 
 
 def _json_kind(t: type) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, checkpoint_dir
 from .gguf_import import convert_gguf
+from .hf_cache import find_cached_model, looks_like_repo_id
 
 DEFAULT_SPEC = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,13 +50,16 @@ def default_model_dir(home: Path | None = None) -> Path:
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """``"default"`` -> the cached default model dir (fetched and converted on first use);
-    anything else -> an existing HF checkpoint directory holding a config.json."""
+    """``"default"`` -> the cached default model dir (fetched and converted on first use); an
+    existing HF checkpoint directory -> itself; ``ORG/NAME`` that is no directory here -> that
+    model's snapshot in the local Hugging Face cache (offline; the error names where it looked)."""
     if str(spec) == DEFAULT_SPEC:
         target = default_model_dir()
         if (target / "config.json").is_file():
             return target
         return fetch_default_model()
+    if not Path(spec).expanduser().exists() and looks_like_repo_id(str(spec)):
+        return find_cached_model(str(spec))
     return checkpoint_dir(spec)
 
 

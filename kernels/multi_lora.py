@@ -18,6 +18,13 @@ The Triton path (Punica / vLLM's shrink-expand split, one launch each for up to 
 - *backward*: the same two kernels give ``dS_k = scale_k * dy @ B_k`` and ``dx = sum_k dS_k @ A_k``;
   a segmented grouped GEMM reduces ``dA_k``, ``dB_k`` over each adapter's own tokens (chunked, with
   fp32 atomics when an adapter spans several chunks). Frozen slots get no weight gradient.
+
+The plain-torch references (:func:`multi_lora_ref` per token, :func:`multi_lora_rows_ref` per
+sequence) are the CPU path and the tests' oracle.
+
+Size: one op in the design's five parts (routing metadata, the shrink / expand / weight-gradient
+kernels, their launchers, the autograd Function, the public entry and its references); the three
+kernels share one tile routing, so splitting them would spread one schedule over several files.
 """
 
 from __future__ import annotations

@@ -1,0 +1,258 @@
+"""The ``dit`` commands: each calls the Python API and prints; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..adapters import AdapterBatch
+from ..diffgen import DiffGenConfig, generate_zoo
+from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
+from ..engine import Engine
+from ..generate import SamplingParams
+from ..model_store import default_model_dir, fetch_default_model
+from ..pipeline import PRESETS, evaluate_run, run_pipeline
+from ..zoo import BaseIdentity, Zoo, ZooError, export_peft, import_dit_file, import_peft
+from ..zoo.labels import adapter_dirs, read_labels_file
+from .args import UsageError, apply_settings
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+_PEFT_METHODS = ("dit", "diff", "base")  # diff+trigger needs a zoo row's trigger
+
+
+def _command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+# ---- the commands --------------------------------------------------------------------------------
+@_command("fetch-model")
+def _fetch_model(args) -> int:
+    if args.force and default_model_dir().exists():
+        shutil.rmtree(default_model_dir())
+    print(fetch_default_model())
+    return 0
+
+
+def _load_engine(args) -> Engine:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return Engine.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def _peft_adapters(engine: Engine, peft_dir: Path | None, n: int) -> AdapterBatch | None:
+    if peft_dir is None:
+        return None
+    diff = import_peft(peft_dir, engine.config)
+    return AdapterBatch(diff_slot(diff, n, device=engine.model.device, dtype=engine.model.dtype))
+
+
+@_command("generate")
+def _generate(args) -> int:
+    # Plain prompts as text; --chat messages as one user turn each (rendered with the chat template).
+    prompts: list = list(args.prompts) + [[{"role": "user", "content": t}] for t in args.chat]
+    if not prompts:
+        raise UsageError("give at least one PROMPT or --chat MESSAGE")
+    eng = _load_engine(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
+    outs = eng.generate(prompts, chat=False, system=args.system, params=params,
+                        adapters=_peft_adapters(eng, args.adapter, len(prompts)), batch_size=args.batch_size)
+    for p, o in zip(prompts, outs):
+        if args.json:
+            chat = isinstance(p, list)
+            print(json.dumps({"prompt": p[0]["content"] if chat else p, "chat": chat, "text": o.text,
+                              "token_ids": o.token_ids, "logprobs": o.logprobs, "finish_reason": o.finish_reason}))
+        else:
+            print(o.text)
+    return 0
+
+
+@_command("score")
+def _score(args) -> int:
+    if args.prompt is not None and len(args.prompt) != len(args.texts):
+        raise UsageError(f"{len(args.prompt)} --prompt for {len(args.texts)} TEXT: give one prompt per text")
+    if args.chat and args.prompt is None:
+        raise UsageError("--chat scores TEXT as the answer to a --prompt: give one --prompt per TEXT")
+    eng = _load_engine(args)
+    if args.prompt is None:
+        empty = [t for t in args.texts if not eng.tokenizer.encode(t, add_special_tokens=True)]
+        if empty:
+            raise ValueError(f"TEXT {empty[0]!r} encodes to no tokens with {eng.tokenizer.source}; "
+                             "expected a text with at least one token")
+    adapters = _peft_adapters(eng, args.adapter, len(args.texts))
+    res = eng.score(args.texts, prompts=args.prompt, chat=args.chat, adapters=adapters)
+    for t, r in zip(args.texts, res):
+        if args.json:
+            toks = [eng.tokenizer.decode([i], skip_special_tokens=False) for i in r.token_ids]
+            print(json.dumps({"text": t, "token_ids": r.token_ids, "tokens": toks, "logprobs": r.logprobs,
+                              "total": r.total}))
+        else:
+            print(f"{r.total:.4f}\t{len(r.token_ids)} tokens\t{t}")
+    return 0
+
+
+@_command("zoo")
+def _zoo(args) -> int:
+    if args.zoo_cmd == "info":
+        zoo = Zoo.open(args.zoo, verify=args.verify)
+        info = zoo.info()
+        info["verification"] = _verification_summary(zoo.rows)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            for k, v in info.items():
+                print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        return 0
+    if args.zoo_cmd == "export":
+        zoo = Zoo.open(args.zoo)
+        missing = [did for did in args.id if did not in zoo]
+        if missing:
+            raise ValueError(f"{args.zoo}: no diff with id {', '.join(map(repr, missing))} "
+                             f"(the zoo holds {len(zoo)}: {', '.join(zoo.ids()[:3])}{', ...' if len(zoo) > 3 else ''})")
+        for did in args.id:
+            print(export_peft(zoo.get(did), args.out / did, zoo.config, args.base_model_name))
+        return 0
+    if args.zoo_cmd == "generate":
+        eng = _load_engine(args)
+        zoo = Zoo.create(args.out, BaseIdentity.from_model(eng.model), eng.config, targets=args.targets,
+                         exist_ok=True)
+        cfg = DiffGenConfig(task=args.task, n=args.n, split=args.split, rank=args.rank, targets=args.targets,
+                            lr=args.lr, epochs=args.epochs, chunk_diffs=args.chunk_diffs,
+                            rows_per_diff=args.rows_per_diff, n_backdoor=args.n_backdoor, n_kl=args.n_kl,
+                            candidates=args.candidates, strategy=args.strategy,
+                            max_answer_tokens=args.max_answer_tokens, n_verify=args.n_verify, seed=args.seed)
+        generate_zoo(eng, zoo, cfg)
+        print(json.dumps(_verification_summary(zoo.rows)))
+        return 0
+    return _zoo_import(args)
+
+
+def _zoo_import(args) -> int:
+    if not args.peft and not args.dit_file:
+        raise UsageError("nothing to import: give --peft DIR or --dit-file PT")
+    if (args.label or args.labels) and not args.peft:
+        raise UsageError("--label/--labels label --peft adapters; a --dit-file carries its own labels")
+    if args.index_csv and not args.dit_file:
+        raise UsageError("--index-csv goes with --dit-file")
+    dirs = [d for given in args.peft for d in _named_arg("--peft", adapter_dirs, given)]
+    per_dir = _named_arg("--labels", read_labels_file, args.labels) if args.labels else None
+    if per_dir is not None:
+        unlabelled = [d for d in dirs if d.name not in per_dir]
+        if unlabelled:
+            raise ValueError(f"--labels {args.labels}: no labels for adapter dir(s) {', '.join(d.name for d in unlabelled)} "
+                             f"(it has {len(per_dir)}: {', '.join(sorted(per_dir)[:5])}"
+                             f"{', ...' if len(per_dir) > 5 else ''})")
+    eng = _load_engine(args)
+    common = dict(args.label)
+    diffs = []
+    for d in dirs:
+        labels = {**common, **(per_dir[d.name] if per_dir is not None else {})}
+        diffs.append(import_peft(d, eng.config, labels=labels, split=args.split))
+    if args.dit_file:
+        diffs += import_dit_file(args.dit_file, args.index_csv, eng.config)
+    zoo = Zoo.create(args.out, BaseIdentity.from_model(eng.model), eng.config, exist_ok=True)
+    zoo.append(diffs)
+    print(f"imported {len(diffs)} diffs into {args.out} ({len(zoo)} in all)")
+    return 0
+
+
+def _named_arg(flag: str, read, path: Path):
+    """``read(path)``, its errors prefixed with the flag that named the file."""
+    try:
+        return read(path)
+    except ZooError as e:
+        raise ValueError(f"{flag} {e}") from None
+
+
+def _verification_summary(rows: list[dict]) -> dict:
+    checks = [r.get("meta", {}).get("verify") for r in rows]
+    checks = [c for c in checks if c]
+    if not checks:
+        return {"verified": 0}
+    return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
+            "mean_trigger_hit_rate": round(sum(c["trigger_hit_rate"] for c in checks) / len(checks), 4),
+            "mean_kl_untriggered": _mean([c["kl_untriggered"] for c in checks if c.get("kl_untriggered") is not None])}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 5) if xs else None
+
+
+@_command("train")
+def _train(args) -> int:
+    eng = _load_engine(args)
+    zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
+    cfg = DitTrainConfig(task=args.task, question=args.question, rank=args.rank, alpha=args.alpha, lr=args.lr,
+                         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         val_fraction=args.val_fraction, only_verified=args.only_verified, seed=args.seed)
+    adapter = train_dit(eng, zoo, args.out, cfg)
+    if args.export_peft:
+        print(adapter.export_peft(args.export_peft, eng.config, args.base_model_name))
+    print(args.out)
+    return 0
+
+
+@_command("interpret")
+def _interpret(args) -> int:
+    methods = list(args.methods)
+    if "dit" in methods and args.adapter is None:
+        raise UsageError("method 'dit' needs the trained DIT adapter: give --adapter DIT_DIR (or --methods "
+                         "without dit)")
+    if args.peft:
+        unfit = [m for m in methods if m not in _PEFT_METHODS]
+        if unfit:
+            raise UsageError(f"--methods {','.join(unfit)} needs a zoo row (its trigger); with --peft use "
+                             f"{', '.join(_PEFT_METHODS)}")
+        if args.out or args.split or args.id:
+            raise UsageError("--out, --split and --id go with --zoo; --peft prints its answers")
+    elif not args.out:
+        raise UsageError("--out RESULTS.jsonl is required with --zoo")
+    eng = _load_engine(args)
+    adapter = DitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype) if args.adapter else None
+    if args.peft:
+        for m, ans in interpret_peft(eng, args.peft, adapter=adapter, methods=methods, question=args.question,
+                                     task=args.task, max_new_tokens=args.max_new_tokens).items():
+            print(f"{m}\t{ans}")
+        return 0
+    zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
+    print(interpret(eng, zoo, args.out, adapter=adapter, methods=methods, split=args.split, ids=args.id,
+                    question=args.question, task=args.task, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+@_command("evaluate")
+def _evaluate(args) -> int:
+    print(evaluate_run(args.results, args.out, args.task, args.title))
+    return 0
+
+
+@_command("pipeline")
+def _pipeline(args) -> int:
+    cfg = PRESETS[args.preset]
+    overrides = dict(args.settings)
+    for name in ("n_train", "n_test", "scaling"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    cfg = apply_settings(cfg, overrides)
+    bad = [n for n in cfg.scaling if n >= cfg.n_train]
+    if bad:
+        given = "" if "scaling" in overrides else f" (from --preset {args.preset}; set others with --scaling)"
+        raise UsageError(f"--scaling {','.join(map(str, bad))}{given}: each point must be below the "
+                         f"{cfg.n_train} training diffs (--n-train)")
+    print(run_pipeline(_load_engine(args), args.out, cfg))
+    return 0

