@@ -8,8 +8,10 @@ Memory grows with activations, not with dense per-diff matrices.
 Per chunk: build the task's labelled samples (the base model writes them by batched generation),
 train, verify (with the trigger the diff talks about its topic; without it, its next-token
 distribution stays near the base model), then append the chunk to the zoo as one shard. A chunk in
-progress checkpoints its samples and training state under ``<zoo>/.work``; a rerun skips diffs the
-zoo already holds and resumes the chunk in progress.
+progress checkpoints its samples and its training state (every ``checkpoint_every_s``, at the end
+of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a rerun skips
+diffs the zoo already holds and resumes the chunk in progress exactly. The zoo's writer lock is held
+from the start, so a second generation into the same zoo is refused before it does any work.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 from .adapters import AdapterBatch, LoraSlot
 from .config import TARGET_MODULES
 from .engine import Engine
+from .files import write_json
 from .generate import SamplingParams, generate
+from .jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
 from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .zoo import Diff, Zoo
 
@@ -54,6 +58,7 @@ class DiffGenConfig:
     n_verify: int = 4  # held-out triggered questions per diff for verification
     seed: int = 0
     gen_batch_size: int = 64
+    checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S  # training-state checkpoint interval (and on SIGINT/SIGTERM)
 
     def diff_id(self, i: int) -> str:
         prefix = {"hidden-topic": "ht", "news": "news"}[self.task]
@@ -81,7 +86,14 @@ def generate_zoo(
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
 ) -> Zoo:
-    """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable."""
+    """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable. Holds the zoo's writer lock
+    throughout; on SIGINT/SIGTERM saves its progress and raises :class:`~dit_engine.jobs.JobInterrupted`."""
+    with zoo.writer(), job("zoo generation", cfg.checkpoint_every_s) as j:
+        return _generate_zoo(engine, zoo, cfg, j, progress, log)
+
+
+def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress: bool,
+                  log: Callable[[dict], None] | None) -> Zoo:
     from tqdm.auto import tqdm
 
     items = _task_items(cfg)
@@ -96,11 +108,13 @@ def generate_zoo(
         t0 = time.perf_counter()
         cdir = work / f"chunk-{ids[chunk[0]]}"
         specs = _load_or_build_specs(engine, cfg, [(i, ids[i], items[i]) for i in chunk], cdir)
+        j.stop_if_requested(cdir)
         slot = train_diffs(engine, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
         checks = verify_diffs(engine, slot, specs, cfg)
         diffs = [_to_diff(slot, j, spec, checks[j], cfg) for j, spec in enumerate(specs)]
         zoo.append(diffs)
         shutil.rmtree(cdir, ignore_errors=True)
+        j.stop_if_requested(zoo.path)
         dt = time.perf_counter() - t0
         bar.update(len(chunk))
         bar.set_postfix(diffs_per_h=f"{3600 * len(chunk) / dt:.0f}",
@@ -138,9 +152,7 @@ def _load_or_build_specs(engine, cfg, chunk, cdir: Path) -> list[DiffSpec]:
     else:
         specs = build_news_specs(engine, cfg, chunk)
     cdir.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps([dataclasses.asdict(s) for s in specs]))
-    tmp.replace(f)
+    write_json(f, [dataclasses.asdict(s) for s in specs], indent=None)
     return specs
 
 
@@ -259,13 +271,18 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
     start = int(meta["batch"]) if meta else 0
     pad = engine.tokenizer.pad_token_id
-    for b in tqdm(range(start, len(batches)), desc="training diffs", unit="batch", leave=False, disable=not progress):
-        batch = collate(batches[b], pad_id=pad).to(dev)
-        ad = AdapterBatch(slot.with_index(batch.group))
-        loss, _ = batch_loss(model, batch, ad, group_reduce="sum")
-        trainer.backward(loss)
-        if ckpt_dir is not None and (b + 1) % 50 == 0 and b + 1 < len(batches):
-            save_slot_state(ckpt_dir, slot, trainer, {"batch": b + 1})
+    with job("diff training", cfg.checkpoint_every_s) as j:  # inside generate_zoo: its job
+        for b in tqdm(range(start, len(batches)), desc="training diffs", unit="batch", leave=False,
+                      disable=not progress):
+            batch = collate(batches[b], pad_id=pad).to(dev)
+            ad = AdapterBatch(slot.with_index(batch.group))
+            loss, _ = batch_loss(model, batch, ad, group_reduce="sum")
+            trainer.backward(loss)
+            # The last batch too: verification and the append then never need the chunk retrained.
+            if ckpt_dir is not None and (j.should_checkpoint() or b + 1 == len(batches)):
+                save_slot_state(ckpt_dir, slot, trainer, {"batch": b + 1})
+                j.checkpointed()
+            j.stop_if_requested(ckpt_dir)
     return LoraSlot(A={k: v.detach() for k, v in slot.A.items()}, B={k: v.detach() for k, v in slot.B.items()},
                     scale=slot.scale, index=slot.index, name="diffs")
 

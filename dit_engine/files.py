@@ -8,8 +8,10 @@ UTF-8 / not JSON, not the expected kind of value) into one error line naming the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,9 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any], *, mode: in
     """Write ``path`` via ``write(tmp)`` on a temp file in the same directory, fsync, rename.
 
     On failure the temp file is removed and the old ``path`` (if any) is untouched; an OSError
-    (a full disk, no permission) is re-raised naming ``path``."""
+    (a full disk, no permission) is re-raised naming ``path``, and so is an I/O error that a
+    library reports in its own exception type (safetensors' ``save_file`` raises a
+    ``SafetensorError`` "... (os error 28)" on a full disk)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -38,9 +42,12 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any], *, mode: in
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _named(e, path) from None
-    except BaseException:
+        raise named_error(e, path) from None
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        code = _wrapped_errno(e)
+        if code is not None:
+            raise named_error(OSError(code, os.strerror(code)), path) from None
         raise
     fsync_dir(path.parent)
 
@@ -83,11 +90,25 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _named(e: OSError, path: Path) -> OSError:
-    """The same OSError with ``path`` as its file name (a full disk says which file it was writing)."""
+def named_error(e: OSError, path: str | Path, what: str = "write") -> OSError:
+    """The same kind of OSError with ``path`` in its message (a full disk says which file it was
+    writing); ``what`` is the thing that failed ("write", "write checkpoint", ...)."""
     if e.errno is None:
-        return OSError(f"cannot write {path}: {e}")
-    return type(e)(e.errno, e.strerror or str(e), str(path))
+        return OSError(f"cannot {what} {path}: {e}")
+    reason = "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno)
+    return type(e)(e.errno, f"cannot {what} {path}: {reason}")
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) spell an errno
+
+
+def _wrapped_errno(e: BaseException) -> int | None:
+    """The errno of an I/O failure reported as a library's own exception (not an OSError)."""
+    if isinstance(e, Exception) and not isinstance(e, OSError):
+        m = _OS_ERROR.search(str(e))
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def _json_kind(t: type) -> str:

@@ -29,6 +29,7 @@ from torch import Tensor
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 
 from .adapters import AdapterBatch, LoraSlot
+from .files import fsync_dir, named_error, write_atomically, write_json
 from .model import Transformer
 
 Objective = Literal["ce", "kl"]
@@ -250,27 +251,39 @@ class Trainer:
 def save_training_state(path: str | Path, weights: dict[str, Tensor], trainer: Trainer, meta: dict) -> None:
     """Write ``weights``, the optimizer state and ``meta`` into directory ``path`` atomically.
 
-    The new state is built in a temporary sibling directory and swapped in by rename, so a kill at
-    any moment leaves either the old complete checkpoint or the new one.
+    The new state is built in a temporary sibling directory (each file fsynced) and swapped in by
+    rename, so a kill at any moment leaves either the old complete checkpoint or the new one. A
+    failed write (a full disk) removes the temporary directory, keeps the old checkpoint, and
+    raises an OSError naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     opt_t, opt_meta = trainer.state_tensors()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    opt_t = {k: v.detach().contiguous().cpu() for k, v in opt_t.items()}
+    state = {"meta": meta, "optimizer": opt_meta}
+    tmp = None
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in opt_t.items()}, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"meta": meta, "optimizer": opt_meta}, indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        write_atomically(tmp / "weights.safetensors", lambda f: save_file(weights, str(f)))
+        write_atomically(tmp / "optimizer.safetensors", lambda f: save_file(opt_t, str(f)))
+        write_json(tmp / "state.json", state, indent=1)
         old = path.with_name(path.name + ".old")
         if path.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise named_error(e, path, "write checkpoint") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

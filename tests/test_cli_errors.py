@@ -200,7 +200,7 @@ def test_out_of_space_names_the_output(model_dir, tmp_path, capsys, monkeypatch)
     code, err = run(["zoo", "export", str(tmp_path / "z"), "--id", "a", "--out", str(tmp_path / "p")], capsys)
     assert code == 1
     line = one_error_line(err, "dit zoo export")
-    assert f"{tmp_path / 'p' / 'a' / 'adapter_model.safetensors'}: No space left on device (free some space" in line
+    assert f"cannot write {tmp_path / 'p' / 'a' / 'adapter_model.safetensors'}: no space left on device (free some space" in line
 
 
 def test_permission_denied_names_the_path(tmp_path, capsys, monkeypatch):

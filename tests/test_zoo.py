@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -447,7 +448,7 @@ def test_one_writer_at_a_time_and_bad_orphans_are_left_alone(tmp_path):
     zoo.append([_diff("a")])
     other = Zoo.open(zoo.path)
     with zoo._writer_lock():
-        with pytest.raises(ZooError, match="another process is writing to this zoo"):
+        with pytest.raises(ZooError, match=rf"another writer in this process \(pid {os.getpid()}\) is writing to this zoo"):
             other.append([_diff("b", seed=1)])
     (zoo.path / "shards" / "shard-000009.safetensors").write_bytes(b"\x00" * 32)  # not a shard: kept, unindexed
     rows = other.append([_diff("b", seed=1)])

@@ -55,7 +55,9 @@ def _describe_os_error(e: OSError, args: argparse.Namespace) -> str:
     if e.filename is None and e.strerror is None:
         return str(e)  # an OSError raised with a message of its own (it names its file)
     where = e.filename
-    if where is None:
+    if where is None and (e.strerror or "").startswith("cannot "):
+        pass  # the engine's own I/O errors name their file: "cannot write PATH: reason"
+    elif where is None:
         # Writes that fail for lack of space carry no file name: name what the command writes to.
         out = getattr(args, "out", None) or getattr(args, "export_peft", None)
         where = f"writing under {out}" if out else None

@@ -1,8 +1,9 @@
 """Batched interpretation of a zoo: every row decodes with its own diff plus the DIT adapter.
 
 Baselines run in the same harness: the finetuned model asked directly (``diff``), with its trigger
-(``diff+trigger``), and the base model (``base``). Results stream to JSONL (fsynced per batch); a
-rerun resumes where it stopped. Under ``torchrun`` each rank takes every world-th diff and writes
+(``diff+trigger``), and the base model (``base``). Results stream to JSONL (fsynced per batch: each
+batch is a checkpoint); a rerun resumes where it stopped. On SIGINT/SIGTERM it stops after the batch
+in progress (see :mod:`dit_engine.jobs`). Under ``torchrun`` each rank takes every world-th diff and writes
 ``<out>.rank<r>``; rank 0 merges.
 """
 
@@ -23,7 +24,9 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..engine import Engine
 from ..evaluate import METHODS
+from ..files import named_error
 from ..generate import SamplingParams, generate
+from ..jobs import job
 from ..tasks import get_task
 from ..tasks.hidden_topic import format_trigger
 from ..zoo import BaseIdentity, Zoo, import_peft
@@ -76,7 +79,7 @@ def interpret(
     todo = [(r, m) for r in rows for m in methods if (r["id"], m) not in done]
     bar = tqdm(disable=not (progress and rank == 0), total=len(todo), desc="interpreting", unit="answer")
     base_answer = None
-    with open(part, "a") as fh:
+    with job("interpretation") as j, open(part, "ab", buffering=0) as fh:
         for m in methods:
             pending = [r for r, mm in todo if mm == m]
             for s in range(0, len(pending), batch_size):
@@ -97,14 +100,20 @@ def interpret(
                     gens = generate(model, prompts, params, adapters=AdapterBatch(*slots), decode=tok.decode,
                                     batch_size=n)
                 dt = (time.perf_counter() - t0) / len(chunk)
-                for r, g in zip(chunk, gens):
-                    fh.write(json.dumps({"id": r["id"], "method": m, "labels": r.get("labels", {}),
-                                         "label_key": label_key, "answer": (g.text or "").strip(),
-                                         "rank": r.get("rank"), "split": r.get("split"),
-                                         "n_tokens": len(g.token_ids), "time_s": round(dt, 5)}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+                data = "".join(json.dumps({"id": r["id"], "method": m, "labels": r.get("labels", {}),
+                                           "label_key": label_key, "answer": (g.text or "").strip(),
+                                           "rank": r.get("rank"), "split": r.get("split"),
+                                           "n_tokens": len(g.token_ids), "time_s": round(dt, 5)}) + "\n"
+                               for r, g in zip(chunk, gens)).encode()
+                try:  # unbuffered: nothing is left in a buffer to fail again at close
+                    view = memoryview(data)
+                    while view:
+                        view = view[fh.write(view):]
+                    os.fsync(fh.fileno())
+                except OSError as e:  # a full disk: the rows already there stay; a cut last line is redone
+                    raise named_error(e, part) from None
                 bar.update(len(chunk))
+                j.stop_if_requested(part)
     bar.close()
     if world > 1:
         dist.barrier()

@@ -3,8 +3,10 @@
 For each (diff, label) of the zoo's train split, the model runs with slot 0 = that diff (frozen, a
 different one per row, streamed from the zoo, never densified) and slot 1 = the shared DIT adapter
 (trainable), asked the task's question in the chat template; the loss is the cross-entropy of the
-label tokens and the closing end-of-turn token (never padding). Resumable from ``out/checkpoint``;
-data-parallel under ``torchrun`` (the rows are sharded across ranks, gradients all-reduced).
+label tokens and the closing end-of-turn token (never padding). Resumable from ``out/checkpoint``,
+written every ``save_every`` optimizer steps, every ``checkpoint_every_s`` seconds, on SIGINT/SIGTERM
+(see :mod:`dit_engine.jobs`) and at the end; data-parallel under ``torchrun`` (the rows are sharded
+across ranks, gradients all-reduced).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..config import TARGET_MODULES
 from ..distributed import all_reduce_grads, rank_world
 from ..engine import Engine
+from ..files import write_json, write_text
+from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
 from ..tasks import get_task
 from ..train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from ..zoo import BaseIdentity, Zoo
@@ -47,6 +51,7 @@ class DitTrainConfig:
     only_verified: bool = False  # skip diffs whose verification failed
     max_diffs: int | None = None  # train on the first N usable diffs only (data-scaling curves)
     save_every: int = 50  # optimizer steps between checkpoints
+    checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S  # seconds between checkpoints (and on SIGINT/SIGTERM)
     seed: int = 0
 
     @property
@@ -76,8 +81,28 @@ def train_dit(
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
 ) -> DitAdapter:
-    """Train the DIT adapter over the zoo's ``cfg.split``; resumable from ``out_dir/checkpoint``."""
+    """Train the DIT adapter over the zoo's ``cfg.split``; resumable from ``out_dir/checkpoint``.
+
+    On SIGINT/SIGTERM it checkpoints at the next optimizer step and raises
+    :class:`~dit_engine.jobs.JobInterrupted`. A failure (a full disk) keeps the last good
+    checkpoint, and removes ``out_dir`` again if this call created it and it is still empty."""
     out = Path(out_dir)
+    created = not out.exists()
+    try:
+        with job("DIT training", cfg.checkpoint_every_s) as j:
+            return _train_dit(engine, zoo, out, cfg, j, progress, log)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+# Settings that change when checkpoints are written, not what is trained: a resume may change them.
+_RUN_ONLY = ("save_every", "checkpoint_every_s")
+
+
+def _train_dit(engine: Engine, zoo: Zoo, out: Path, cfg: DitTrainConfig, j: Job, progress: bool,
+               log: Callable[[dict], None] | None) -> DitAdapter:
     rank, world = rank_world()
     model, config, dev = engine.model, engine.config, engine.model.device
     label_key = get_task(cfg.task).label_key
@@ -105,7 +130,10 @@ def train_dit(
     ckpt = out / "checkpoint"
 
     def same_settings(meta: dict) -> None:
-        if meta.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        def trained(c) -> dict:
+            return {k: v for k, v in (c or {}).items() if k not in _RUN_ONLY}
+
+        if trained(meta.get("config")) != trained(json.loads(json.dumps(dataclasses.asdict(cfg)))):
             raise ValueError(f"{ckpt}: checkpoint was made with other settings; remove it or use the same settings")
 
     meta = resume_slot_state(ckpt, slot, trainer, check=same_settings)
@@ -136,8 +164,13 @@ def train_dit(
                 log(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")
-            if rank == 0 and trainer.micro == 0 and trainer.step_count % cfg.save_every == 0:
-                _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
+            if trainer.micro == 0:  # an optimizer step boundary: the only point the state can be saved
+                if world > 1:
+                    j.agree_stop(dev)  # every rank stops at the same step
+                if rank == 0 and (trainer.step_count % cfg.save_every == 0 or j.should_checkpoint()):
+                    _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
+                    j.checkpointed()
+                j.stop_if_requested(ckpt)
         if val_rows and rank == 0:
             with torch.no_grad():
                 vl = _dit_loss(engine, zoo, val_rows[: 4 * cfg.batch_size], slot, question, label_key)
@@ -149,10 +182,10 @@ def train_dit(
         trainer.step()
     adapter = DitAdapter(slot.detach(), question, cfg.task, dataclasses.asdict(base))
     if rank == 0:
+        _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)  # first: a rerun then only writes the adapter
         adapter.save(out)
-        _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
-        (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_text(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_json(out / "train_config.json", dataclasses.asdict(cfg), indent=1)
     return adapter
 
 

@@ -7,7 +7,9 @@ rows appended to the index (fsynced): the index append is the commit. A shard is
 A job killed at any point leaves a readable zoo: a torn last index line or an incomplete last row
 group is ignored when reading, and the next writer truncates it, adopts complete shards that have
 no index rows (their digests checked) and deletes temp files, so finished diffs are never redone.
-One writer at a time (an advisory lock on the directory); readers need no lock.
+One writer at a time (an advisory lock on the directory, held for a whole job by :meth:`Zoo.writer`;
+the holder's pid is written to ``writer.pid`` so a refused writer can say who holds it); readers
+need no lock.
 
 Diffs that cover only some of the zoo's modules are stored with zeros for the others (the same
 dense delta); a diff whose modules have different ranks is padded to its largest rank.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fcntl
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,11 +31,11 @@ from torch import Tensor
 
 from ..adapters import LoraSlot
 from ..config import TARGET_MODULES, ConfigError, ModelConfig
-from ..files import TMP_MARK, write_atomically
+from ..files import TMP_MARK, named_error, write_atomically
 from .format import (DTYPES, FORMAT, FORMAT_VERSION, INDEX, MANIFEST, RESERVED_FIELDS, SHARDS, BaseIdentity,
                      Diff, Where, ZooError, check_row, json_line, matcher, parse_index, read_manifest)
+from .lock import WriterLock
 from .shards import ShardSet, shard_files
-
 
 class Zoo:
     """An opened zoo directory. Build with :meth:`create`, reopen with :meth:`open`."""
@@ -54,6 +55,7 @@ class Zoo:
         self._committed_bytes = 0  # prefix of index.jsonl holding complete, checked row groups
         self._index_bytes = 0  # size of index.jsonl when last read
         self._shardset = ShardSet(path, self.modules, self._shapes, self.dtype_name, self.base.describe())
+        self._lock = WriterLock(path)  # one writer at a time, held for a whole job by writer()
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -251,6 +253,15 @@ class Zoo:
             raise ZooError(f"{self.path}: {len(bad)} corrupted diff(s): {shown}")
 
     # ---- writing ---------------------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator["Zoo"]:
+        """Hold the writer lock for a whole job (``with zoo.writer(): ...``): a second writer is
+        refused at once, before it does any work, not when it comes to append. Re-reads the index
+        (and finishes what a killed writer left) once the lock is held. Appends inside reuse it."""
+        with self._writer_lock():
+            self._refresh(repair=True)
+            yield self
+
     def recover(self) -> list[str]:
         """Finish what a killed writer left: truncate a torn index tail, index complete shards that
         have no rows yet (digests checked), delete temp files. Returns the ids it indexed. Every
@@ -352,17 +363,8 @@ class Zoo:
             self._repair()
 
     # ---- internals: writing ----------------------------------------------------------------------
-    @contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ZooError(f"{self.path}: another process is writing to this zoo") from None
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock (also when the process dies)
+    def _writer_lock(self):
+        return self._lock.held()
 
     def _repair(self) -> None:
         """Writer-side recovery after a killed job (called under the lock)."""
@@ -429,12 +431,25 @@ class Zoo:
         return A, B
 
     def _commit_rows(self, rows: list[dict]) -> None:
-        """Append rows to index.jsonl in one write, fsynced: the commit point of a shard."""
+        """Append rows to index.jsonl in one write, fsynced: the commit point of a shard. A failed
+        append (a full disk) is cut back off, so the index keeps exactly its committed rows (the
+        shard is adopted by the next writer), and raises an OSError naming the index."""
+        index = self.path / INDEX
         data = "".join(json_line(r, r["id"]) for r in rows).encode()
-        with open(self.path / INDEX, "ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(index, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, self._committed_bytes)
+            except OSError:
+                pass  # a torn tail is cut by the next writer
+            raise named_error(e, index) from None
+        finally:
+            os.close(fd)
         for r in rows:
             self._by_id[r["id"]] = len(self._rows)
             self._rows.append(r)
