@@ -86,7 +86,7 @@ class _InterpretedKernel:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             language = _interpreted_language() if self._compiled_mode else contextlib.nullcontext()
-            with language, _scalar_loop_bounds():
+            with _language_restored(), language, _scalar_loop_bounds():
                 return self._fn[grid](*args, **kwargs)
 
         return launch
@@ -113,6 +113,32 @@ def _interpreted_language():
     finally:
         for module, name, obj in saved:
             setattr(module, name, obj)
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Put ``triton.language`` back as it was after an interpreted launch.
+
+    The interpreter patches the builtins of ``tl.core`` (``program_id``, ``load``, ...) and some
+    ``tl.core.tensor`` methods for the launch and (Triton 3.6-3.9) leaves part of that in place, so
+    a kernel compiled later in the same process would trace through interpreter objects and fail
+    ("'value' object has no attribute 'dtype'"). Every changed, added or removed name of those
+    namespaces is restored."""
+    spaces = (tl, tl.core, tl.math, tl.core.tensor)
+    saved = [dict(vars(space)) for space in spaces]
+    try:
+        yield
+    finally:
+        for space, before in zip(spaces, saved):
+            now = vars(space)
+            for name in [n for n in now if n not in before]:
+                delattr(space, name)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(space, name, value)
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager

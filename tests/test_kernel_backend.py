@@ -94,3 +94,17 @@ def test_poisoned_buffers_are_nan_only_when_asked(monkeypatch):
     assert torch.isnan(backend.empty((3,), torch.float32, torch.device("cpu"))).all()
     assert torch.isnan(backend.empty_like(torch.zeros(2, 2).T)).all()
     assert backend.empty((2,), torch.int64, torch.device("cpu")).dtype == torch.int64
+
+
+def test_an_interpreted_launch_leaves_triton_language_as_it_was():
+    """The interpreter patches tl.core's builtins for a launch; left in place, a kernel compiled
+    later in the same process traces through interpreter objects and fails to compile."""
+    import triton.language as tl
+
+    spaces = (tl, tl.core, tl.math, tl.core.tensor)
+    before = [dict(vars(s)) for s in spaces]
+    rms_norm(torch.randn(4, 16), torch.ones(16), 1e-5, backend="triton")
+    for space, snap in zip(spaces, before):
+        now = vars(space)
+        assert set(now) == set(snap), space
+        assert [k for k in snap if now[k] is not snap[k]] == [], space
