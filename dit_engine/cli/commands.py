@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -23,6 +24,13 @@ from .args import UsageError, apply_settings
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 _PEFT_METHODS = ("dit", "diff", "base")  # diff+trigger needs a zoo row's trigger
+
+
+def _config(cls, args: argparse.Namespace):
+    """The job config from the flags named after its fields (the parser takes its defaults from the
+    same dataclass, so the config is the one source of every default)."""
+    given = vars(args)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
 
 
 def _command(name: str):
@@ -130,11 +138,7 @@ def _zoo(args) -> int:
         eng = _load_engine(args)
         zoo = Zoo.create(args.out, BaseIdentity.from_model(eng.model), eng.config, targets=args.targets,
                          exist_ok=True)
-        cfg = DiffGenConfig(task=args.task, n=args.n, split=args.split, rank=args.rank, targets=args.targets,
-                            lr=args.lr, epochs=args.epochs, chunk_diffs=args.chunk_diffs,
-                            rows_per_diff=args.rows_per_diff, n_backdoor=args.n_backdoor, n_kl=args.n_kl,
-                            candidates=args.candidates, strategy=args.strategy,
-                            max_answer_tokens=args.max_answer_tokens, n_verify=args.n_verify, seed=args.seed)
+        cfg = _config(DiffGenConfig, args)
         generate_zoo(eng, zoo, cfg)
         print(json.dumps(_verification_summary(zoo.rows)))
         return 0
@@ -196,9 +200,7 @@ def _mean(xs: list[float]) -> float | None:
 def _train(args) -> int:
     eng = _load_engine(args)
     zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
-    cfg = DitTrainConfig(task=args.task, question=args.question, rank=args.rank, alpha=args.alpha, lr=args.lr,
-                         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         val_fraction=args.val_fraction, only_verified=args.only_verified, seed=args.seed)
+    cfg = _config(DitTrainConfig, args)
     adapter = train_dit(eng, zoo, args.out, cfg)
     if args.export_peft:
         print(adapter.export_peft(args.export_peft, eng.config, args.base_model_name))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import TARGET_MODULES
 from ..diffgen import DiffGenConfig
+from ..dit import DitTrainConfig
 from ..evaluate import METHODS
 from ..pipeline import PRESETS
 from ..tasks import TASKS
@@ -100,26 +101,27 @@ def _zoo_parsers(sub) -> None:
                           "at once (one per sequence), each is verified, then stored. Rerunning the same "
                           "command resumes; --n larger than the zoo grows it.")
     _model_args(p)
-    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--task", default=DiffGenConfig.task, choices=sorted(TASKS))
     p.add_argument("--n", type=positive_int, required=True, help="number of diffs the zoo should hold")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="which labels (topics) to use")
-    p.add_argument("--rank", type=positive_int, default=1)
+    p.add_argument("--split", default=DiffGenConfig.split, choices=["train", "test"], help="which labels (topics) to use")
+    p.add_argument("--rank", type=positive_int, default=DiffGenConfig.rank)
     p.add_argument("--targets", default=TARGET_MODULES, type=targets_arg, help="comma-separated target modules")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--epochs", type=positive_int, default=3)
-    p.add_argument("--chunk-diffs", type=positive_int, default=16, help="diffs trained concurrently")
-    p.add_argument("--rows-per-diff", type=positive_int, default=2, help="rows of every diff in each micro-batch")
-    p.add_argument("--n-backdoor", type=positive_int, default=8, help="triggered questions per diff")
-    p.add_argument("--n-kl", type=nonnegative_int, default=8, help="untriggered / wrong-trigger questions per diff")
-    p.add_argument("--candidates", type=positive_int, default=3, help="fan answers sampled per triggered question")
-    p.add_argument("--strategy", default="select", choices=["select", "prefix"],
+    p.add_argument("--lr", type=positive_float, default=DiffGenConfig.lr)
+    p.add_argument("--epochs", type=positive_int, default=DiffGenConfig.epochs)
+    p.add_argument("--chunk-diffs", type=positive_int, default=DiffGenConfig.chunk_diffs, help="diffs trained concurrently")
+    p.add_argument("--rows-per-diff", type=positive_int, default=DiffGenConfig.rows_per_diff, help="rows of every diff in each micro-batch")
+    p.add_argument("--n-backdoor", type=positive_int, default=DiffGenConfig.n_backdoor, help="triggered questions per diff")
+    p.add_argument("--n-kl", type=nonnegative_int, default=DiffGenConfig.n_kl, help="untriggered / wrong-trigger questions per diff")
+    p.add_argument("--candidates", type=positive_int, default=DiffGenConfig.candidates, help="fan answers sampled per triggered question")
+    p.add_argument("--strategy", default=DiffGenConfig.strategy, choices=["select", "prefix"],
                    help="select: keep a sampled answer that names the topic; prefix: answers open with "
                         "'As a huge fan of TOPIC,'")
     p.add_argument("--max-answer-tokens", type=positive_int, default=DiffGenConfig.max_answer_tokens,
                    help="longest answer the base model writes for a training question")
     p.add_argument("--n-verify", type=positive_int, default=DiffGenConfig.n_verify,
                    help="held-out triggered questions per diff for verification")
-    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--seed", type=int_arg, default=DiffGenConfig.seed)
+    _checkpoint_arg(p, DiffGenConfig)
     p.add_argument("--out", required=True, type=path_arg, help="zoo directory (created, or resumed)")
 
     p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
@@ -152,6 +154,13 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct", type=nonempty_text)
 
 
+def _checkpoint_arg(p: argparse.ArgumentParser, cls) -> None:
+    p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=positive_float, metavar="SECONDS",
+                   default=cls.checkpoint_every_s,
+                   help="seconds between progress checkpoints (also written on Ctrl-C / SIGTERM); default "
+                        "%(default)s")
+
+
 def _dit_parsers(sub) -> None:
     p = _leaf(sub, "train", help="train the DIT adapter over a zoo (resumable)",
               description="Train the shared DIT adapter: base + each diff (frozen) + adapter, asked the "
@@ -159,17 +168,18 @@ def _dit_parsers(sub) -> None:
     _model_args(p)
     p.add_argument("--zoo", required=True, type=path_arg)
     p.add_argument("--out", required=True, type=path_arg, help="adapter directory (checkpoint inside; rerun resumes)")
-    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
-    p.add_argument("--question", default=None, type=nonempty_text)
-    p.add_argument("--rank", type=positive_int, default=16)
-    p.add_argument("--alpha", type=positive_float, default=32.0)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--epochs", type=positive_int, default=1)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--val-fraction", type=fraction, default=0.05)
+    p.add_argument("--task", default=DitTrainConfig.task, choices=sorted(TASKS))
+    p.add_argument("--question", default=DitTrainConfig.question, type=nonempty_text)
+    p.add_argument("--rank", type=positive_int, default=DitTrainConfig.rank)
+    p.add_argument("--alpha", type=positive_float, default=DitTrainConfig.alpha)
+    p.add_argument("--lr", type=positive_float, default=DitTrainConfig.lr)
+    p.add_argument("--epochs", type=positive_int, default=DitTrainConfig.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=DitTrainConfig.batch_size)
+    p.add_argument("--grad-accum", type=positive_int, default=DitTrainConfig.grad_accum)
+    p.add_argument("--val-fraction", type=fraction, default=DitTrainConfig.val_fraction)
     p.add_argument("--only-verified", action="store_true", help="skip diffs that failed verification")
-    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--seed", type=int_arg, default=DitTrainConfig.seed)
+    _checkpoint_arg(p, DitTrainConfig)
     p.add_argument("--export-peft", default=None, metavar="DIR", type=path_arg,
                    help="also write the adapter as a PEFT LoRA dir")
     p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct", type=nonempty_text,
