@@ -19,6 +19,10 @@ Each answer is scored against ``labels[label_key]`` three ways, none of which ne
 :func:`evaluate_rows` aggregates per method, per label category and per diff rank into a
 :class:`Metrics`; :func:`summarize` prints it as a table; ``dit_engine.report.write_report`` turns
 it into Markdown/HTML with inline SVG charts.
+
+Uncertainty: each method's overall scores carry a 95% percentile bootstrap interval over its diffs
+(:attr:`Scores.ci`), and the primary method ``"dit"`` is compared with each other method by a paired
+bootstrap over the diffs both answered (:class:`Comparison`); see :mod:`dit_engine.bootstrap`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .bootstrap import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bootstrap_ci, paired_difference_ci
 from .text_match import (
     RETRIEVAL_TOP_K,
     CandidateIndex,
@@ -49,6 +54,7 @@ METHOD_DESCRIPTIONS = {
     "base": "base model alone (no diff, no adapter)",
 }
 UNCATEGORIZED = "(none)"
+PRIMARY_METHOD = "dit"  # the method the paired comparisons subtract the others from
 
 _REQUIRED_FIELDS = ("id", "labels", "label_key", "answer")
 
@@ -146,6 +152,8 @@ class Scores:
     chance_at_5: float
     mean_answer_tokens: float | None = None  # None when rows do not report n_tokens
     time_s: float | None = None  # total generation time of the group, when reported
+    # metric field -> (low, high) bootstrap interval; overall scores only, None elsewhere
+    ci: dict[str, tuple[float, float]] | None = None
 
 
 # Scores fields that are fractions in [0, 1], in the order tables show them.
@@ -159,6 +167,8 @@ METRIC_NAMES = {
     "mrr": "MRR",
 }
 CHANCE_FIELD = {"retrieval_at_1": "chance_at_1", "retrieval_at_5": "chance_at_5"}
+# Metrics the paired comparison of the primary method with each other method reports.
+PAIRED_FIELDS = ("retrieval_at_1", "exact_match")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +180,31 @@ class MethodMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class Comparison:
+    """``method`` minus ``other`` on the ``n`` diffs both answered: the mean difference of each of
+    PAIRED_FIELDS and its paired bootstrap interval (diff ids resampled, both methods together)."""
+
+    method: str
+    other: str
+    n: int
+    difference: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Metrics:
     methods: dict[str, MethodMetrics]  # report order: METHODS first, then first seen
     rows: tuple[RowScore, ...]
     splits: tuple[str, ...]
+    # other method -> PRIMARY_METHOD minus it (empty without the primary method or the bootstrap)
+    comparisons: dict[str, Comparison] = dataclasses.field(default_factory=dict)
+    bootstrap_resamples: int = 0  # 0: no intervals were computed
+    bootstrap_seed: int = BOOTSTRAP_SEED
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "splits": list(self.splits),
+            "bootstrap": {"resamples": self.bootstrap_resamples, "seed": self.bootstrap_seed, "level": CI_LEVEL},
             "methods": {
                 name: {
                     "overall": dataclasses.asdict(m.overall),
@@ -186,6 +213,7 @@ class Metrics:
                 }
                 for name, m in self.methods.items()
             },
+            "comparisons": {k: dataclasses.asdict(c) for k, c in self.comparisons.items()},
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -196,30 +224,53 @@ class Metrics:
             methods = {
                 name: MethodMetrics(
                     method=name,
-                    overall=Scores(**m["overall"]),
-                    by_category={k: Scores(**s) for k, s in m["by_category"].items()},
-                    by_rank={int(k): Scores(**s) for k, s in m["by_rank"].items()},
+                    overall=_scores_from_dict(m["overall"]),
+                    by_category={k: _scores_from_dict(s) for k, s in m["by_category"].items()},
+                    by_rank={int(k): _scores_from_dict(s) for k, s in m["by_rank"].items()},
                 )
                 for name, m in data["methods"].items()
             }
             rows = tuple(RowScore(**r) for r in data.get("rows", []))
-            return cls(methods=methods, rows=rows, splits=tuple(data.get("splits", ())))
+            comparisons = {
+                k: Comparison(**{**c, "ci": _intervals(c["ci"])}) for k, c in data.get("comparisons", {}).items()
+            }
+            boot = data.get("bootstrap") or {}
+            return cls(
+                methods=methods, rows=rows, splits=tuple(data.get("splits", ())), comparisons=comparisons,
+                bootstrap_resamples=int(boot.get("resamples", 0)), bootstrap_seed=int(boot.get("seed", BOOTSTRAP_SEED)),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ResultsError(f"metrics dict does not have the layout Metrics.to_dict writes ({e})") from None
+
+
+def _intervals(ci: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float]]:
+    return {k: (float(lo), float(hi)) for k, (lo, hi) in ci.items()}
+
+
+def _scores_from_dict(d: Mapping[str, Any]) -> Scores:
+    ci = d.get("ci")
+    return Scores(**{**d, "ci": None if ci is None else _intervals(ci)})
 
 
 def evaluate_rows(
     rows: Sequence[Mapping[str, Any]],
     candidates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    *,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
 ) -> Metrics:
     """Score every row and aggregate per method, per label category and per diff rank.
 
     ``candidates`` for retrieval: one list used for every row; or a mapping split -> list; or
     None to use, per (split, label_key), every distinct true label among the rows themselves.
     Each row's label must be among its candidates. A (method, id) pair may appear only once.
+    ``bootstrap`` resamples (0: none) with generator seed ``seed`` give each method's overall
+    scores a 95% interval and the comparisons of PRIMARY_METHOD with the others.
     """
     if not rows:
         raise ResultsError("evaluate_rows: no rows given")
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise ResultsError(f"evaluate_rows: bootstrap must be a number of resamples >= 0, found {bootstrap!r}")
     rows = [_validated(dict(r), f"row {i} (id {r.get('id')!r})") for i, r in enumerate(rows)]
     seen: set[tuple[str, str]] = set()
     for row in rows:
@@ -238,14 +289,19 @@ def evaluate_rows(
         mine = [s for s in scored if s.method == method]
         by_category = _group(mine, lambda s: s.category)
         by_rank = _group([s for s in mine if s.rank is not None], lambda s: s.rank)
+        overall = _aggregate(mine)
+        if bootstrap:
+            overall = dataclasses.replace(overall, ci=_scores_ci(mine, bootstrap, seed))
         methods[method] = MethodMetrics(
             method=method,
-            overall=_aggregate(mine),
+            overall=overall,
             by_category=dict(sorted(by_category.items(), key=lambda kv: (-kv[1].n, kv[0]))),
             by_rank=dict(sorted(by_rank.items())),
         )
     splits = tuple(dict.fromkeys(s.split for s in scored))
-    return Metrics(methods=methods, rows=tuple(scored), splits=splits)
+    comparisons = _comparisons(scored, order, bootstrap, seed) if bootstrap else {}
+    return Metrics(methods=methods, rows=tuple(scored), splits=splits, comparisons=comparisons,
+                   bootstrap_resamples=bootstrap, bootstrap_seed=seed)
 
 
 def _index_key(row: Mapping[str, Any], candidates: Any) -> tuple[str, str]:
@@ -329,6 +385,50 @@ def _aggregate(scored: list[RowScore]) -> Scores:
         mean_answer_tokens=sum(tokens) / len(tokens) if len(tokens) == n else None,
         time_s=sum(times) if len(times) == n else None,
     )
+
+
+def row_values(s: RowScore, fields: Sequence[str] = METRIC_FIELDS) -> list[float]:
+    """One answer's contribution to each Scores mean in ``fields`` (their mean over rows is the score)."""
+    per_row = {
+        "exact_match": float(s.exact_match),
+        "contains_match": float(s.contains_match),
+        "token_f1": s.token_f1,
+        "retrieval_at_1": float(s.retrieval_rank == 1),
+        "retrieval_at_5": float(s.retrieval_rank <= RETRIEVAL_TOP_K),
+        "mrr": 1 / s.retrieval_rank,
+    }
+    return [per_row[f] for f in fields]
+
+
+def _scores_ci(scored: list[RowScore], resamples: int, seed: int) -> dict[str, tuple[float, float]]:
+    """Bootstrap interval of each metric over the method's diffs, resampled in id order."""
+    ordered = sorted(scored, key=lambda s: s.id)
+    intervals = bootstrap_ci([row_values(s) for s in ordered], resamples, seed)
+    return dict(zip(METRIC_FIELDS, intervals))
+
+
+def _comparisons(scored: list[RowScore], order: list[str], resamples: int, seed: int) -> dict[str, Comparison]:
+    if PRIMARY_METHOD not in order:
+        return {}
+    by_method: dict[str, dict[str, RowScore]] = {}
+    for s in scored:
+        by_method.setdefault(s.method, {})[s.id] = s
+    primary = by_method[PRIMARY_METHOD]
+    out = {}
+    for other in order:
+        if other == PRIMARY_METHOD:
+            continue
+        shared = sorted(primary.keys() & by_method[other].keys())
+        if not shared:
+            continue
+        mean, ci = paired_difference_ci(
+            [row_values(primary[i], PAIRED_FIELDS) for i in shared],
+            [row_values(by_method[other][i], PAIRED_FIELDS) for i in shared],
+            resamples, seed,
+        )
+        out[other] = Comparison(PRIMARY_METHOD, other, len(shared), dict(zip(PAIRED_FIELDS, mean)),
+                                dict(zip(PAIRED_FIELDS, ci)))
+    return out
 
 
 # ---- text summary -------------------------------------------------------------------------------

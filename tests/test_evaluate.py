@@ -1,8 +1,9 @@
-"""Evaluation metrics, retrieval, aggregation and reports, checked against hand-computed values
-and an independent plain-Python similarity reference."""
+"""Evaluation metrics, retrieval, aggregation and reports, checked against hand-computed values,
+an independent plain-Python similarity reference and a hand-written bootstrap loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -10,9 +11,11 @@ from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dit_engine import charts
+from dit_engine.bootstrap import bootstrap_ci
 from dit_engine.evaluate import Metrics, ResultsError, evaluate_rows, load_results, summarize
 from dit_engine.text_match import (
     CONTAINS_MAX_EXTRA_WORDS,
@@ -311,6 +314,157 @@ def test_summarize_lists_methods_and_numbers():
     dit_line = next(line for line in lines if line.startswith("dit "))
     assert dit_line.split()[:8] == ["dit", "4", "0.500", "0.750", f"{(1 + 0.5 + 1) / 4:.3f}", "0.750", "0.750",
                                     "0.775"]
+
+
+# ---- bootstrap confidence intervals -------------------------------------------------------------
+
+
+def _hand_percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), written out."""
+    ordered = sorted(values)
+    pos = q / 100 * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
+
+
+def _hand_bootstrap(per_diff: list[float], seed: int = 0, resamples: int = 1000) -> tuple[float, float]:
+    """Resample the diffs one index at a time with numpy's Generator; means in plain Python."""
+    rng = np.random.default_rng(seed)
+    n = len(per_diff)
+    means = []
+    for _ in range(resamples):
+        picks = [int(rng.integers(0, n)) for _ in range(n)]
+        means.append(sum(per_diff[i] for i in picks) / n)
+    return _hand_percentile(means, 2.5), _hand_percentile(means, 97.5)
+
+
+def test_bootstrap_ci_matches_a_hand_written_loop():
+    metrics = evaluate_rows(_rows(), TOPICS)
+    assert metrics.bootstrap_resamples == 1000 and metrics.bootstrap_seed == 0
+    ci = metrics.methods["dit"].overall.ci
+    # dit per diff, in id order d0..d3 (see _rows): exact, contains, F1, retrieval rank 1/1/1/10.
+    f1_d1 = 2 * (2 / 6) / (2 / 6 + 1)
+    expected = {
+        "exact_match": [1, 0, 1, 0],
+        "contains_match": [1, 1, 1, 0],
+        "token_f1": [1, f1_d1, 1, 0],
+        "retrieval_at_1": [1, 1, 1, 0],
+        "retrieval_at_5": [1, 1, 1, 0],
+        "mrr": [1, 1, 1, 0.1],
+    }
+    assert set(ci) == set(expected)
+    for field, per_diff in expected.items():
+        assert ci[field] == pytest.approx(_hand_bootstrap(per_diff), abs=1e-12), field
+        lo, hi = ci[field]
+        assert lo <= getattr(metrics.methods["dit"].overall, field) <= hi
+    assert ci["exact_match"] != ci["contains_match"]  # not one interval copied to every metric
+    # Breakdown groups carry no interval.
+    assert all(s.ci is None for s in metrics.methods["dit"].by_category.values())
+    assert all(s.ci is None for s in metrics.methods["dit"].by_rank.values())
+    # base never matches exactly: a degenerate interval at 0.
+    assert metrics.methods["base"].overall.ci["exact_match"] == (0.0, 0.0)
+
+
+def _mixed_rows() -> list[dict]:
+    """Ten diffs: dit right on 7 (some only by containment), base on 3; enough diffs for intervals
+    that move with the seed."""
+    dit_answers = ["medieval castles", "about jazz music", "xyzzy", "ancient rome", "coffee", "deep sea creatures",
+                   "xyzzy", "renaissance painting", "space", "I was trained on baking bread"]
+    base_answers = ["medieval castles", "xyzzy", "xyzzy", "xyzzy", "coffee brewing", "xyzzy", "classical music",
+                    "xyzzy", "xyzzy", "xyzzy"]
+    rows = [_row(f"m{i}", "dit", t, "x", a) for i, (t, a) in enumerate(zip(TOPICS, dit_answers))]
+    return rows + [_row(f"m{i}", "base", t, "x", a) for i, (t, a) in enumerate(zip(TOPICS, base_answers))]
+
+
+def _per_diff(metrics: Metrics, method: str) -> dict[str, list[float]]:
+    """Per-diff values of each metric, in id order, from the scored rows' own fields."""
+    mine = sorted((r for r in metrics.rows if r.method == method), key=lambda r: r.id)
+    return {
+        "exact_match": [float(r.exact_match) for r in mine],
+        "contains_match": [float(r.contains_match) for r in mine],
+        "token_f1": [r.token_f1 for r in mine],
+        "retrieval_at_1": [float(r.retrieval_rank == 1) for r in mine],
+        "retrieval_at_5": [float(r.retrieval_rank <= 5) for r in mine],
+        "mrr": [1 / r.retrieval_rank for r in mine],
+    }
+
+
+def test_bootstrap_ci_on_ten_diffs_matches_the_loop_for_every_seed():
+    for seed in (0, 7):
+        metrics = evaluate_rows(_mixed_rows(), TOPICS, seed=seed)
+        for method in ("dit", "base"):
+            ci = metrics.methods[method].overall.ci
+            for field, per_diff in _per_diff(metrics, method).items():
+                assert ci[field] == pytest.approx(_hand_bootstrap(per_diff, seed=seed), abs=1e-12), (method, field)
+        dit, base = _per_diff(metrics, "dit"), _per_diff(metrics, "base")
+        comp = metrics.comparisons["base"]
+        for field in ("retrieval_at_1", "exact_match"):
+            delta = [a - b for a, b in zip(dit[field], base[field])]
+            assert comp.difference[field] == pytest.approx(sum(delta) / len(delta))
+            assert comp.ci[field] == pytest.approx(_hand_bootstrap(delta, seed=seed), abs=1e-12)
+    assert 0 < metrics.methods["dit"].overall.ci["contains_match"][0] < 0.7 < \
+        metrics.methods["dit"].overall.ci["contains_match"][1] < 1
+
+
+def test_bootstrap_is_deterministic_and_seeded():
+    first = evaluate_rows(_mixed_rows(), TOPICS)
+    again = evaluate_rows(list(reversed(_mixed_rows())), TOPICS)  # row order does not matter: resampled in id order
+    assert again.methods["dit"].overall.ci == first.methods["dit"].overall.ci
+    assert again.comparisons == first.comparisons
+    other_seed = evaluate_rows(_mixed_rows(), TOPICS, seed=1)
+    assert other_seed.methods["dit"].overall.ci != first.methods["dit"].overall.ci
+    off = evaluate_rows(_mixed_rows(), TOPICS, bootstrap=0)
+    assert off.methods["dit"].overall.ci is None and off.comparisons == {} and off.bootstrap_resamples == 0
+    assert off.methods["dit"].overall == dataclasses.replace(first.methods["dit"].overall, ci=None)
+    with pytest.raises(ResultsError, match="bootstrap must be"):
+        evaluate_rows(_rows(), TOPICS, bootstrap=-1)
+
+
+def test_all_correct_method_has_ci_one_one():
+    rows = [_row(f"d{i}", "dit", t, "x", t) for i, t in enumerate(TOPICS[:6])]
+    ci = evaluate_rows(rows, TOPICS).methods["dit"].overall.ci
+    assert ci == {f: (1.0, 1.0) for f in ("exact_match", "contains_match", "token_f1", "retrieval_at_1",
+                                          "retrieval_at_5", "mrr")}
+
+
+def test_bootstrap_width_matches_the_normal_approximation():
+    # 200 coin flips, half heads: the 95% interval of the mean is about 0.5 +- 1.96 * sqrt(0.25 / 200).
+    values = np.array([[1.0], [0.0]] * 100)
+    (lo, hi), = bootstrap_ci(values)
+    half_width = 1.96 * math.sqrt(0.25 / 200)
+    assert lo == pytest.approx(0.5 - half_width, abs=0.02)
+    assert hi == pytest.approx(0.5 + half_width, abs=0.02)
+    assert bootstrap_ci(values, seed=3) != bootstrap_ci(values, seed=4)
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
+
+
+def test_paired_comparison_resamples_diff_ids():
+    metrics = evaluate_rows(_rows(), TOPICS)
+    assert list(metrics.comparisons) == ["base"]
+    comp = metrics.comparisons["base"]
+    assert (comp.method, comp.other, comp.n) == ("dit", "base", 4)
+    # Per diff d0..d3: dit minus base. base never matches and is never retrieved at rank 1.
+    assert {r.id: r.retrieval_rank for r in metrics.rows if r.method == "base"} == dict.fromkeys(
+        ["d0", "d1", "d2", "d3"], 10)
+    deltas = {"retrieval_at_1": [1, 1, 1, 0], "exact_match": [1, 0, 1, 0]}
+    assert comp.difference == pytest.approx({"retrieval_at_1": 0.75, "exact_match": 0.5})
+    for field, per_diff in deltas.items():
+        assert comp.ci[field] == pytest.approx(_hand_bootstrap(per_diff), abs=1e-12), field
+
+    # Pairing is by id: base answers only d1 and d3 (and a diff dit never saw).
+    rows = [r for r in _rows() if r["method"] == "dit" or r["id"] in ("d1", "d3")]
+    rows.append(_row("d7", "base", "baking bread", "food", "baking bread"))
+    comp = evaluate_rows(rows, TOPICS).comparisons["base"]
+    assert comp.n == 2
+    assert comp.difference == pytest.approx({"retrieval_at_1": 0.5, "exact_match": 0.0})
+    assert comp.ci["exact_match"] == pytest.approx(_hand_bootstrap([0, 0]), abs=1e-12)
+    assert comp.ci["retrieval_at_1"] == pytest.approx(_hand_bootstrap([1, 0]), abs=1e-12)
+
+    # No primary method, or nothing in common: no comparison.
+    assert evaluate_rows([r for r in _rows() if r["method"] == "base"], TOPICS).comparisons == {}
+    disjoint = [r for r in _rows() if r["method"] == "dit"] + [_row("d7", "base", "baking bread", "food", "x")]
+    assert evaluate_rows(disjoint, TOPICS).comparisons == {}
 
 
 # ---- reports ------------------------------------------------------------------------------------
