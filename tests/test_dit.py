@@ -205,3 +205,50 @@ def _answers(path) -> dict[tuple[str, str], str]:
             assert (d["id"], d["method"]) not in out, f"duplicate {d['id']} {d['method']}"
             out[(d["id"], d["method"])] = d["answer"]
     return out
+
+
+# ---- held-out loss per epoch, the epoch it picks, early stopping ----------------------------------
+def test_training_logs_losses_per_epoch_and_keeps_the_best_held_out_epoch(world, tmp_path, monkeypatch):
+    import dit_engine.dit.training as training
+
+    eng, zoo, _, _, _ = world
+    held_out = iter([0.9, 0.5, 0.7, 0.8, 0.95])  # best at epoch 1; epochs 2, 3 fail to beat it
+    real = training._mean_loss
+    seen = []
+
+    def fake_mean_loss(engine, zoo_, rows, slot, *a):
+        if rows and rows[0]["id"] in val_ids:  # the held-out rows: a scripted loss curve
+            seen.append({k: v[0].detach().clone() for k, v in slot.A.items()})
+            return next(held_out)
+        return real(engine, zoo_, rows, slot, *a)
+
+    ids = [r["id"] for r in zoo.rows if r["split"] == "train"]
+    import random as _random
+
+    order = list(ids)
+    _random.Random(0).shuffle(order)
+    val_ids = set(order[:2])  # what train_dit holds out: the first val_fraction of its seeded shuffle
+    monkeypatch.setattr(training, "_mean_loss", fake_mean_loss)
+    cfg = DitTrainConfig(question=QUESTION, rank=2, lr=3e-3, epochs=5, batch_size=8, val_fraction=0.1,
+                         patience=2, schedule="constant", seed=0)
+    adapter = train_dit(eng, zoo, tmp_path / "dit", cfg, progress=False)
+    epochs = [json.loads(line) for line in (tmp_path / "dit" / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]  # stopped after 2 epochs without a better loss
+    assert [e["val_loss"] for e in epochs] == [0.9, 0.5, 0.7, 0.8]
+    assert all(e["train_loss"] > 0 for e in epochs)
+    assert adapter.recipe["best_epoch"] == 1 and adapter.recipe["epochs"] == epochs
+    for m, a in adapter.slot.A.items():  # the adapter is the one evaluated at epoch 1
+        assert torch.equal(a[0].float(), seen[1][m].float())
+    saved = DitAdapter.load(tmp_path / "dit")
+    assert saved.recipe["best_epoch"] == 1 and torch.equal(saved.slot.A[m], adapter.slot.A[m].float())
+
+
+def test_early_stopping_rule():
+    from dit_engine.dit.training import _should_stop
+
+    e = lambda *losses: [{"epoch": i, "val_loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    assert not _should_stop(e(1.0, 0.9, 0.8), 2)
+    assert not _should_stop(e(1.0, 0.9, 0.95), 2)  # one epoch without progress
+    assert _should_stop(e(1.0, 0.9, 0.95, 0.91), 2)
+    assert not _should_stop(e(1.0, 0.9, 0.95, 0.91), 0)  # patience 0: never stops early
+    assert not _should_stop([{"epoch": 0, "val_loss": None}] * 5, 1)  # no held-out diffs: nothing to stop on

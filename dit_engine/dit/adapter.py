@@ -1,8 +1,9 @@
 """The DIT adapter's file format: one shared LoRA with its question, task and base identity.
 
 A directory with ``adapter.safetensors`` (per module ``{module}.lora_A`` [r, d_in] and
-``{module}.lora_B`` [d_out, r], fp32) and ``adapter.json`` (format, rank, scale, question, task,
-base identity, modules). Exports as a PEFT LoRA directory for other tools.
+``{module}.lora_B`` [d_out, r]; fp32, or bf16 for a shipped adapter) and ``adapter.json`` (format,
+rank, scale, question, task, base identity, modules, and the recipe it was trained with). Exports
+as a PEFT LoRA directory for other tools.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ class DitAdapter:
     question: str
     task: str
     base: dict
+    recipe: dict = dataclasses.field(default_factory=dict)  # how it was trained (config, zoo, best epoch)
 
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in self.slot.A:
-            tensors[f"{name}.lora_A"] = self.slot.A[name][0].detach().contiguous().cpu().float()
-            tensors[f"{name}.lora_B"] = self.slot.B[name][0].detach().contiguous().cpu().float()
+            tensors[f"{name}.lora_A"] = self.slot.A[name][0].detach().contiguous().cpu().to(dtype)
+            tensors[f"{name}.lora_B"] = self.slot.B[name][0].detach().contiguous().cpu().to(dtype)
         write_atomically(out / "adapter.safetensors", lambda p: save_file(tensors, str(p)))
         meta = {"format": "dit-engine-adapter/1", "rank": self.slot.rank, "scale": float(self.slot.scale[0]),
-                "question": self.question, "task": self.task, "base": self.base, "modules": sorted(self.slot.A)}
+                "question": self.question, "task": self.task, "base": self.base, "modules": sorted(self.slot.A),
+                "recipe": self.recipe}
         write_json(out / "adapter.json", meta, indent=1)
         return out
 
@@ -57,7 +60,7 @@ class DitAdapter:
         except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
             raise ValueError(f"{path}: unreadable DIT adapter ({type(e).__name__}: {e})") from None
         slot = LoraSlot(A=A, B=B, scale=scale, index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
-        return cls(slot, meta["question"], meta["task"], meta["base"])
+        return cls(slot, meta["question"], meta["task"], meta["base"], meta.get("recipe", {}))
 
     def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:
         """Write the adapter as a PEFT LoRA directory (for other tools: merge it, serve it, ...)."""

@@ -46,7 +46,9 @@ class DitTrainConfig:
     grad_accum: int = 1
     warmup_steps: int = 0
     schedule: str = "cosine"
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # diffs held out of training (their topics unseen): the loss that picks the epoch
+    patience: int = 0  # stop after this many epochs without a better held-out loss (0: train every epoch)
+    eval_diffs: int = 64  # diffs (of train and of held-out) whose loss is measured after every epoch
     split: str = "train"
     only_verified: bool = False  # skip diffs whose verification failed
     max_diffs: int | None = None  # train on the first N usable diffs only (data-scaling curves)
@@ -99,6 +101,8 @@ def train_dit(
 
 # Settings that change when checkpoints are written, not what is trained: a resume may change them.
 _RUN_ONLY = ("save_every", "checkpoint_every_s")
+EPOCHS_LOG = "epochs.jsonl"  # one line per finished epoch: train and held-out loss
+BEST = "best"  # the adapter of the epoch with the lowest held-out loss so far
 
 
 def _train_dit(engine: Engine, zoo: Zoo, out: Path, cfg: DitTrainConfig, j: Job, progress: bool,
@@ -142,7 +146,13 @@ def _train_dit(engine: Engine, zoo: Zoo, out: Path, cfg: DitTrainConfig, j: Job,
     bar = tqdm(disable=not (progress and rank == 0), total=steps_per_epoch * cfg.epochs, initial=done_batches, desc="DIT training",
                unit="batch")
     history = []
+    epochs = _read_epochs(out / EPOCHS_LOG) if meta else []
+    sample = train_rows[: cfg.eval_diffs]  # fixed rows, so epochs compare
+    adapter_of = lambda s: DitAdapter(s, question, cfg.task, dataclasses.asdict(base),  # noqa: E731
+                                      {"config": dataclasses.asdict(cfg), "zoo": str(zoo.path)})
     for epoch in range(cfg.epochs):
+        if _should_stop(epochs, cfg.patience):
+            break
         order = list(train_rows)
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
         mine = order[rank::world]
@@ -171,16 +181,30 @@ def _train_dit(engine: Engine, zoo: Zoo, out: Path, cfg: DitTrainConfig, j: Job,
                     _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)
                     j.checkpointed()
                 j.stop_if_requested(ckpt)
-        if val_rows and rank == 0:
-            with torch.no_grad():
-                vl = _dit_loss(engine, zoo, val_rows[: 4 * cfg.batch_size], slot, question, label_key)
-            history.append({"epoch": epoch, "val_loss": float(vl)})
+        if rank == 0 and not any(e["epoch"] == epoch for e in epochs):
+            rec = {"epoch": epoch,
+                   "train_loss": _mean_loss(engine, zoo, sample, slot, question, label_key, cfg.batch_size),
+                   "val_loss": _mean_loss(engine, zoo, val_rows[: cfg.eval_diffs], slot, question, label_key,
+                                          cfg.batch_size) if val_rows else None}
+            epochs.append(rec)
+            if rec["val_loss"] is not None and rec["val_loss"] == min(e["val_loss"] for e in epochs):
+                best = adapter_of(slot.detach())
+                best.recipe["best_epoch"] = epoch
+                best.save(out / BEST)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / EPOCHS_LOG, "".join(json.dumps(e) + "\n" for e in epochs))
+            history.append(rec)
             if log:
-                log(history[-1])
+                log(rec)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", **({"held_out": f"{rec['val_loss']:.3f}"}
+                                                              if rec["val_loss"] is not None else {}))
     bar.close()
     if trainer.micro:  # gradients accumulated by an uneven tail still make one step
         trainer.step()
-    adapter = DitAdapter(slot.detach(), question, cfg.task, dataclasses.asdict(base))
+    adapter = adapter_of(slot.detach())
+    if val_rows and (out / BEST / "adapter.json").exists():  # the epoch the held-out loss chose
+        adapter = DitAdapter.load(out / BEST, device=dev, dtype=model.dtype)
+    adapter.recipe["epochs"] = epochs
     if rank == 0:
         _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches)  # first: a rerun then only writes the adapter
         adapter.save(out)
@@ -200,6 +224,30 @@ def _dit_loss(engine, zoo, rows, slot, question, label_key):
                       slot.with_index(torch.zeros(b, dtype=torch.int64, device=model.device)))
     loss, _ = batch_loss(model, batch, ad, group_reduce="mean")
     return loss
+
+
+def _mean_loss(engine, zoo, rows, slot, question, label_key, batch_size) -> float:
+    """Mean per-diff loss over ``rows`` (no gradient), in batches of ``batch_size``."""
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            total += float(_dit_loss(engine, zoo, chunk, slot, question, label_key)) * len(chunk)
+    return round(total / max(len(rows), 1), 6)
+
+
+def _should_stop(epochs: list[dict], patience: int) -> bool:
+    """Early stopping: the last ``patience`` epochs all failed to beat the best held-out loss before them."""
+    losses = [e["val_loss"] for e in epochs if e.get("val_loss") is not None]
+    if patience <= 0 or len(losses) <= patience:
+        return False
+    return min(losses[-patience:]) >= min(losses[:-patience])
+
+
+def _read_epochs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _save_dit_ckpt(ckpt, slot, trainer, cfg, done_batches):
