@@ -252,3 +252,20 @@ def test_early_stopping_rule():
     assert _should_stop(e(1.0, 0.9, 0.95, 0.91), 2)
     assert not _should_stop(e(1.0, 0.9, 0.95, 0.91), 0)  # patience 0: never stops early
     assert not _should_stop([{"epoch": 0, "val_loss": None}] * 5, 1)  # no held-out diffs: nothing to stop on
+
+
+def test_the_shipped_adapter_loads_by_name_or_says_it_is_missing(world, tmp_path, monkeypatch):
+    import dit_engine.dit.adapter as adapter_mod
+
+    _, _, adapter, _, _ = world
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", tmp_path / "none")
+    assert not adapter_mod.shipped_available()
+    with pytest.raises(FileNotFoundError, match="this install ships no trained DIT adapter"):
+        DitAdapter.load("shipped")
+    adapter.save(tmp_path / "ship", dtype=torch.bfloat16)
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", tmp_path / "ship")
+    assert adapter_mod.shipped_available()
+    shipped = DitAdapter.load("shipped")
+    for m, a in adapter.slot.A.items():
+        assert shipped.slot.A[m].dtype == torch.float32 and torch.equal(shipped.slot.A[m], a.bfloat16().float())
+    assert shipped.question == adapter.question and shipped.base == adapter.base

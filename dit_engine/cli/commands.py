@@ -14,6 +14,7 @@ import torch
 from ..adapters import AdapterBatch
 from ..diffgen import DiffGenConfig, generate_zoo
 from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
+from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
 from ..generate import SamplingParams
 from ..model_store import default_model_dir, fetch_default_model
@@ -212,8 +213,10 @@ def _train(args) -> int:
 def _interpret(args) -> int:
     methods = list(args.methods)
     if "dit" in methods and args.adapter is None:
-        raise UsageError("method 'dit' needs the trained DIT adapter: give --adapter DIT_DIR (or --methods "
-                         "without dit)")
+        if not shipped_available():
+            raise UsageError("method 'dit' needs the trained DIT adapter: give --adapter DIT_DIR (this install "
+                             "ships none), or --methods without dit")
+        args.adapter = Path(SHIPPED)  # the adapter this package ships
     if args.peft:
         unfit = [m for m in methods if m not in _PEFT_METHODS]
         if unfit:

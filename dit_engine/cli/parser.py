@@ -192,7 +192,9 @@ def _dit_parsers(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--zoo", type=path_arg)
     src.add_argument("--peft", metavar="DIR", type=path_arg, help="one PEFT adapter directory; prints the answer")
-    p.add_argument("--adapter", default=None, metavar="DIT_DIR", type=path_arg, help="the trained DIT adapter")
+    p.add_argument("--adapter", default=None, metavar="DIT_DIR", type=path_arg,
+                   help="the trained DIT adapter: a directory from 'dit train', or 'shipped' (the adapter this "
+                        "package ships, also the default when it ships one)")
     p.add_argument("--methods", default=("dit",), type=methods_arg, help=f"comma list of: {', '.join(METHODS)}")
     p.add_argument("--split", default=None, type=nonempty_text)
     p.add_argument("--id", action="append", default=None, metavar="DIFF_ID", type=nonempty_text)

@@ -19,6 +19,14 @@ from ..adapters import LoraSlot
 from ..files import write_atomically, write_json
 from ..zoo import BaseIdentity, Diff, export_peft
 
+SHIPPED = "shipped"  # the name that loads the adapter this package ships (dit interpret --adapter shipped)
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"  # package data: adapter.json + adapter.safetensors
+
+
+def shipped_available() -> bool:
+    """Whether this install carries a trained DIT adapter."""
+    return (SHIPPED_DIR / "adapter.json").is_file() and (SHIPPED_DIR / "adapter.safetensors").is_file()
+
 
 @dataclasses.dataclass
 class DitAdapter:
@@ -46,8 +54,13 @@ class DitAdapter:
 
     @classmethod
     def load(cls, path: str | Path, *, device="cpu", dtype=torch.float32) -> "DitAdapter":
-        """Read an adapter directory written by :meth:`save`; one clear error when it is incomplete
-        or corrupt."""
+        """Read an adapter directory written by :meth:`save` (or ``"shipped"``: the adapter this
+        package ships); one clear error when it is missing, incomplete or corrupt."""
+        if str(path) == SHIPPED:
+            if not shipped_available():
+                raise FileNotFoundError(f"{SHIPPED_DIR}: this install ships no trained DIT adapter; train one with "
+                                        "'dit train' or 'dit pipeline --preset medium' and pass its directory")
+            path = SHIPPED_DIR
         path = Path(path)
         try:
             meta = json.loads((path / "adapter.json").read_text())
