@@ -1,29 +1,48 @@
 """Evaluation reports: ``report.md`` + ``report.html`` (self-contained) + ``metrics.json``.
 
 Charts are small inline SVGs written here (no plotting library): one bar chart per metric comparing
-the methods with the retrieval chance level drawn across it, line charts of the metrics against the
-diff's LoRA rank (rank generalisation) and against the number of training diffs (data scaling).
-Every chart also goes to ``charts/*.svg`` so the Markdown report can show it as an image.
-All metrics live in [0, 1], so every y axis spans exactly [0, 1]: bars of different charts compare.
+the methods with the retrieval chance level drawn across it and each method's 95% bootstrap
+interval as an error bar, line charts of the metrics against the diff's LoRA rank (rank
+generalisation) and against the number of training diffs (data scaling), and DIT's loss per
+training epoch. Every chart also goes to ``charts/*.svg`` so the Markdown report can show it as an
+image. All metrics live in [0, 1], so every metric chart's y axis spans exactly [0, 1]: bars of
+different charts compare; the loss chart runs from 0 to a rounded-up maximum loss.
+The tables are built in :mod:`dit_engine.report_tables`, the HTML in :mod:`dit_engine.report_html`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from .charts import PALETTE, bar_chart, esc, line_chart
-from .evaluate import CHANCE_FIELD, METHOD_DESCRIPTIONS, METRIC_FIELDS, METRIC_NAMES, Metrics, ResultsError, RowScore
+from .charts import PALETTE, bar_chart, line_chart, nice_axis
+from .evaluate import CHANCE_FIELD, METHOD_DESCRIPTIONS, METRIC_NAMES, Metrics, ResultsError, RowScore
 from .files import write_text
-from .text_match import CONTAINS_MAX_EXTRA_WORDS
+from .report_html import html_report
+from .report_tables import (
+    BREAKDOWN_FIELDS,
+    breakdown,
+    comparison_note,
+    comparison_table,
+    definitions,
+    examples,
+    fmt,
+    has_rank_sweep,
+    overall_table,
+    primary,
+    scaling_table,
+    summary_sentence,
+    training_table,
+)
 
 _BAR_METRICS = ("exact_match", "contains_match", "token_f1", "retrieval_at_1", "retrieval_at_5")
 _RANK_METRICS = ("contains_match", "retrieval_at_1")
 _SCALING_METRICS = ("exact_match", "contains_match", "token_f1", "retrieval_at_1")
-_PRIMARY_METHOD = "dit"
-_MAX_EXAMPLES = 12
+_MAX_EPOCH_LABELS = 12  # the loss chart labels at most about this many epochs on its x axis
 
 
 def write_report(
@@ -31,28 +50,33 @@ def write_report(
     out_dir: str | Path,
     title: str = "DIT evaluation",
     scaling: Sequence[tuple[int, Metrics]] | None = None,
+    training: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the report files into ``out_dir`` (created if needed); return the HTML report's path.
 
     ``scaling``: optional (number of training diffs, metrics of that run) pairs for the
     data-scaling curve of the DIT method (``"dit"``, else each run's first method).
+    ``training``: optional per-epoch records ``{"epoch": int, "train_loss": float,
+    "val_loss": float | None}`` of the DIT adapter's training (see :func:`load_training`), drawn
+    as "DIT loss per epoch"; absent or empty: no chart.
     Every file is written to a temporary name and renamed, so an interrupted run never leaves a
     half-written report over an old one.
     """
     if not metrics.methods:
         raise ResultsError("write_report: metrics has no methods")
     scaling = _checked_scaling(scaling)
+    history = training_history(training or [], "write_report: training")
     out = Path(out_dir)
     (out / "charts").mkdir(parents=True, exist_ok=True)
 
-    charts = _charts(metrics, scaling)
+    charts = _charts(metrics, scaling, history)
     for name, svg in charts.items():
         write_text(out / "charts" / f"{name}.svg", svg)
-    payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling)}
+    payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling), "training": history}
     write_text(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
-    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts)))
+    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts), history))
     html_path = out / "report.html"
-    write_text(html_path, _html(metrics, title, scaling, charts))
+    write_text(html_path, html_report(metrics, title, scaling, charts, history))
     return html_path
 
 
@@ -73,10 +97,6 @@ def _checked_scaling(scaling: Sequence[tuple[int, Metrics]] | None) -> list[tupl
     return sorted(checked, key=lambda e: e[0])
 
 
-def _primary(metrics: Metrics) -> str:
-    return _PRIMARY_METHOD if _PRIMARY_METHOD in metrics.methods else next(iter(metrics.methods))
-
-
 def _scaling_dict(scaling: list[tuple[int, Metrics]]) -> list[dict]:
     return [
         {"n_train_diffs": n, "methods": {k: dataclasses.asdict(m.methods[k].overall) for k in m.methods}}
@@ -84,27 +104,84 @@ def _scaling_dict(scaling: list[tuple[int, Metrics]]) -> list[dict]:
     ]
 
 
-# ---- what goes into the report ------------------------------------------------------------------
+# ---- the DIT training history -------------------------------------------------------------------
 
 
-def _charts(metrics: Metrics, scaling: list[tuple[int, Metrics]]) -> dict[str, str]:
+def training_history(records: Sequence[Mapping[str, Any]], where: str = "training") -> list[dict]:
+    """Checked per-epoch loss records, sorted by epoch: ``{"epoch", "train_loss", "val_loss"}``.
+
+    ``val_loss`` may be missing or None (no held-out diffs that epoch). A loss that is not finite
+    (a diverged run) is kept as None: no point on the chart, an empty table cell. When an epoch
+    appears more than once (a resumed training that logged it again) the last record counts.
+    """
+    if isinstance(records, (str, bytes, Mapping)):
+        raise ResultsError(f"{where}: expected a list of per-epoch records, found {type(records).__name__}")
+    by_epoch: dict[int, dict] = {}
+    for i, rec in enumerate(records):
+        here = f"{where}[{i}]"
+        if not isinstance(rec, Mapping):
+            raise ResultsError(f"{here}: expected an object per epoch, found {type(rec).__name__}")
+        epoch = rec.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ResultsError(f"{here}: 'epoch' must be an integer >= 0, found {epoch!r}")
+        if "train_loss" not in rec:
+            raise ResultsError(f"{here}: missing 'train_loss' (expected epoch, train_loss, val_loss)")
+        by_epoch[epoch] = {
+            "epoch": epoch,
+            "train_loss": _loss(rec["train_loss"], f"{here}: 'train_loss'"),
+            "val_loss": _loss(rec.get("val_loss"), f"{here}: 'val_loss'"),
+        }
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _loss(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ResultsError(f"{what} must be a number or null, found {value!r}")
+    return float(value) if math.isfinite(value) else None
+
+
+def load_training(path: str | Path) -> list[dict]:
+    """Read DIT's per-epoch losses from ``epochs.jsonl`` (one JSON object per line, blank lines
+    skipped), checked as :func:`training_history` does. A missing file is an empty history."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: cannot read the training history ({e})") from None
+    records = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    return training_history(records, str(path))
+
+
+# ---- charts -------------------------------------------------------------------------------------
+
+
+def _charts(metrics: Metrics, scaling: list[tuple[int, Metrics]], training: list[dict]) -> dict[str, str]:
     """Chart name -> SVG text, in the order the report shows them."""
     colours = _method_colours(metrics)
     charts = {f"methods_{f}": _bar_chart(metrics, f, colours) for f in _BAR_METRICS}
-    if _has_rank_sweep(metrics):
+    if has_rank_sweep(metrics):
         for field in _RANK_METRICS:
             charts[f"rank_{field}"] = _rank_chart(metrics, field, colours)
     if scaling:
         charts["scaling"] = _scaling_chart(scaling)
+    if training:
+        charts["training_loss"] = _training_chart(training)
     return charts
 
 
 def _method_colours(metrics: Metrics) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(metrics.methods)}
-
-
-def _has_rank_sweep(metrics: Metrics) -> bool:
-    return any(len(m.by_rank) > 1 for m in metrics.methods.values())
 
 
 def _bar_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
@@ -113,7 +190,8 @@ def _bar_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
     if field in CHANCE_FIELD:
         overall = [m.overall for m in metrics.methods.values()]
         chance = sum(getattr(s, CHANCE_FIELD[field]) * s.n for s in overall) / sum(s.n for s in overall)
-    return bar_chart(METRIC_NAMES[field], values, colours, chance)
+    ci = {name: m.overall.ci[field] for name, m in metrics.methods.items() if m.overall.ci and field in m.overall.ci}
+    return bar_chart(METRIC_NAMES[field], values, colours, chance, ci=ci or None)
 
 
 def _rank_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
@@ -132,91 +210,31 @@ def _rank_chart(metrics: Metrics, field: str, colours: dict[str, str]) -> str:
 def _scaling_chart(scaling: list[tuple[int, Metrics]]) -> str:
     xs = [float(n) for n, _ in scaling]
     series = [
-        (METRIC_NAMES[f], PALETTE[i], [getattr(m.methods[_primary(m)].overall, f) for _, m in scaling])
+        (METRIC_NAMES[f], PALETTE[i], [getattr(m.methods[primary(m)].overall, f) for _, m in scaling])
         for i, f in enumerate(_SCALING_METRICS)
     ]
     spread = max(xs) / min(xs)
     return line_chart(
-        f"{_primary(scaling[-1][1])}: metrics vs training diffs", xs, [str(n) for n, _ in scaling],
+        f"{primary(scaling[-1][1])}: metrics vs training diffs", xs, [str(n) for n, _ in scaling],
         series, x_title="number of training diffs" + (" (log scale)" if spread >= 10 else ""),
         scale="log" if spread >= 10 else "linear",
     )
 
 
-# ---- tables (shared cell values for Markdown and HTML) ------------------------------------------
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.3f}"
-
-
-def _overall_table(metrics: Metrics) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "n", *(METRIC_NAMES[f] for f in METRIC_FIELDS), "chance@1", "chance@5",
-              "answer tokens", "time (s)"]
-    rows = []
-    for name, m in metrics.methods.items():
-        o = m.overall
-        rows.append([
-            name, str(o.n), *(_fmt(getattr(o, f)) for f in METRIC_FIELDS), _fmt(o.chance_at_1),
-            _fmt(o.chance_at_5), "" if o.mean_answer_tokens is None else f"{o.mean_answer_tokens:.1f}",
-            "" if o.time_s is None else f"{o.time_s:.1f}",
-        ])
-    return header, rows
-
-
-_BREAKDOWN_FIELDS = ("contains_match", "token_f1", "retrieval_at_1")
-
-
-def _breakdown(metrics: Metrics, by: str) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
-    """Methods, and per key (category or rank): (key, n per method, values per method x field)."""
-    groups = {name: getattr(m, by) for name, m in metrics.methods.items()}
-    keys = list(dict.fromkeys(k for g in groups.values() for k in g))
-    if by == "by_rank":
-        keys.sort()
-    rows = []
-    for key in keys:
-        ns = sorted({g[key].n for g in groups.values() if key in g})
-        values = [
-            getattr(g[key], f) if key in g else None for g in groups.values() for f in _BREAKDOWN_FIELDS
-        ]
-        rows.append((str(key), "/".join(map(str, ns)), values))
-    return list(groups), rows
-
-
-def _scaling_table(scaling: list[tuple[int, Metrics]]) -> tuple[list[str], list[list[str]]]:
-    header = ["training diffs", "method", "n", *(METRIC_NAMES[f] for f in METRIC_FIELDS)]
-    rows = []
-    for n_train, m in scaling:
-        name = _primary(m)
-        o = m.methods[name].overall
-        rows.append([str(n_train), name, str(o.n), *(_fmt(getattr(o, f)) for f in METRIC_FIELDS)])
-    return header, rows
-
-
-def _examples(metrics: Metrics) -> list[tuple[str, str, list[RowScore | None]]]:
-    """Up to _MAX_EXAMPLES diffs (first ids in sorted order): (id, label, one row per method)."""
-    by_id: dict[str, dict[str, RowScore]] = {}
-    for r in metrics.rows:
-        by_id.setdefault(r.id, {})[r.method] = r
-    out = []
-    for diff_id in sorted(by_id)[:_MAX_EXAMPLES]:
-        rows = by_id[diff_id]
-        label = next(iter(rows.values())).label
-        out.append((diff_id, label, [rows.get(m) for m in metrics.methods]))
-    return out
-
-
-_DEFINITIONS = [
-    ("exact match", "normalised answer equals normalised label (lower case, accents, punctuation and "
-     "the articles a/an/the removed, whitespace collapsed)."),
-    ("contains match", "exact match, or the normalised label appears as a whole-word phrase in an "
-     f"answer at most {CONTAINS_MAX_EXTRA_WORDS} words longer than the label."),
-    ("token F1", "SQuAD bag-of-words F1 between normalised answer and label."),
-    ("retrieval@k", "the true label is among the k candidate labels of the split most similar to the "
-     "answer (0.5 x character 3-5-gram TF-IDF cosine + 0.5 x word F1; ties count against the label). "
-     "Chance: k / number of candidates."),
-    ("MRR", "mean of 1 / retrieval rank of the true label."),
-]
+def _training_chart(training: list[dict]) -> str:
+    """Train and held-out loss per epoch; y from 0 to the largest loss rounded up to a round step."""
+    epochs = [r["epoch"] for r in training]
+    series = [("train diffs", PALETTE[0], [r["train_loss"] for r in training])]
+    if any(r["val_loss"] is not None for r in training):
+        series.append(("held-out diffs", PALETTE[1], [r["val_loss"] for r in training]))
+    losses = [v for _, _, ys in series for v in ys if v is not None]
+    y_range, ticks = nice_axis(max(losses, default=0.0))
+    every = math.ceil(len(epochs) / _MAX_EPOCH_LABELS)
+    labels = [str(e) if i % every == 0 else "" for i, e in enumerate(epochs)]
+    return line_chart(
+        "DIT loss per epoch", [float(e) for e in epochs], labels, series, x_title="epoch",
+        scale="linear", y_range=y_range, y_ticks=ticks, y_title="loss",
+    )
 
 
 # ---- Markdown -----------------------------------------------------------------------------------
@@ -229,41 +247,51 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows), ""]
 
 
-def _markdown(metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: list[str]) -> str:
-    out = [f"# {title}", "", _summary_sentence(metrics), ""]
+def _markdown(
+    metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: list[str], training: list[dict]
+) -> str:
+    out = [f"# {title}", "", summary_sentence(metrics), ""]
     out += ["## Methods", ""]
     out += [f"- **{name}**: {METHOD_DESCRIPTIONS.get(name, 'custom method')}" for name in metrics.methods]
-    out += ["", "## Overall", "", *_md_table(*_overall_table(metrics))]
+    out += ["", "## Overall", ""]
+    if metrics.bootstrap_resamples:
+        out += ["Under each method: its 95% bootstrap interval over diffs (also the error bars).", ""]
+    out += _md_table(*overall_table(metrics, ci_cells=False))
     out += [f"![{c}](charts/{c}.svg)" for c in charts if c.startswith("methods_")] + [""]
+    if metrics.comparisons:
+        out += ["## Paired comparison", "", comparison_note(metrics), "", *_md_table(*comparison_table(metrics))]
 
-    methods, rows = _breakdown(metrics, "by_category")
+    methods, rows = breakdown(metrics, "by_category")
     out += ["## By category", "", "Cells: contains match / token F1 / retrieval@1.", ""]
     header = ["category", "n", *methods]
     out += _md_table(header, [[k, n, *_triples(v, len(methods))] for k, n, v in rows])
 
-    if _has_rank_sweep(metrics):
-        methods, rows = _breakdown(metrics, "by_rank")
+    if has_rank_sweep(metrics):
+        methods, rows = breakdown(metrics, "by_rank")
         out += ["## By diff rank (rank generalisation)", "", "Cells: contains match / token F1 / retrieval@1.", ""]
         out += _md_table(["rank", "n", *methods], [[k, n, *_triples(v, len(methods))] for k, n, v in rows])
         out += [f"![{c}](charts/{c}.svg)" for c in charts if c.startswith("rank_")] + [""]
 
     if scaling:
-        out += ["## Data scaling", "", *_md_table(*_scaling_table(scaling)), "![scaling](charts/scaling.svg)", ""]
+        out += ["## Data scaling", "", *_md_table(*scaling_table(scaling)), "![scaling](charts/scaling.svg)", ""]
+    if training:
+        out += ["## DIT training", "", "![training_loss](charts/training_loss.svg)", "",
+                *_md_table(*training_table(training))]
 
     out += ["## Examples", ""]
     header = ["id", "label", *metrics.methods]
-    rows = [[i, label, *(_example_cell(r) for r in rs)] for i, label, rs in _examples(metrics)]
+    rows = [[i, label, *(_example_cell(r) for r in rs)] for i, label, rs in examples(metrics)]
     out += _md_table(header, rows)
-    out += ["## Definitions", "", *(f"- **{k}**: {v}" for k, v in _DEFINITIONS), ""]
+    out += ["## Definitions", "", *(f"- **{k}**: {v}" for k, v in definitions(metrics)), ""]
     return "\n".join(out)
 
 
 def _triples(values: list[float | None], n_methods: int) -> list[str]:
-    k = len(_BREAKDOWN_FIELDS)
+    k = len(BREAKDOWN_FIELDS)
     cells = []
     for i in range(n_methods):
         chunk = values[i * k : (i + 1) * k]
-        cells.append("" if chunk[0] is None else " / ".join(_fmt(v) for v in chunk))
+        cells.append("" if chunk[0] is None else " / ".join(fmt(v) for v in chunk))
     return cells
 
 
@@ -272,134 +300,3 @@ def _example_cell(row: RowScore | None) -> str:
         return ""
     mark = "\u2713" if row.contains_match else "\u2717"
     return f"{mark} {row.answer.strip()} (rank {row.retrieval_rank})"
-
-
-def _summary_sentence(metrics: Metrics) -> str:
-    n_diffs = len({(r.split, r.id) for r in metrics.rows})
-    n_candidates = sorted({r.n_candidates for r in metrics.rows})
-    splits = ", ".join(s or "(unnamed)" for s in metrics.splits) or "(unnamed)"
-    return (
-        f"{n_diffs} diffs, {len(metrics.methods)} methods, split(s): {splits}; retrieval among "
-        f"{'/'.join(map(str, n_candidates))} candidate labels."
-    )
-
-
-# ---- HTML ---------------------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; padding: 0 16px; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-table { border-collapse: collapse; margin: 10px 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; } th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } td.best { font-weight: bold; }
-.charts { display: flex; flex-wrap: wrap; gap: 8px; }
-.hit { color: #1a7f37; } .miss { color: #b42318; } .note { color: #555; }
-"""
-
-
-def _html(metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: dict[str, str]) -> str:
-    body = [f"<h1>{esc(title)}</h1>", f'<p class="note">{esc(_summary_sentence(metrics))}</p>']
-    body += ["<h2>Methods</h2>", "<ul>"]
-    body += [
-        f"<li><b>{esc(n)}</b>: {esc(METHOD_DESCRIPTIONS.get(n, 'custom method'))}</li>" for n in metrics.methods
-    ]
-    body += ["</ul>", "<h2>Overall</h2>", _html_overall(metrics)]
-    body.append(_html_charts(charts, "methods_"))
-
-    body += ["<h2>By category</h2>", _html_breakdown(metrics, "by_category", "category")]
-    if _has_rank_sweep(metrics):
-        body += ["<h2>By diff rank (rank generalisation)</h2>", _html_charts(charts, "rank_")]
-        body.append(_html_breakdown(metrics, "by_rank", "rank"))
-    if scaling:
-        body += ["<h2>Data scaling</h2>", _html_charts(charts, "scaling"), _html_table(*_scaling_table(scaling))]
-    body += ["<h2>Examples</h2>", _html_examples(metrics)]
-    body += ["<h2>Definitions</h2>", "<dl>"]
-    body += [f"<dt><b>{esc(k)}</b></dt><dd>{esc(v)}</dd>" for k, v in _DEFINITIONS]
-    body.append("</dl>")
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
-
-
-def _html_charts(charts: dict[str, str], prefix: str) -> str:
-    return '<div class="charts">\n' + "\n".join(v for k, v in charts.items() if k.startswith(prefix)) + "\n</div>"
-
-
-def _html_table(header: list[str], rows: list[list[str]], best_cols: Sequence[int] = ()) -> str:
-    best = {}
-    for c in best_cols:
-        values = [float(r[c]) for r in rows if r[c]]
-        if len(values) > 1 and max(values) > min(values):  # nothing to point at when all tie
-            best[c] = max(values)
-    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    for r in rows:
-        cells = []
-        for c, v in enumerate(r):
-            cls = "num" if _is_number(v) else ""
-            if c in best and v and float(v) == best[c]:
-                cls += " best"
-            cells.append(f'<td class="{cls.strip()}">{esc(v)}</td>' if cls else f"<td>{esc(v)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _html_overall(metrics: Metrics) -> str:
-    header, rows = _overall_table(metrics)
-    return _html_table(header, rows, best_cols=range(2, 2 + len(METRIC_FIELDS)))
-
-
-def _html_breakdown(metrics: Metrics, by: str, key_name: str) -> str:
-    """Grouped header (method over its three metrics); cell shade grows with the value."""
-    methods, rows = _breakdown(metrics, by)
-    k = len(_BREAKDOWN_FIELDS)
-    short = {"contains_match": "contains", "token_f1": "F1", "retrieval_at_1": "R@1"}
-    out = [
-        "<table>",
-        f'<tr><th rowspan="2">{esc(key_name)}</th><th rowspan="2">n</th>'
-        + "".join(f'<th colspan="{k}">{esc(m)}</th>' for m in methods) + "</tr>",
-        "<tr>" + "".join(f"<th>{short[f]}</th>" for _ in methods for f in _BREAKDOWN_FIELDS) + "</tr>",
-    ]
-    for key, n, values in rows:
-        cells = [f"<td>{esc(key)}</td>", f'<td class="num">{esc(n)}</td>']
-        for v in values:
-            if v is None:
-                cells.append("<td></td>")
-            else:
-                shade = f"background: rgba(0, 114, 178, {0.05 + 0.45 * v:.3f})"
-                cells.append(f'<td class="num" style="{shade}">{_fmt(v)}</td>')
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _html_examples(metrics: Metrics) -> str:
-    out = [
-        "<table>",
-        "<tr><th>id</th><th>label</th>" + "".join(f"<th>{esc(m)}</th>" for m in metrics.methods) + "</tr>",
-    ]
-    for diff_id, label, rows in _examples(metrics):
-        cells = [f"<td>{esc(diff_id)}</td>", f"<td>{esc(label)}</td>"]
-        for r in rows:
-            if r is None:
-                cells.append("<td></td>")
-                continue
-            cls, mark = ("hit", "\u2713") if r.contains_match else ("miss", "\u2717")
-            cells.append(
-                f'<td><span class="{cls}">{mark}</span> {esc(r.answer.strip())} '
-                f'<span class="note">(rank {r.retrieval_rank})</span></td>'
-            )
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
