@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .diffgen import DiffGenConfig, generate_zoo
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .engine import Engine
 from .evaluate import METHODS, evaluate_rows, load_results, summarize
 from .files import read_json, write_json
-from .report import write_report
+from .report import load_training, write_report
 from .tasks import get_task
 from .zoo import BaseIdentity, Zoo
 
@@ -134,12 +136,17 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
 
 
 def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
-                 scaling: list[tuple[int, Path]] | None = None) -> Path:
+                 scaling: list[tuple[int, Path]] | None = None,
+                 training: str | Path | Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Score results file(s) against every label of the task's splits and write the report;
-    ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve."""
+    ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve;
+    ``training``: DIT's per-epoch losses for the loss chart, as records or as the path of the
+    adapter's ``epochs.jsonl`` (a missing file: no chart)."""
     metrics = _metrics(results, task)
     curve = [(n, _metrics(p, task)) for n, p in scaling] if scaling else None
-    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve)
+    if isinstance(training, (str, Path)):
+        training = load_training(training)
+    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve, training=training)
     print(summarize(metrics))
     return path
 
