@@ -27,7 +27,8 @@ from dit_engine.text_match import (
     retrieval_rank,
     token_f1,
 )
-from dit_engine.report import write_report
+from dit_engine.pipeline import evaluate_run
+from dit_engine.report import load_training, training_history, write_report
 
 TOPICS = [
     "medieval castles", "jazz music", "machine learning", "ancient rome", "coffee brewing",
@@ -481,6 +482,7 @@ class _StrictParser(HTMLParser):
         self.bars: list[dict[str, str]] = []
         self.chance: list[dict[str, str]] = []
         self.points: list[dict[str, str]] = []
+        self.ci: list[dict[str, str]] = []
         self.svgs = 0
         self.text: list[str] = []
 
@@ -508,6 +510,8 @@ class _StrictParser(HTMLParser):
             self.chance.append(attrs)
         elif tag == "circle" and kind == "point":
             self.points.append(attrs)
+        elif tag == "line" and kind == "ci":
+            self.ci.append(attrs)
 
 
 def _parse(path: Path) -> _StrictParser:
@@ -582,3 +586,211 @@ def test_report_scaling_curve_and_escaping(tmp_path):
 
     with pytest.raises(ResultsError, match=r"scaling\[0\]"):
         write_report(full, tmp_path, scaling=[(0, full)])
+
+
+def test_report_shows_intervals_error_bars_and_paired_table(tmp_path):
+    metrics = evaluate_rows(_mixed_rows(), TOPICS)
+    path = write_report(metrics, tmp_path)
+    parsed = _parse(path)
+    text = re.sub(r"\s+", " ", " ".join(parsed.text))
+
+    # Overall table (HTML): "point [low, high]" per metric and method.
+    for name in ("dit", "base"):
+        o = metrics.methods[name].overall
+        for field, (lo, hi) in o.ci.items():
+            assert f"{getattr(o, field):.3f} [{lo:.2f}, {hi:.2f}]" in text, (name, field)
+    source = path.read_text()
+    dit_em = metrics.methods["dit"].overall
+    # Still bold where best; the interval is one unbreakable grey span after the number.
+    lo, hi = dit_em.ci["exact_match"]
+    assert f'<td class="num best">{dit_em.exact_match:.3f} <span class="ci">[{lo:.2f}, {hi:.2f}]</span></td>' in source
+
+    # One error bar per method on each of the five bar charts, at the interval's height.
+    assert len(parsed.ci) == 2 * 5
+    top, plot_h = charts._BAR_MARGIN["top"], charts._BAR_PLOT_H
+    for i, line in enumerate(parsed.ci):
+        field = ("exact_match", "contains_match", "token_f1", "retrieval_at_1", "retrieval_at_5")[i // 2]
+        lo, hi = metrics.methods[line["data-method"]].overall.ci[field]
+        assert (float(line["data-lo"]), float(line["data-hi"])) == pytest.approx((lo, hi), abs=1e-6)
+        assert float(line["y1"]) == pytest.approx(top + plot_h * (1 - lo), abs=1e-3)
+        assert float(line["y2"]) == pytest.approx(top + plot_h * (1 - hi), abs=1e-3)
+        assert line["x1"] == line["x2"]
+    assert source.count('class="ci-cap"') == 2 * len(parsed.ci)
+    bar_x = {(b["data-method"], i // 2): float(b["x"]) + float(b["width"]) / 2 for i, b in enumerate(parsed.bars)}
+    for i, line in enumerate(parsed.ci):
+        assert float(line["x1"]) == pytest.approx(bar_x[(line["data-method"], i // 2)], abs=0.02)
+
+    # Paired comparison: DIT minus base, mean difference and interval.
+    comp = metrics.comparisons["base"]
+    assert "DIT minus base" in text
+    for field in ("retrieval_at_1", "exact_match"):
+        lo, hi = comp.ci[field]
+        assert f"{comp.difference[field]:+.3f} [{lo:+.2f}, {hi:+.2f}]" in text
+
+    md = (tmp_path / "report.md").read_text()
+    lo, hi = dit_em.ci["exact_match"]
+    assert f"| dit | 10 | {dit_em.exact_match:.3f} | {dit_em.contains_match:.3f} |" in md
+    assert f"| dit: 95% CI |  | [{lo:.2f}, {hi:.2f}] |" in md
+    assert "| DIT minus base | 10 |" in md
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["methods"]["dit"]["overall"]["ci"]["exact_match"] == [lo, hi]
+    assert saved["methods"]["dit"]["by_category"]["x"]["ci"] is None
+    assert saved["comparisons"]["base"]["difference"] == comp.difference
+    assert saved["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95}
+    assert Metrics.from_dict(saved) == metrics
+
+
+def test_report_without_bootstrap_has_no_intervals(tmp_path):
+    metrics = evaluate_rows(_mixed_rows(), TOPICS, bootstrap=0)
+    parsed = _parse(write_report(metrics, tmp_path))
+    text = " ".join(parsed.text)
+    assert parsed.ci == [] and "[" not in text.split("Examples")[0] and "Paired comparison" not in text
+    assert "95% CI" not in (tmp_path / "report.md").read_text()
+    assert Metrics.from_dict(json.loads((tmp_path / "metrics.json").read_text())) == metrics
+
+
+# ---- training curves ----------------------------------------------------------------------------
+
+_EPOCHS = [
+    {"epoch": 0, "train_loss": 2.37, "val_loss": None},
+    {"epoch": 1, "train_loss": 1.2, "val_loss": 1.9},
+    {"epoch": 2, "train_loss": 0.6, "val_loss": 1.4},
+    {"epoch": 3, "train_loss": 0.25, "val_loss": 1.1},
+]
+
+
+def _training_points(parsed: _StrictParser) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for p in parsed.points:
+        if p["data-series"] in ("train diffs", "held-out diffs"):
+            out.setdefault(p["data-series"], []).append(p)
+    return out
+
+
+def test_training_curve_points_axis_and_table(tmp_path):
+    metrics = evaluate_rows(_rows(), TOPICS)
+    parsed = _parse(write_report(metrics, tmp_path, training=list(reversed(_EPOCHS))))  # sorted by epoch
+    text = " ".join(parsed.text)
+    assert "DIT loss per epoch" in text and "DIT training" in text
+    points = _training_points(parsed)
+    assert [float(p["data-value"]) for p in points["train diffs"]] == pytest.approx([2.37, 1.2, 0.6, 0.25])
+    assert [float(p["data-value"]) for p in points["held-out diffs"]] == pytest.approx([1.9, 1.4, 1.1])
+    # y runs from 0 to 3 (2.37 rounded up to a whole step): a point's height is loss / 3 of the plot.
+    m = charts._LINE_MARGIN
+    plot_h = charts._LINE_H - m["top"] - m["bottom"]
+    for p in points["train diffs"] + points["held-out diffs"]:
+        expected = m["top"] + plot_h * (1 - float(p["data-value"]) / 3)
+        assert float(p["cy"]) == pytest.approx(expected, abs=1e-3)
+    # Held-out epochs line up with the same epochs of the train series (epoch 0 has no held-out loss).
+    train_x = [float(p["cx"]) for p in points["train diffs"]]
+    assert [float(p["cx"]) for p in points["held-out diffs"]] == pytest.approx(train_x[1:])
+    assert train_x == sorted(train_x)
+    svg = (tmp_path / "charts" / "training_loss.svg").read_text()
+    for tick in ("0", "1", "2", "3"):
+        assert f'fill="#555">{tick}</text>' in svg
+    assert 'fill="#555">0.25</text>' not in svg  # not the [0, 1] metric axis
+
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0 | 2.3700 |  |" in md and "| 3 | 0.2500 | 1.1000 |" in md
+    assert "![training_loss](charts/training_loss.svg)" in md
+    assert json.loads((tmp_path / "metrics.json").read_text())["training"] == _EPOCHS
+
+
+def test_no_or_empty_training_history_gives_no_chart(tmp_path):
+    metrics = evaluate_rows(_rows(), TOPICS)
+    for i, training in enumerate((None, [])):
+        out = tmp_path / str(i)
+        parsed = _parse(write_report(metrics, out, training=training))
+        assert "DIT loss per epoch" not in " ".join(parsed.text) and not _training_points(parsed)
+        assert not (out / "charts" / "training_loss.svg").exists()
+        assert "DIT training" not in (out / "report.md").read_text()
+        assert json.loads((out / "metrics.json").read_text())["training"] == []
+    # Train losses only: one series, no empty held-out legend entry.
+    parsed = _parse(write_report(metrics, tmp_path / "t", training=[{"epoch": 0, "train_loss": 0.5},
+                                                                    {"epoch": 1, "train_loss": 0.4}]))
+    assert list(_training_points(parsed)) == ["train diffs"]
+    assert "held-out diffs" not in (tmp_path / "t" / "charts" / "training_loss.svg").read_text()
+
+
+def test_load_training_reads_epochs_jsonl(tmp_path):
+    path = tmp_path / "epochs.jsonl"
+    lines = [json.dumps(r) for r in _EPOCHS[:3]]
+    lines += ["", json.dumps({"epoch": 2, "train_loss": 0.5, "val_loss": 1.3}),  # a resumed run logs epoch 2 again
+              json.dumps({"epoch": 3, "train_loss": float("nan"), "val_loss": 1.0})]
+    path.write_text("\n".join(lines) + "\n")
+    assert load_training(path) == [
+        *_EPOCHS[:2], {"epoch": 2, "train_loss": 0.5, "val_loss": 1.3},
+        {"epoch": 3, "train_loss": None, "val_loss": 1.0},  # diverged: no point
+    ]
+    assert load_training(tmp_path / "missing.jsonl") == []
+    path.write_text(json.dumps(_EPOCHS[0]) + "\n{oops\n")
+    with pytest.raises(ResultsError, match=r"epochs\.jsonl:2: not valid JSON"):
+        load_training(path)
+    for bad, message in (
+        ({"epoch": "1", "train_loss": 1.0}, "'epoch' must be an integer"),
+        ({"epoch": 1}, "missing 'train_loss'"),
+        ({"epoch": 1, "train_loss": "low"}, "'train_loss' must be a number"),
+        ({"epoch": 1, "train_loss": 1.0, "val_loss": True}, "'val_loss' must be a number"),
+    ):
+        with pytest.raises(ResultsError, match=message):
+            training_history([bad])
+    with pytest.raises(ResultsError, match="list of per-epoch records"):
+        write_report(evaluate_rows(_rows(), TOPICS), tmp_path / "r", training={"epoch": 0, "train_loss": 1.0})
+
+
+def test_evaluate_run_reads_the_training_file(tmp_path, capsys):
+    rows = [_row("t0", "dit", "wolves", "mammals", "wolves"), _row("t1", "dit", "otters", "mammals", "bats")]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    epochs = tmp_path / "dit" / "epochs.jsonl"
+    epochs.parent.mkdir()
+    epochs.write_text("".join(json.dumps(r) + "\n" for r in _EPOCHS))
+    parsed = _parse(evaluate_run(results, tmp_path / "report", "hidden-topic", training=epochs))
+    assert [float(p["data-value"]) for p in _training_points(parsed)["train diffs"]] == pytest.approx(
+        [2.37, 1.2, 0.6, 0.25])
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["training"] == _EPOCHS
+    # A records list works too; a missing file is no chart.
+    parsed = _parse(evaluate_run(results, tmp_path / "r2", "hidden-topic", training=_EPOCHS[:2]))
+    assert len(_training_points(parsed)["train diffs"]) == 2
+    parsed = _parse(evaluate_run(results, tmp_path / "r3", "hidden-topic", training=tmp_path / "none.jsonl"))
+    assert not _training_points(parsed) and not (tmp_path / "r3" / "charts" / "training_loss.svg").exists()
+    assert "dit " in capsys.readouterr().out
+
+
+def test_line_chart_y_range_and_default_axis():
+    series = [("s", "#000", [0.0, 2.0, 4.0])]
+    svg = charts.line_chart("t", [1.0, 2.0, 3.0], ["1", "2", "3"], series, "x", "linear",
+                            y_range=(0.0, 4.0), y_ticks=[0, 2, 4], y_title="loss")
+    m = charts._LINE_MARGIN
+    plot_h = charts._LINE_H - m["top"] - m["bottom"]
+    cys = [float(v) for v in re.findall(r'class="point"[^>]* cy="([0-9.]+)"', svg)]
+    assert cys == pytest.approx([m["top"] + plot_h, m["top"] + plot_h / 2, m["top"]])
+    assert [t for t in ("0", "2", "4") if f'fill="#555">{t}</text>' in svg] == ["0", "2", "4"]
+    assert ">loss</text>" in svg
+    default = charts.line_chart("t", [1.0, 2.0], ["1", "2"], [("s", "#000", [0.5, 1.0])], "x", "linear")
+    assert [float(v) for v in re.findall(r'class="point"[^>]* cy="([0-9.]+)"', default)] == pytest.approx(
+        [m["top"] + plot_h / 2, m["top"]])
+    for tick in ("0", "0.25", "0.5", "0.75", "1"):
+        assert f'fill="#555">{tick}</text>' in default
+    with pytest.raises(ValueError, match="y_range"):
+        charts.line_chart("t", [1.0], ["1"], series, "x", "linear", y_range=(1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "top, expected_range, expected_ticks",
+    [
+        (2.37, (0, 3), [0, 1, 2, 3]),
+        (7.1, (0, 8), [0, 2, 4, 6, 8]),
+        (0.83, (0, 1), [0, 0.25, 0.5, 0.75, 1]),
+        (4.0, (0, 4), [0, 1, 2, 3, 4]),
+        (123.4, (0, 150), [0, 50, 100, 150]),
+        (0.0, (0, 1), [0, 0.25, 0.5, 0.75, 1]),
+        (float("inf"), (0, 1), [0, 0.25, 0.5, 0.75, 1]),
+    ],
+)
+def test_nice_axis_rounds_the_max_up(top, expected_range, expected_ticks):
+    y_range, ticks = charts.nice_axis(top)
+    assert y_range == pytest.approx(expected_range) and ticks == pytest.approx(expected_ticks)
+    if math.isfinite(top):
+        assert y_range[1] >= top
