@@ -6,15 +6,12 @@ benches never overwrite each other; every section carries device, commit, date a
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
-import torch
+from dit_engine.files import write_json
+from dit_engine.provenance import provenance
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -24,30 +21,8 @@ def save_results(device: str, key: str, fields: dict) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "cuda"
     target = RESULTS_DIR / f"{name}.json"
     doc = json.loads(target.read_text()) if target.exists() else {"device": device}
-    doc[key] = {
-        "device": device,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        **fields,
-    }
+    prov = provenance(device)
+    doc[key] = {"device": device, **{k: v for k, v in prov.items() if k != "machine"}, **fields}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json(target, doc)
     return target
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"

@@ -18,6 +18,7 @@ after a kill continues where it stopped:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any
 
 from .diffgen import DiffGenConfig, generate_zoo
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
+from .dit.adapter import SHIPPED, shipped_available
 from .engine import Engine
 from .evaluate import METHODS, evaluate_rows, load_results, summarize
 from .files import read_json, write_json
+from .provenance import provenance
 from .report import load_training, write_report
 from .tasks import get_task
 from .zoo import BaseIdentity, Zoo
@@ -51,6 +54,9 @@ class PipelineConfig:
     n_train_eval: int = 16  # train diffs also interpreted (shows what DIT fits on seen topics)
     scaling: tuple[int, ...] = ()  # also train DIT on the first N train diffs, for a data-scaling curve
     seed: int = 0
+    # "shipped": interpret with the DIT adapter this package ships (no training zoo, no DIT training);
+    # when the install carries none, the run trains its own. None: always train.
+    adapter: str | None = None
     diffs: DiffGenConfig = dataclasses.field(default_factory=lambda: DiffGenConfig(
         epochs=2, n_backdoor=6, n_kl=4, rows_per_diff=1))
     dit: DitTrainConfig = dataclasses.field(default_factory=lambda: DitTrainConfig(val_fraction=0.0))
@@ -93,7 +99,11 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         gcfg = dataclasses.replace(cfg.diffs, task=cfg.task, n=n, split=split, rank=rank, seed=cfg.seed)
         return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
 
-    train_zoo = zoo_stage("zoo-train", "train", cfg.n_train, cfg.rank)
+    shipped = cfg.adapter == SHIPPED and _shipped_fits(base)
+    if cfg.adapter == SHIPPED and not shipped:
+        print("dit pipeline: this install ships no trained DIT adapter for this base model; training one "
+              "(the whole loop)", file=sys.stderr)
+    train_zoo = None if shipped else zoo_stage("zoo-train", "train", cfg.n_train, cfg.rank)
     test_zoos = {cfg.rank: zoo_stage("zoo-test", "test", cfg.n_test, cfg.rank)}
     for r in cfg.test_ranks:
         test_zoos[r] = zoo_stage(f"zoo-test-r{r}", "test", cfg.n_test_other_ranks, r)
@@ -105,13 +115,20 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         tcfg = dataclasses.replace(cfg.dit, task=cfg.task, seed=cfg.seed, max_diffs=max_diffs)
         return stage(f"{name}-train", lambda: train_dit(engine, train_zoo, d, tcfg, progress=progress))
 
-    adapter = dit_stage("dit", None)
+    adapter = DitAdapter.load(SHIPPED, device=engine.model.device, dtype=engine.model.dtype) if shipped \
+        else dit_stage("dit", None)
+    made = provenance(str(engine.model.device) if engine.model.device.type == "cuda" else None)
+    heldout_title = f"DIT on held-out diffs, never seen in training ({cfg.task})"
 
     results = out / "results.jsonl"
     for r, zoo in test_zoos.items():
         methods = METHODS if r == cfg.rank else ("dit",)
         stage(f"interpret-test-r{r}", lambda: interpret(engine, zoo, results, adapter=adapter, methods=methods,
                                                         batch_size=cfg.interpret_batch_size, progress=progress))
+    if shipped:  # no training zoo here: the shipped adapter's own report holds its training view
+        return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task,
+                                                      f"{heldout_title}, shipped adapter", provenance=made,
+                                                      training=adapter.recipe.get("epochs")))
     train_ids = train_zoo.ids()[: cfg.n_train_eval]
     seen = out / "results-train.jsonl"
     stage("interpret-train", lambda: interpret(engine, train_zoo, seen, adapter=adapter, methods=("dit",),
@@ -127,17 +144,28 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
                                                         progress=progress))
         scaling.append((n, res_n))
     stage("evaluate-train", lambda: evaluate_run(seen, out / "report-train", cfg.task,
-                                           f"DIT on {len(train_ids)} of its training diffs ({cfg.task})"))
+                                                 f"DIT on {len(train_ids)} of its training diffs ({cfg.task})",
+                                                 provenance=made))
     if scaling:
         scaling.append((cfg.n_train, results))
-    return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task,
-                                                  f"DIT on held-out diffs, never seen in training ({cfg.task})",
-                                                  scaling=scaling))
+    return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task, heldout_title,
+                                                  scaling=scaling, training=out / "dit" / "epochs.jsonl",
+                                                  provenance=made))
+
+
+def _shipped_fits(base: BaseIdentity) -> bool:
+    """Whether the install ships a DIT adapter trained on this very base (architecture and weights)."""
+    if not shipped_available():
+        return False
+    made_on = DitAdapter.load(SHIPPED).base
+    return made_on.get("config_hash") == base.config_hash and made_on.get("weights_fingerprint") == \
+        base.weights_fingerprint
 
 
 def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
                  scaling: list[tuple[int, Path]] | None = None,
-                 training: str | Path | Sequence[Mapping[str, Any]] | None = None) -> Path:
+                 training: str | Path | Sequence[Mapping[str, Any]] | None = None,
+                 provenance: Mapping[str, Any] | None = None) -> Path:
     """Score results file(s) against every label of the task's splits and write the report;
     ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve;
     ``training``: DIT's per-epoch losses for the loss chart, as records or as the path of the
@@ -146,7 +174,8 @@ def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
     curve = [(n, _metrics(p, task)) for n, p in scaling] if scaling else None
     if isinstance(training, (str, Path)):
         training = load_training(training)
-    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve, training=training)
+    path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve, training=training,
+                        provenance=provenance)
     print(summarize(metrics))
     return path
 

@@ -51,6 +51,7 @@ def write_report(
     title: str = "DIT evaluation",
     scaling: Sequence[tuple[int, Metrics]] | None = None,
     training: Sequence[Mapping[str, Any]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report files into ``out_dir`` (created if needed); return the HTML report's path.
 
@@ -59,6 +60,8 @@ def write_report(
     ``training``: optional per-epoch records ``{"epoch": int, "train_loss": float,
     "val_loss": float | None}`` of the DIT adapter's training (see :func:`load_training`), drawn
     as "DIT loss per epoch"; absent or empty: no chart.
+    ``provenance``: machine, commit and date of the run (:func:`dit_engine.provenance.provenance`),
+    printed under the title and kept in metrics.json.
     Every file is written to a temporary name and renamed, so an interrupted run never leaves a
     half-written report over an old one.
     """
@@ -72,11 +75,13 @@ def write_report(
     charts = _charts(metrics, scaling, history)
     for name, svg in charts.items():
         write_text(out / "charts" / f"{name}.svg", svg)
-    payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling), "training": history}
+    payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling), "training": history,
+               "provenance": dict(provenance or {})}
+    made = _made_line(provenance)
     write_text(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
-    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts), history))
+    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts), history, made))
     html_path = out / "report.html"
-    write_text(html_path, html_report(metrics, title, scaling, charts, history))
+    write_text(html_path, html_report(metrics, title, scaling, charts, history, made))
     return html_path
 
 
@@ -247,10 +252,18 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows), ""]
 
 
+def _made_line(provenance: Mapping[str, Any] | None) -> str:
+    if not provenance:
+        return ""
+    commit = str(provenance.get("commit", "unknown"))[:12] + (" with uncommitted changes" if provenance.get("dirty") else "")
+    return f"Measured on {provenance.get('machine', 'an unnamed machine')}, commit {commit}, {provenance.get('date', '')}."
+
+
 def _markdown(
-    metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: list[str], training: list[dict]
+    metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: list[str], training: list[dict],
+    made: str = "",
 ) -> str:
-    out = [f"# {title}", "", summary_sentence(metrics), ""]
+    out = [f"# {title}", "", *([made, ""] if made else []), summary_sentence(metrics), ""]
     out += ["## Methods", ""]
     out += [f"- **{name}**: {METHOD_DESCRIPTIONS.get(name, 'custom method')}" for name in metrics.methods]
     out += ["", "## Overall", ""]

@@ -36,9 +36,11 @@ span.ci { white-space: nowrap; color: #555; font-size: 0.85em; font-weight: norm
 
 
 def html_report(
-    metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: dict[str, str], training: list[dict]
+    metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: dict[str, str], training: list[dict],
+    made: str = "",
 ) -> str:
-    body = [f"<h1>{esc(title)}</h1>", f'<p class="note">{esc(summary_sentence(metrics))}</p>']
+    body = [f"<h1>{esc(title)}</h1>", *([f'<p class="note">{esc(made)}</p>'] if made else []),
+            f'<p class="note">{esc(summary_sentence(metrics))}</p>']
     body += ["<h2>Methods</h2>", "<ul>"]
     body += [
         f"<li><b>{esc(n)}</b>: {esc(METHOD_DESCRIPTIONS.get(n, 'custom method'))}</li>" for n in metrics.methods

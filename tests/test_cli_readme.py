@@ -244,6 +244,42 @@ def test_evaluate(workdir, interpreted):
     assert {"dit", "diff", "diff+trigger", "base"} <= set(json.dumps(metrics).replace('"', " ").split())
 
 
+def test_pipeline_with_the_shipped_adapter_skips_training(workdir, monkeypatch):
+    """--set adapter=shipped: the held-out zoo is made and interpreted with the adapter the package
+    ships (here: one trained by an earlier run on this base); no training zoo, no DIT training."""
+    import dit_engine.dit.adapter as adapter_mod
+
+    ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/trained", *TINY_PIPELINE, "--set", "adapter=none"))
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", workdir / "runs" / "trained" / "dit")
+    out = ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/shipped", *TINY_PIPELINE,
+                   "--set", "adapter=shipped"))
+    run = workdir / "runs" / "shipped"
+    assert out.strip().splitlines()[-1] == "runs/shipped/report/report.html"
+    assert not (run / "zoo-train").exists() and not (run / "dit").exists()
+    assert len(Zoo.open(run / "zoo-test")) == 2
+    report = (run / "report" / "report.md").read_text()
+    assert "shipped adapter" in report and "Measured on " in report and "commit " in report
+    methods = {json.loads(line)["method"] for line in (run / "results.jsonl").read_text().splitlines()}
+    assert methods == {"dit", "diff", "diff+trigger", "base"}
+
+
+def test_pipeline_trains_when_the_shipped_adapter_is_for_another_base(workdir, monkeypatch, tmp_path):
+    import dit_engine.dit.adapter as adapter_mod
+
+    other = tmp_path / "other"
+    ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/trained2", *TINY_PIPELINE, "--set", "adapter=none"))
+    meta = json.loads((workdir / "runs" / "trained2" / "dit" / "adapter.json").read_text())
+    meta["base"]["weights_fingerprint"] = "0" * 16
+    other.mkdir()
+    (other / "adapter.json").write_text(json.dumps(meta))
+    (other / "adapter.safetensors").write_bytes((workdir / "runs" / "trained2" / "dit" / "adapter.safetensors").read_bytes())
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", other)
+    code, _, err = type_(".venv/bin/dit pipeline --preset laptop --out runs/other", *TINY_PIPELINE,
+                         "--set", "adapter=shipped")
+    assert code == 0 and "ships no trained DIT adapter for this base model; training one" in err
+    assert (workdir / "runs" / "other" / "dit" / "adapter.json").exists()
+
+
 @types("dit pipeline --preset laptop --out runs/laptop")
 def test_pipeline_laptop(workdir):
     out = ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/laptop", *TINY_PIPELINE))

@@ -159,7 +159,8 @@ _SUBCONFIGS = {"diffs": DiffGenConfig, "dit": DitTrainConfig}
 _POSITIVE = {"n_train", "n_test", "interpret_batch_size", "epochs", "chunk_diffs", "rows_per_diff", "n_backdoor",
              "candidates", "max_answer_tokens", "n_verify", "gen_batch_size", "rank", "batch_size", "grad_accum",
              "save_every", "lr", "alpha"}
-_CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "schedule": ("cosine", "linear", "constant")}
+_CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "schedule": ("cosine", "linear", "constant"),
+            "adapter": ("shipped", "none")}
 
 
 def _settable_fields() -> dict[str, dataclasses.Field]:
@@ -198,6 +199,8 @@ def pipeline_setting(s: str) -> tuple[str, object]:
             return key, positive_float(value) if leaf in _POSITIVE else nonnegative_float(value)
         if leaf in _CHOICES and value not in _CHOICES[leaf]:
             raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(_CHOICES[leaf])}")
+        if leaf == "adapter":
+            return key, None if value == "none" else value
         return key, nonempty_text(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{key}: {e}") from None
