@@ -80,6 +80,8 @@ class Engine:
         seed, stop_strings) go in ``params`` or as keywords."""
         if params is None:
             params = SamplingParams(**sampling)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if params.stop_token_ids is None:
             params = dataclasses.replace(params, stop_token_ids=self.stop_ids())
         ids = [self.encode_prompt(p, chat=chat, system=system) for p in prompts]
@@ -99,6 +101,8 @@ class Engine:
         text as the continuation (with ``chat``, as the assistant's answer to the prompt)."""
         if prompts is not None and len(prompts) != len(texts):
             raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         seqs, plen = [], []
         for i, t in enumerate(texts):
             if prompts is None:
@@ -109,4 +113,7 @@ class Engine:
                 p = self.encode_prompt(prompts[i], chat=chat)
                 seqs.append(p + self.tokenizer.encode(t))
                 plen.append(len(p))
+            if len(seqs[-1]) <= plen[-1]:
+                what = "its first token is context" if prompts is None else "after its prompt"
+                raise ValueError(f"text {i} ({t!r}) has no token to score ({what})")
         return score(self.model, seqs, prompt_lengths=plen, adapters=adapters, batch_size=batch_size)

@@ -345,3 +345,23 @@ def test_batch_composition_does_not_change_results_near_the_context_limit():
     together = generate(m, [short, long], params)[0]
     assert len(alone.token_ids) == 20
     assert together.token_ids == alone.token_ids
+
+
+def test_the_api_refuses_what_the_cli_refuses():
+    """Bad sampling values and batch sizes are one clear ValueError at the API too, not a failure deep
+    inside sampling (a NaN temperature) or a silently accepted value (a negative top_k)."""
+    from tiny_world import tiny_engine
+
+    eng = tiny_engine()
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        SamplingParams(top_k=-5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        eng.generate(["hello"], batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        eng.score(["hello"], batch_size=0)
+    with pytest.raises(ValueError, match=r"text 1 \('hello'\) has no token to score"):
+        eng.score(["say it", "hello"])
+    with pytest.raises(ValueError, match=r"text 0 \(''\) has no token to score \(after its prompt\)"):
+        eng.score([""], prompts=["hello"])
