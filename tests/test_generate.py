@@ -353,7 +353,7 @@ def test_the_api_refuses_what_the_cli_refuses():
     from tiny_world import tiny_engine
 
     eng = tiny_engine()
-    with pytest.raises(ValueError, match="temperature must be a finite number"):
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
         SamplingParams(temperature=float("nan"))
     with pytest.raises(ValueError, match="top_k must be >= 0"):
         SamplingParams(top_k=-5)
