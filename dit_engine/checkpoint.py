@@ -14,7 +14,6 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,9 +22,8 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .files import read_json, write_atomically, write_json
+from .model import Transformer
 
-if TYPE_CHECKING:
-    from .model import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -66,13 +64,11 @@ def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
             raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Transformer":
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Transformer:
     """Build the :class:`~dit_engine.model.Transformer` of a checkpoint and fill it with its weights.
 
     Floating-point tensors are cast to ``dtype``; the model is returned in eval mode, its base
     weights frozen (``requires_grad=False``), with ``model.config`` the checkpoint's :class:`ModelConfig`."""
-    from .model import Transformer  # the model module is heavy; keep `import checkpoint` light
-
     path = checkpoint_dir(path)
     config = ModelConfig.from_json(path / "config.json")
     with torch.device("meta"):

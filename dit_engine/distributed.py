@@ -26,3 +26,13 @@ def all_reduce_grads(params: Iterable[torch.Tensor], world: int) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         p.grad /= world
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank calls it at the same
+    point); outside torchrun, ``flag`` itself."""
+    if rank_world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .distributed import any_rank, rank_world
+
 DEFAULT_CHECKPOINT_EVERY_S = 300.0  # a kill loses at most about this much work
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _active: "Job | None" = None
@@ -76,17 +78,8 @@ class Job:
     def agree_stop(self, device=None) -> bool:
         """Under torch.distributed: make every rank see a stop that any rank was asked for (a
         collective: call it at the same step on every rank). Returns :attr:`stop_requested`."""
-        from .distributed import rank_world
-
-        _, world = rank_world()
-        if world > 1:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if float(flag) > 0:
-                self.request_stop(self.signal or "a signal on another rank")
+        if rank_world()[1] > 1 and any_rank(self.stop_requested, device):
+            self.request_stop(self.signal or "a signal on another rank")
         return self.stop_requested
 
     def _on_signal(self, signum: int, frame) -> None:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import interpreter
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 BACKENDS = ("auto", "triton", "torch")
@@ -93,8 +95,6 @@ class _InterpretedKernel:
 
 
 def _twin(kernel: JITFunction):
-    from triton.runtime.interpreter import InterpretedFunction
-
     if kernel not in _twins:
         _twins[kernel] = InterpretedFunction(kernel.fn)
     return _twins[kernel]
@@ -155,8 +155,6 @@ def _scalar_loop_bounds():
     interpreters the same conversion, added to the patches the interpreter applies at each launch
     and undone with them.
     """
-    from triton.runtime import interpreter
-
     patch_lang = getattr(interpreter, "_patch_lang", None)
     if patch_lang is None:  # a Triton whose interpreter is organised differently: leave it as it is
         yield
