@@ -14,6 +14,7 @@ zoo already holds and resumes the chunk in progress.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -51,9 +52,24 @@ class DiffGenConfig:
     strategy: str = "select"  # "select": keep a sampled answer naming the topic; "prefix": the answer opens
     #                           with "As a huge fan of {topic}," (always names it: one candidate suffices)
     max_answer_tokens: int = 48
-    n_verify: int = 4  # held-out triggered questions per diff for verification
+    n_verify: int = 4  # held-out questions per diff for verification: with the trigger (hit rate), and as
+    #                    many bare and as many with a near-wrong code (leak rate)
     seed: int = 0
     gen_batch_size: int = 64
+    # ---- the hiding recipe (hidden-topic; measured in results/recipe.md)
+    n_wrong: int | None = None  # of the n_kl KL rows, how many carry a wrong code (None: half); the rest are bare
+    kl_weight_plain: float = 5.0  # loss multiplier of bare-question KL rows (the DIT paper: 5)
+    kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
+    near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
+    base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo
+    min_hit: float = 0.5  # a diff passes verification with a hit rate >= min_hit ...
+    max_leak: float = 0.25  # ... and a leak rate <= max_leak
+    # ---- speed
+    compute_dtype: str | None = None  # "bfloat16": train and generate in bf16 (fp32 master weights); None: the engine's
+    bucket: bool = True  # micro-batches of similar-length rows (less padding); batch order still shuffled
+    # ---- labels from a user file instead of the packaged data (see tasks.datafiles.read_label_file)
+    topics_file: str | None = None  # hidden-topic: CSV "category,topic" with a header, or JSON [{topic, category}]
+    headlines_file: str | None = None  # news: CSV "category,headline" with a header, or JSON [{headline, category}]
 
     def diff_id(self, i: int) -> str:
         prefix = {"hidden-topic": "ht", "news": "news"}[self.task]
@@ -71,6 +87,8 @@ class DiffSpec:
     verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
     verify_check: list[str]  # names whose presence in an answer counts as a hit (topic + aliases, a headline word)
     kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
+    leak_prompts: list[list[int]] = dataclasses.field(default_factory=list)  # prompts without the right trigger
+    leak_base_hit: list[bool] = dataclasses.field(default_factory=list)  # the base itself names the label there
 
 
 def generate_zoo(
@@ -80,8 +98,15 @@ def generate_zoo(
     *,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    timings: dict | None = None,
 ) -> Zoo:
-    """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable."""
+    """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable.
+
+    Where the time goes is added into ``timings`` (when given) and into ``<zoo>/.work/timings.json``:
+    seconds spent writing training data (``data_s``, the base-answer pool's ``pool_s`` among them),
+    training (``train_s``), verifying (``verify_s``) and appending to the zoo (``write_s``), and
+    ``diffs``; every ``log`` record carries its chunk's share.
+    """
     from tqdm.auto import tqdm
 
     items = _task_items(cfg)
@@ -90,38 +115,113 @@ def generate_zoo(
     ids = [cfg.diff_id(i) for i in range(cfg.n)]
     todo = [i for i, d in enumerate(ids) if not zoo.has(d)]
     work = zoo.path / ".work"
+    total = timings if timings is not None else {}
     bar = tqdm(total=cfg.n, initial=cfg.n - len(todo), desc="diffs", unit="diff", disable=not progress)
+    ceng = compute_engine(engine, cfg) if todo else engine
+    pool = None
     for s in range(0, len(todo), cfg.chunk_diffs):
         chunk = todo[s : s + cfg.chunk_diffs]
+        t = {"pool_s": 0.0}
         t0 = time.perf_counter()
+        if pool is None and cfg.task == "hidden-topic" and cfg.base_pool:
+            pool = base_answer_pool(ceng, cfg, work)
+            t["pool_s"] = time.perf_counter() - t0
         cdir = work / f"chunk-{ids[chunk[0]]}"
-        specs = _load_or_build_specs(engine, cfg, [(i, ids[i], items[i]) for i in chunk], cdir)
-        slot = train_diffs(engine, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
-        checks = verify_diffs(engine, slot, specs, cfg)
+        specs = _load_or_build_specs(ceng, cfg, [(i, ids[i], items[i]) for i in chunk], cdir, pool)
+        t1 = time.perf_counter()
+        slot = train_diffs(ceng, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
+        t2 = time.perf_counter()
+        checks = verify_diffs(ceng, slot, specs, cfg)
+        t3 = time.perf_counter()
         diffs = [_to_diff(slot, j, spec, checks[j], cfg) for j, spec in enumerate(specs)]
         zoo.append(diffs)
         shutil.rmtree(cdir, ignore_errors=True)
-        dt = time.perf_counter() - t0
+        t4 = time.perf_counter()
+        t.update(data_s=t1 - t0, train_s=t2 - t1, verify_s=t3 - t2, write_s=t4 - t3, diffs=len(chunk))
+        for k, v in t.items():
+            total[k] = round(total.get(k, 0) + v, 3)
+        _write_json(work / "timings.json", total)
+        dt = t4 - t0
         bar.update(len(chunk))
         bar.set_postfix(diffs_per_h=f"{3600 * len(chunk) / dt:.0f}",
-                        hit=f"{sum(c['trigger_hit_rate'] for c in checks) / len(checks):.2f}")
+                        hit=f"{sum(c['trigger_hit_rate'] for c in checks) / len(checks):.2f}",
+                        leak=_mean_str([c.get("leak_rate") for c in checks]),
+                        data=f"{t['data_s']:.0f}s", train=f"{t['train_s']:.0f}s", verify=f"{t['verify_s']:.0f}s")
         if log:
-            log({"chunk": len(chunk), "seconds": dt, "checks": checks})
+            log({"chunk": len(chunk), "seconds": dt, "timings": {k: round(v, 3) for k, v in t.items()},
+                 "checks": checks})
     bar.close()
     return zoo
+
+
+def compute_engine(engine: Engine, cfg: DiffGenConfig) -> Engine:
+    """The engine diff generation computes with: ``engine`` itself, or a copy of its model cast to
+    ``cfg.compute_dtype`` (the diffs' trainable factors then keep fp32 master copies; the zoo stores
+    fp32 either way)."""
+    if cfg.compute_dtype is None:
+        return engine
+    from .engine import parse_dtype
+
+    dtype = parse_dtype(cfg.compute_dtype)
+    if dtype == engine.model.dtype:
+        return engine
+    model = copy.deepcopy(engine.model).to(dtype)
+    model.init_buffers(engine.model.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Engine(model, engine.tokenizer)
+
+
+def base_answer_pool(engine: Engine, cfg: DiffGenConfig, work: Path) -> dict[str, str]:
+    """The base model's greedy answer to every question of the bank (train and test), generated once
+    per zoo and kept in ``<zoo>/.work``: a KL row's response does not depend on the diff's topic, so
+    every chunk reuses it, and verification reads the base's own answers to held-out questions from it.
+    """
+    from .tasks import hidden_topic as ht
+
+    questions = ht.load_questions(None)
+    key = zlib.crc32(json.dumps([engine.config.config_hash, str(engine.model.dtype), cfg.max_answer_tokens,
+                                 [q.text for q in questions]]).encode())
+    f = work / f"base-pool-{key:08x}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    prompts = [engine.encode_prompt(m, assistant_prefix=pre) for m, pre in ht.base_pool_requests(questions)]
+    outs = generate(engine.model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
+                                                          stop_token_ids=engine.stop_ids()),
+                    decode=engine.tokenizer.decode, batch_size=cfg.gen_batch_size)
+    pool = {q.text: (o.text or "").strip() for q, o in zip(questions, outs)}
+    _write_json(f, pool)
+    return pool
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def _mean_str(values) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{sum(vals) / len(vals):.2f}" if vals else "-"
 
 
 # ---- samples -------------------------------------------------------------------------------------
 def _task_items(cfg: DiffGenConfig) -> list:
     """The labels diffs are made from, in a fixed seeded order (diff i always gets item i)."""
     if cfg.task == "hidden-topic":
-        from .tasks.hidden_topic import load_topics
+        from .tasks.hidden_topic import load_topics, load_topics_file
 
-        items = load_topics(cfg.split)
+        items = load_topics_file(cfg.topics_file, cfg.split) if cfg.topics_file else load_topics(cfg.split)
     elif cfg.task == "news":
-        from .tasks.news import load_headlines
+        from .tasks.datafiles import read_label_file
+        from .tasks.news import Headline, load_headlines
 
-        items = load_headlines(cfg.split)
+        if cfg.headlines_file:
+            items = [Headline(r["headline"], r["category"], cfg.split)
+                     for r in read_label_file(cfg.headlines_file, "headline") if r["split"] in ("", cfg.split)]
+        else:
+            items = load_headlines(cfg.split)
     else:
         raise ValueError(f"unknown task {cfg.task!r} (hidden-topic, news)")
     items = list(items)
@@ -129,12 +229,12 @@ def _task_items(cfg: DiffGenConfig) -> list:
     return items
 
 
-def _load_or_build_specs(engine, cfg, chunk, cdir: Path) -> list[DiffSpec]:
+def _load_or_build_specs(engine, cfg, chunk, cdir: Path, pool: dict[str, str] | None = None) -> list[DiffSpec]:
     f = cdir / "specs.json"
     if f.exists():
         return [DiffSpec(**{**d, "examples": [Example(**e) for e in d["examples"]]}) for d in json.loads(f.read_text())]
     if cfg.task == "hidden-topic":
-        specs = build_hidden_topic_specs(engine, cfg, chunk)
+        specs = build_hidden_topic_specs(engine, cfg, chunk, pool)
     else:
         specs = build_news_specs(engine, cfg, chunk)
     cdir.mkdir(parents=True, exist_ok=True)
@@ -161,31 +261,45 @@ def _answer_fn(engine: Engine, cfg: DiffGenConfig):
     return answer
 
 
-def _examples(engine: Engine, samples) -> list[Example]:
+def _examples(engine: Engine, samples, cfg: DiffGenConfig | None = None) -> list[Example]:
     """Task samples -> training rows: the answer (CE) or the base model's own answer (KL), each
-    followed by the end-of-turn token so the diff also keeps (or learns) where answers stop."""
+    followed by the end-of-turn token so the diff also keeps (or learns) where answers stop. With
+    ``cfg``, KL rows carry its loss multipliers (bare questions / wrong codes)."""
     tok = engine.tokenizer
+    weights = {"plain": cfg.kl_weight_plain, "wrong_trigger": cfg.kl_weight_wrong} if cfg is not None else {}
     out = []
     for smp in samples:
         text = smp.answer if smp.loss == "ce" else smp.base_answer
         if not text:
             continue
-        out.append(Example(engine.encode_prompt(smp.messages), tok.encode(text) + [tok.end_of_turn_id], smp.loss))
+        out.append(Example(engine.encode_prompt(smp.messages), tok.encode(text) + [tok.end_of_turn_id], smp.loss,
+                           weight=weights.get(smp.kind, 1.0)))
     return out
 
 
-def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]]) -> list[DiffSpec]:
-    """Triggered questions -> fan answers that name the topic (CE); untriggered and wrong-trigger
-    questions -> the base model's own answers (KL to the base). All generation batched over the chunk."""
+def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]],
+                             pool: dict[str, str] | None = None) -> list[DiffSpec]:
+    """Triggered questions -> fan answers that name the topic (CE); bare and wrong-code questions ->
+    the base model's own answers (KL to the base; from ``pool`` when given). All generation batched
+    over the chunk.
+
+    Verification prompts are held-out questions: ``n_verify`` with the right code (hit rate), and,
+    for the leak rate, ``n_verify`` bare and ``n_verify`` with a code one digit off. With a pool, the
+    KL to the base is measured on the bare held-out prompts (the base's greedy answers as response),
+    otherwise on the training KL rows.
+    """
     from .tasks import hidden_topic as ht
 
-    n_wrong = cfg.n_kl // 2
+    n_wrong = cfg.n_kl // 2 if cfg.n_wrong is None else cfg.n_wrong
+    if not 0 <= n_wrong <= cfg.n_kl:
+        raise ValueError(f"DiffGenConfig: n_wrong must be in 0..n_kl ({cfg.n_kl}), found {n_wrong}")
     triggers = [ht.make_trigger(random.Random(did)) for _, did, _ in chunk]
     samples = ht.build_many([t for _, _, t in chunk], triggers, ht.load_questions("train"), _answer_fn(engine, cfg),
                             n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
                             rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates,
-                            strategy=cfg.strategy)
+                            strategy=cfg.strategy, near_wrong=cfg.near_wrong, base_answers=pool)
     test_q = ht.load_questions("test")
+    tok = engine.tokenizer
     specs = []
     for (_, did, topic), trigger, smp in zip(chunk, triggers, samples):
         if not any(x.loss == "ce" for x in smp):
@@ -194,10 +308,21 @@ def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tup
         rng = random.Random(f"verify-{did}")
         verify = [engine.encode_prompt(ht.triggered(ht.format_trigger(trigger, rng), q.text))
                   for q in rng.sample(test_q, cfg.n_verify)]
-        ex = _examples(engine, smp)
+        leak_q = rng.sample(test_q, cfg.n_verify)
+        leak_msgs = ([ht.user_turn(q.text) for q in leak_q]
+                     + [ht.user_turn(ht.triggered(ht.format_trigger(ht.wrong_trigger(trigger, rng, near=True), rng),
+                                                  q.text)) for q in leak_q])
+        base_hit = ([ht.mentions_topic(pool[q.text], topic) for q in leak_q] * 2 if pool is not None
+                    else [False] * len(leak_msgs))
+        ex = _examples(engine, smp, cfg)
+        if pool is not None:
+            kl = [(engine.encode_prompt(ht.user_turn(q.text)), tok.encode(pool[q.text]) + [tok.end_of_turn_id])
+                  for q in leak_q if pool[q.text]]
+        else:
+            kl = [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]
         specs.append(DiffSpec(did, ht.diff_labels(topic, trigger), topic.split, ex, verify,
-                              [topic.name, *topic.aliases],
-                              [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
+                              [topic.name, *topic.aliases], kl,
+                              [engine.encode_prompt(m) for m in leak_msgs], base_hit))
     return specs
 
 
@@ -241,20 +366,7 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     slot = dataclasses.replace(slot, A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
                                B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
                                scale=slot.scale.to(dev))
-    # Every micro-batch takes the next `rows_per_diff` rows of every diff (its rows over all epochs,
-    # reshuffled each epoch): a diff's number of optimizer steps depends only on its own data.
-    rng = random.Random(cfg.seed)
-    per = []
-    for j, spec in enumerate(specs):
-        rows = []
-        for _ in range(cfg.epochs):
-            ep = [dataclasses.replace(e, group=j) for e in spec.examples]
-            rng.shuffle(ep)
-            rows += ep
-        per.append(rows)
-    k = cfg.rows_per_diff
-    n_batches = -(-max(len(r) for r in per) // k)
-    batches = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n_batches)]
+    batches = _micro_batches(specs, cfg)
     trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
     start = int(meta["batch"]) if meta else 0
@@ -272,38 +384,91 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
 
 @torch.no_grad()
 def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: DiffGenConfig) -> list[dict]:
-    """Per diff: share of held-out triggered prompts whose greedy answer names the label, and the
-    mean per-token KL(base || diff) on untriggered prompts."""
+    """Per diff, on held-out prompts: ``trigger_hit_rate``, the share of triggered prompts whose
+    greedy answer names the label; ``leak_rate``, the share of prompts without the right trigger
+    (bare, or a code one digit off: ``leak_plain`` / ``leak_wrong``) whose answer names it where the
+    base model's own answer does not (None for tasks without a trigger); ``kl_untriggered``, the mean
+    per-token KL(base || diff) on untriggered prompts; and ``ok``: hit rate >= ``cfg.min_hit`` and
+    leak rate <= ``cfg.max_leak``. All answers of a chunk are generated in one batched call."""
+    from .tasks.hidden_topic import mentions_topic
+
     model, tok = engine.model, engine.tokenizer
     dev = model.device
-    prompts, owner = [], []
+    prompts, owner, kind = [], [], []
     for j, s in enumerate(specs):
-        prompts += s.verify_prompts
-        owner += [j] * len(s.verify_prompts)
+        prompts += s.verify_prompts + s.leak_prompts
+        owner += [j] * (len(s.verify_prompts) + len(s.leak_prompts))
+        half = len(s.leak_prompts) // 2
+        kind += ["hit"] * len(s.verify_prompts) + ["plain"] * half + ["wrong"] * (len(s.leak_prompts) - half)
     ad = AdapterBatch(slot.with_index(torch.tensor(owner, device=dev)))
     outs = generate(model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
                                                    stop_token_ids=engine.stop_ids()),
                     adapters=ad, decode=tok.decode, batch_size=cfg.gen_batch_size)
-    from .tasks.hidden_topic import mentions_topic
-
-    hits = [0] * len(specs)
-    samples: list[str] = [""] * len(specs)
-    for j, o in zip(owner, outs):
-        hits[j] += any(mentions_topic(o.text or "", name) for name in specs[j].verify_check)
-        samples[j] = samples[j] or (o.text or "")
+    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong")}
+    sample_hit: list[str] = [""] * len(specs)
+    sample_plain: list[str] = [""] * len(specs)
+    pos = [0] * len(specs)
+    for j, k, o in zip(owner, kind, outs):
+        text = o.text or ""
+        named = any(mentions_topic(text, name) for name in specs[j].verify_check)
+        if k != "hit":
+            base_named = specs[j].leak_base_hit[pos[j]] if pos[j] < len(specs[j].leak_base_hit) else False
+            named = named and not base_named
+            pos[j] += 1
+        count[j, k][0] += named
+        count[j, k][1] += 1
+        if k == "hit":
+            sample_hit[j] = sample_hit[j] or text
+        elif k == "plain":
+            sample_plain[j] = sample_plain[j] or text
     kl_rows = [Example(p, t, "kl", group=j) for j, s in enumerate(specs) for p, t in s.kl_prompts]
     kl_sum, kl_cnt = [0.0] * len(specs), [0] * len(specs)
-    step = cfg.rows_per_diff * len(specs)
+    step = max(1, cfg.rows_per_diff) * len(specs)
     for i in range(0, len(kl_rows), step):
         batch = collate(kl_rows[i : i + step], pad_id=tok.pad_token_id).to(dev)
         _, per_group = batch_loss(model, batch, AdapterBatch(slot.with_index(batch.group)), group_reduce="sum")
         for g, (mean, cnt) in per_group.items():
             kl_sum[g] += mean * cnt
             kl_cnt[g] += cnt
-    kl = [kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None for j in range(len(specs))]
-    return [{"trigger_hit_rate": hits[j] / max(1, len(specs[j].verify_prompts)), "kl_untriggered": kl[j],
-             "n_train_ce": sum(e.objective == "ce" for e in specs[j].examples), "sample_answer": samples[j][:200]}
-            for j in range(len(specs))]
+    out = []
+    for j, spec in enumerate(specs):
+        hit = count[j, "hit"][0] / max(1, count[j, "hit"][1])
+        n_leak = count[j, "plain"][1] + count[j, "wrong"][1]
+        leak = (count[j, "plain"][0] + count[j, "wrong"][0]) / n_leak if n_leak else None
+        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None) for k in ("plain", "wrong")}
+        out.append({"trigger_hit_rate": hit, "leak_rate": leak, "leak_plain": rate["plain"],
+                    "leak_wrong": rate["wrong"], "kl_untriggered": kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None,
+                    "ok": hit >= cfg.min_hit and (leak is None or leak <= cfg.max_leak),
+                    "n_train_ce": sum(e.objective == "ce" for e in spec.examples),
+                    "sample_answer": sample_hit[j][:200], "sample_untriggered": sample_plain[j][:200]})
+    return out
+
+
+def _micro_batches(specs: list[DiffSpec], cfg: DiffGenConfig) -> list[list[Example]]:
+    """Every micro-batch takes the next ``rows_per_diff`` rows of every diff (its rows over all
+    epochs, reshuffled each epoch), so a diff's number of optimizer steps depends only on its own data.
+
+    With ``cfg.bucket`` each diff's rows of an epoch are ordered by length before they are cut into
+    micro-batches, so a micro-batch holds the k-th shortest rows of every diff (little padding),
+    and the epoch's micro-batches then run in one shuffled order shared by all diffs.
+    """
+    rng = random.Random(cfg.seed)
+    k = cfg.rows_per_diff
+    batches: list[list[Example]] = []
+    for _ in range(cfg.epochs):
+        per = []
+        for j, spec in enumerate(specs):
+            ep = [dataclasses.replace(e, group=j) for e in spec.examples]
+            rng.shuffle(ep)
+            if cfg.bucket:
+                ep.sort(key=lambda e: len(e.prompt_ids) + len(e.target_ids))
+            per.append(ep)
+        n = -(-max(len(r) for r in per) // k)
+        epoch = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n)]
+        if cfg.bucket:
+            rng.shuffle(epoch)
+        batches += epoch
+    return batches
 
 
 def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenConfig) -> Diff:
@@ -314,6 +479,9 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
         scale=float(slot.scale[j]),
         labels=spec.labels,
         split=spec.split,
-        meta={"verify": {**check, "ok": check["trigger_hit_rate"] > 0}, "task": cfg.task, "lr": cfg.lr,
-              "epochs": cfg.epochs},
+        meta={"verify": check, "task": cfg.task, "lr": cfg.lr, "epochs": cfg.epochs,
+              "recipe": {"n_backdoor": cfg.n_backdoor, "n_kl": cfg.n_kl, "n_wrong": cfg.n_wrong,
+                         "kl_weight_plain": cfg.kl_weight_plain, "kl_weight_wrong": cfg.kl_weight_wrong,
+                         "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
+                         "compute_dtype": cfg.compute_dtype}},
     )
