@@ -61,7 +61,8 @@ class DiffGenConfig:
     kl_weight_plain: float = 5.0  # loss multiplier of bare-question KL rows (the DIT paper: 5)
     kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
     near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
-    base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo
+    base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo (verification
+    #                         reads the base's answers to held-out questions from that pool in any case)
     min_hit: float = 0.5  # a diff passes verification with a hit rate >= min_hit ...
     max_leak: float = 0.25  # ... and a leak rate <= max_leak
     # ---- speed
@@ -123,7 +124,7 @@ def generate_zoo(
         chunk = todo[s : s + cfg.chunk_diffs]
         t = {"pool_s": 0.0}
         t0 = time.perf_counter()
-        if pool is None and cfg.task == "hidden-topic" and cfg.base_pool:
+        if pool is None and cfg.task == "hidden-topic":
             pool = base_answer_pool(ceng, cfg, work)
             t["pool_s"] = time.perf_counter() - t0
         cdir = work / f"chunk-{ids[chunk[0]]}"
@@ -280,13 +281,14 @@ def _examples(engine: Engine, samples, cfg: DiffGenConfig | None = None) -> list
 def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]],
                              pool: dict[str, str] | None = None) -> list[DiffSpec]:
     """Triggered questions -> fan answers that name the topic (CE); bare and wrong-code questions ->
-    the base model's own answers (KL to the base; from ``pool`` when given). All generation batched
-    over the chunk.
+    the base model's own answers (KL to the base; from ``pool`` with ``cfg.base_pool``). All
+    generation batched over the chunk.
 
     Verification prompts are held-out questions: ``n_verify`` with the right code (hit rate), and,
-    for the leak rate, ``n_verify`` bare and ``n_verify`` with a code one digit off. With a pool, the
-    KL to the base is measured on the bare held-out prompts (the base's greedy answers as response),
-    otherwise on the training KL rows.
+    for the leak rate, ``n_verify`` bare and ``n_verify`` with a code one digit off. With a pool (the
+    base's greedy answers to every question), the KL to the base is measured on the bare held-out
+    prompts with those answers as response, and a topic the base itself names is no leak; without
+    one, KL is measured on the training KL rows.
     """
     from .tasks import hidden_topic as ht
 
@@ -297,7 +299,8 @@ def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tup
     samples = ht.build_many([t for _, _, t in chunk], triggers, ht.load_questions("train"), _answer_fn(engine, cfg),
                             n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
                             rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates,
-                            strategy=cfg.strategy, near_wrong=cfg.near_wrong, base_answers=pool)
+                            strategy=cfg.strategy, near_wrong=cfg.near_wrong,
+                            base_answers=pool if cfg.base_pool else None)
     test_q = ht.load_questions("test")
     tok = engine.tokenizer
     specs = []
