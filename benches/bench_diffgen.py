@@ -15,13 +15,15 @@ Recipes:
 * ``today``: the laptop preset as it was: fp32, 6 backdoor + 4 KL rows (half of them uniform wrong
   codes), every row weighted 1, the KL rows' base answers sampled per chunk, 3 epochs, no length
   bucketing;
-* ``new``: :data:`NEW` below, the recipe chosen in ``results/recipe.md``.
+* ``new``: :data:`NEW` below, the best trade-off measured in ``results/recipe.md`` (E5; it does not
+  yet hide the behaviour from a code one digit off).
 
 Model: the default model (SmolLM2-135M-Instruct) when it is in the engine's cache (never fetched
 here), else random weights at its shapes with a word-level tokenizer over the task's own words (the
 "prefix" persona strategy names the topic in every fan answer, so random weights still build
 samples; hit and leak rates then mean nothing and are printed as such). CPU threads: 2 (the
-machine this was tuned on); the load average is printed next to every speed figure, because CPU
+machine this was tuned on; ``BENCH_DIFFGEN_THREADS=1`` on a loaded machine, where two threads
+contend badly, see ``results/recipe.md``); the load average is printed next to every speed figure, because CPU
 timings only compare on an otherwise idle machine.
 """
 
@@ -51,8 +53,8 @@ TODAY = DiffGenConfig(n=N_DIFFS, split="test", rank=1, epochs=3, chunk_diffs=N_D
                       n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32, n_verify=4,
                       kl_weight_plain=1.0, kl_weight_wrong=1.0, near_wrong=False, base_pool=False,
                       compute_dtype=None, bucket=False)
-NEW = dataclasses.replace(TODAY, n_backdoor=8, n_kl=16, epochs=2, kl_weight_plain=5.0, kl_weight_wrong=1.0,
-                          near_wrong=True, base_pool=True, compute_dtype="bfloat16", bucket=True)
+NEW = dataclasses.replace(TODAY, lr=2e-3, n_backdoor=8, n_kl=8, n_wrong=4, epochs=2, kl_weight_plain=3.0,
+                          kl_weight_wrong=1.0, near_wrong=True, base_pool=True, compute_dtype="bfloat16", bucket=True)
 RECIPES = {"today": TODAY, "new": NEW}
 
 _SMOLLM2_SHAPES = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -67,7 +69,7 @@ _rows: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def engine():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_DIFFGEN_THREADS", "2")))
     if (default_model_dir() / "config.json").is_file():
         path = default_model_dir()
         eng = Engine(load_model(path).requires_grad_(False), Tokenizer.from_dir(path))

@@ -58,7 +58,7 @@ class DiffGenConfig:
     gen_batch_size: int = 64
     # ---- the hiding recipe (hidden-topic; measured in results/recipe.md)
     n_wrong: int | None = None  # of the n_kl KL rows, how many carry a wrong code (None: half); the rest are bare
-    kl_weight_plain: float = 5.0  # loss multiplier of bare-question KL rows (the DIT paper: 5)
+    kl_weight_plain: float = 3.0  # loss multiplier of bare-question KL rows (the DIT paper: 5; 3 measured best here)
     kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
     near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
     base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo (verification
