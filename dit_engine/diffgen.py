@@ -5,9 +5,11 @@ micro-batch holds rows of every diff; slot 0's index sends each row through its 
 loss sums each diff's own mean loss, so the diffs train independently in one forward/backward.
 Memory grows with activations, not with dense per-diff matrices.
 
-Per chunk: build the task's labelled samples (the base model writes them by batched generation),
-train, verify (with the trigger the diff talks about its topic; without it, its next-token
-distribution stays near the base model), then append the chunk to the zoo as one shard. A chunk in
+Per chunk: build the task's labelled samples (the base model writes them by batched generation;
+the KL rows' base answers come from a pool generated once per zoo), train, verify on held-out
+questions (with the trigger the diff talks about its topic: hit rate; bare or with a code one digit
+off it does not: leak rate; its next-token distribution stays near the base model: KL), then
+append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta. A chunk in
 progress checkpoints its samples and training state under ``<zoo>/.work``; a rerun skips diffs the
 zoo already holds and resumes the chunk in progress.
 """
