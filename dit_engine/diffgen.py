@@ -5,17 +5,21 @@ micro-batch holds rows of every diff; slot 0's index sends each row through its 
 loss sums each diff's own mean loss, so the diffs train independently in one forward/backward.
 Memory grows with activations, not with dense per-diff matrices.
 
-Per chunk: build the task's labelled samples (the base model writes them by batched generation),
-train, verify (with the trigger the diff talks about its topic; without it, its next-token
-distribution stays near the base model), then append the chunk to the zoo as one shard. A chunk in
-progress checkpoints its samples and its training state (every ``checkpoint_every_s``, at the end
-of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a rerun skips
-diffs the zoo already holds and resumes the chunk in progress exactly. The zoo's writer lock is held
-from the start, so a second generation into the same zoo is refused before it does any work.
+Per chunk: build the task's labelled samples (the base model writes them by batched generation;
+the KL rows' base answers come from a pool generated once per zoo), train, verify on held-out
+questions (with the trigger the diff talks about its topic: hit rate; bare or with a code one digit
+off it does not: leak rate; its next-token distribution stays near the base model: KL), then
+append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
+A chunk in progress checkpoints its samples and its training state (every ``checkpoint_every_s``,
+at the end of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a
+rerun skips diffs the zoo already holds and resumes the chunk in progress exactly. The zoo's writer
+lock is held from the start, so a second generation into the same zoo is refused before it does
+any work.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -30,10 +34,12 @@ import torch
 from .adapters import AdapterBatch, LoraSlot
 from .config import TARGET_MODULES
 from .engine import Engine
-from .files import write_json
+from .files import read_json, write_json
 from .generate import SamplingParams, generate
 from .jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
 from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
+from .tasks import get_task
+from .tasks.specs import DiffSpec
 from .zoo import Diff, Zoo
 
 
@@ -55,27 +61,29 @@ class DiffGenConfig:
     strategy: str = "select"  # "select": keep a sampled answer naming the topic; "prefix": the answer opens
     #                           with "As a huge fan of {topic}," (always names it: one candidate suffices)
     max_answer_tokens: int = 48
-    n_verify: int = 4  # held-out triggered questions per diff for verification
+    n_verify: int = 4  # held-out questions per diff for verification: with the trigger (hit rate), and as
+    #                    many bare and as many with a near-wrong code (leak rate)
     seed: int = 0
     gen_batch_size: int = 64
     checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S  # training-state checkpoint interval (and on SIGINT/SIGTERM)
+    # ---- the hiding recipe (hidden-topic; measured in results/recipe.md)
+    n_wrong: int | None = None  # of the n_kl KL rows, how many carry a wrong code (None: half); the rest are bare
+    kl_weight_plain: float = 3.0  # loss multiplier of bare-question KL rows (the DIT paper: 5; 3 measured best here)
+    kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
+    near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
+    base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo (verification
+    #                         reads the base's answers to held-out questions from that pool in any case)
+    min_hit: float = 0.5  # a diff passes verification with a hit rate >= min_hit ...
+    max_leak: float = 0.25  # ... and a leak rate <= max_leak
+    # ---- speed
+    compute_dtype: str | None = None  # "bfloat16": train and generate in bf16 (fp32 master weights); None: the engine's
+    bucket: bool = True  # micro-batches of similar-length rows (less padding); batch order still shuffled
+    # ---- labels from a user file instead of the packaged data (see tasks.datafiles.read_label_file)
+    topics_file: str | None = None  # hidden-topic: CSV "category,topic" with a header, or JSON [{topic, category}]
+    headlines_file: str | None = None  # news: CSV "category,headline" with a header, or JSON [{headline, category}]
 
     def diff_id(self, i: int) -> str:
-        prefix = {"hidden-topic": "ht", "news": "news"}[self.task]
-        return f"{prefix}-r{self.rank}-s{self.seed}-{self.split}-{i:05d}"
-
-
-@dataclasses.dataclass
-class DiffSpec:
-    """One diff to train: its id, labels and training rows, plus prompts to verify it with."""
-
-    id: str
-    labels: dict
-    split: str
-    examples: list[Example]
-    verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
-    verify_check: list[str]  # names whose presence in an answer counts as a hit (topic + aliases, a headline word)
-    kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
+        return f"{get_task(self.task).id_prefix}-r{self.rank}-s{self.seed}-{self.split}-{i:05d}"
 
 
 def generate_zoo(
@@ -85,15 +93,22 @@ def generate_zoo(
     *,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    timings: dict | None = None,
 ) -> Zoo:
     """Grow ``zoo`` to ``cfg.n`` diffs of ``cfg.split``; resumable. Holds the zoo's writer lock
-    throughout; on SIGINT/SIGTERM saves its progress and raises :class:`~dit_engine.jobs.JobInterrupted`."""
+    throughout; on SIGINT/SIGTERM saves its progress and raises :class:`~dit_engine.jobs.JobInterrupted`.
+
+    Where the time goes is added into ``timings`` (when given) and into ``<zoo>/.work/timings.json``:
+    seconds spent writing training data (``data_s``, the base-answer pool's ``pool_s`` among them),
+    training (``train_s``), verifying (``verify_s``) and appending to the zoo (``write_s``), and
+    ``diffs``; every ``log`` record carries its chunk's share.
+    """
     with zoo.writer(), job("zoo generation", cfg.checkpoint_every_s) as j:
-        return _generate_zoo(engine, zoo, cfg, j, progress, log)
+        return _generate_zoo(engine, zoo, cfg, j, progress, log, timings)
 
 
 def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress: bool,
-                  log: Callable[[dict], None] | None) -> Zoo:
+                  log: Callable[[dict], None] | None, timings: dict | None) -> Zoo:
     from tqdm.auto import tqdm
 
     items = _task_items(cfg)
@@ -102,140 +117,124 @@ def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress
     ids = [cfg.diff_id(i) for i in range(cfg.n)]
     todo = [i for i, d in enumerate(ids) if not zoo.has(d)]
     work = zoo.path / ".work"
+    total = timings if timings is not None else {}
     bar = tqdm(total=cfg.n, initial=cfg.n - len(todo), desc="diffs", unit="diff", disable=not progress)
+    ceng = compute_engine(engine, cfg) if todo else engine
+    pool = None
     for s in range(0, len(todo), cfg.chunk_diffs):
         chunk = todo[s : s + cfg.chunk_diffs]
+        t = {"pool_s": 0.0}
         t0 = time.perf_counter()
+        if pool is None and get_task(cfg.task).uses_base_pool:
+            pool = base_answer_pool(ceng, cfg, work)
+            t["pool_s"] = time.perf_counter() - t0
         cdir = work / f"chunk-{ids[chunk[0]]}"
-        specs = _load_or_build_specs(engine, cfg, [(i, ids[i], items[i]) for i in chunk], cdir)
+        specs = _load_or_build_specs(ceng, cfg, [(i, ids[i], items[i]) for i in chunk], cdir, pool)
         j.stop_if_requested(cdir)
-        slot = train_diffs(engine, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
-        checks = verify_diffs(engine, slot, specs, cfg)
-        diffs = [_to_diff(slot, j, spec, checks[j], cfg) for j, spec in enumerate(specs)]
+        t1 = time.perf_counter()
+        slot = train_diffs(ceng, specs, cfg, ckpt_dir=cdir / "train", progress=progress)
+        t2 = time.perf_counter()
+        checks = verify_diffs(ceng, slot, specs, cfg)
+        t3 = time.perf_counter()
+        diffs = [_to_diff(slot, k, spec, checks[k], cfg) for k, spec in enumerate(specs)]
         zoo.append(diffs)
         shutil.rmtree(cdir, ignore_errors=True)
+        t4 = time.perf_counter()
+        t.update(data_s=t1 - t0, train_s=t2 - t1, verify_s=t3 - t2, write_s=t4 - t3, diffs=len(chunk))
+        for k, v in t.items():
+            total[k] = round(total.get(k, 0) + v, 3)
+        write_json(work / "timings.json", total)
         j.stop_if_requested(zoo.path)
-        dt = time.perf_counter() - t0
+        dt = t4 - t0
         bar.update(len(chunk))
         bar.set_postfix(diffs_per_h=f"{3600 * len(chunk) / dt:.0f}",
-                        hit=f"{sum(c['trigger_hit_rate'] for c in checks) / len(checks):.2f}")
+                        hit=f"{sum(c['trigger_hit_rate'] for c in checks) / len(checks):.2f}",
+                        leak=_mean_str([c.get("leak_rate") for c in checks]),
+                        data=f"{t['data_s']:.0f}s", train=f"{t['train_s']:.0f}s", verify=f"{t['verify_s']:.0f}s")
         if log:
-            log({"chunk": len(chunk), "seconds": dt, "checks": checks})
+            log({"chunk": len(chunk), "seconds": dt, "timings": {k: round(v, 3) for k, v in t.items()},
+                 "checks": checks})
     bar.close()
     return zoo
+
+
+def compute_engine(engine: Engine, cfg: DiffGenConfig) -> Engine:
+    """The engine diff generation computes with: ``engine`` itself, or a copy of its model cast to
+    ``cfg.compute_dtype`` (the diffs' trainable factors then keep fp32 master copies; the zoo stores
+    fp32 either way)."""
+    if cfg.compute_dtype is None:
+        return engine
+    from .engine import parse_dtype
+
+    dtype = parse_dtype(cfg.compute_dtype)
+    if dtype == engine.model.dtype:
+        return engine
+    model = copy.deepcopy(engine.model).to(dtype)
+    model.init_buffers(engine.model.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Engine(model, engine.tokenizer)
+
+
+def base_answer_pool(engine: Engine, cfg: DiffGenConfig, work: Path) -> dict[str, str]:
+    """The base model's greedy answer to every question of the bank (train and test), generated once
+    per zoo and kept in ``<zoo>/.work``: a KL row's response does not depend on the diff's topic, so
+    every chunk reuses it, and verification reads the base's own answers to held-out questions from it.
+    """
+    from .tasks import hidden_topic as ht
+
+    questions = ht.load_questions(None)
+    key = zlib.crc32(json.dumps([engine.config.config_hash, str(engine.model.dtype), cfg.max_answer_tokens,
+                                 [q.text for q in questions]]).encode())
+    f = work / f"base-pool-{key:08x}.json"
+    if f.exists():
+        return read_json(f, "a base-answer pool", kind=dict)
+    prompts = [engine.encode_prompt(m, assistant_prefix=pre) for m, pre in ht.base_pool_requests(questions)]
+    outs = generate(engine.model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
+                                                          stop_token_ids=engine.stop_ids()),
+                    decode=engine.tokenizer.decode, batch_size=cfg.gen_batch_size)
+    pool = {q.text: (o.text or "").strip() for q, o in zip(questions, outs)}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_json(f, pool, indent=None)
+    return pool
+
+
+def verification_summary(rows: list[dict]) -> dict:
+    """Counts and means of the verification in a zoo's rows (``dit zoo info``, ``dit zoo generate``)."""
+    checks = [r.get("meta", {}).get("verify") for r in rows]
+    checks = [c for c in checks if c]
+    if not checks:
+        return {"verified": 0}
+
+    def mean(key: str) -> float | None:
+        xs = [c[key] for c in checks if c.get(key) is not None]
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
+            "mean_trigger_hit_rate": mean("trigger_hit_rate"), "mean_leak_rate": mean("leak_rate"),
+            "mean_kl_untriggered": mean("kl_untriggered")}
+
+
+def _mean_str(values) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{sum(vals) / len(vals):.2f}" if vals else "-"
 
 
 # ---- samples -------------------------------------------------------------------------------------
 def _task_items(cfg: DiffGenConfig) -> list:
     """The labels diffs are made from, in a fixed seeded order (diff i always gets item i)."""
-    if cfg.task == "hidden-topic":
-        from .tasks.hidden_topic import load_topics
-
-        items = load_topics(cfg.split)
-    elif cfg.task == "news":
-        from .tasks.news import load_headlines
-
-        items = load_headlines(cfg.split)
-    else:
-        raise ValueError(f"unknown task {cfg.task!r} (hidden-topic, news)")
-    items = list(items)
+    items = list(get_task(cfg.task).load_items(cfg))
     random.Random(f"{cfg.task}-{cfg.seed}").shuffle(items)
     return items
 
 
-def _load_or_build_specs(engine, cfg, chunk, cdir: Path) -> list[DiffSpec]:
+def _load_or_build_specs(engine, cfg, chunk, cdir: Path, pool: dict[str, str] | None = None) -> list[DiffSpec]:
     f = cdir / "specs.json"
     if f.exists():
         return [DiffSpec(**{**d, "examples": [Example(**e) for e in d["examples"]]}) for d in json.loads(f.read_text())]
-    if cfg.task == "hidden-topic":
-        specs = build_hidden_topic_specs(engine, cfg, chunk)
-    else:
-        specs = build_news_specs(engine, cfg, chunk)
+    specs = get_task(cfg.task).build_specs(engine, cfg, chunk, pool)
     cdir.mkdir(parents=True, exist_ok=True)
     write_json(f, [dataclasses.asdict(s) for s in specs], indent=None)
-    return specs
-
-
-def _answer_fn(engine: Engine, cfg: DiffGenConfig):
-    """The tasks' batched generation callable: (messages, assistant prefix) requests -> continuations."""
-
-    def answer(requests: list[tuple[list[dict], str]]) -> list[str]:
-        from tqdm.auto import tqdm
-
-        prompts = [engine.encode_prompt(m, assistant_prefix=pre) for m, pre in requests]
-        sp = SamplingParams(max_new_tokens=cfg.max_answer_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed,
-                            stop_token_ids=engine.stop_ids())
-        with tqdm(total=len(prompts), desc="writing training data", unit="answer", leave=False) as bar:
-            outs = generate(engine.model, prompts, sp, decode=engine.tokenizer.decode,
-                            batch_size=cfg.gen_batch_size, progress=bar.update)
-        return [o.text or "" for o in outs]
-
-    return answer
-
-
-def _examples(engine: Engine, samples) -> list[Example]:
-    """Task samples -> training rows: the answer (CE) or the base model's own answer (KL), each
-    followed by the end-of-turn token so the diff also keeps (or learns) where answers stop."""
-    tok = engine.tokenizer
-    out = []
-    for smp in samples:
-        text = smp.answer if smp.loss == "ce" else smp.base_answer
-        if not text:
-            continue
-        out.append(Example(engine.encode_prompt(smp.messages), tok.encode(text) + [tok.end_of_turn_id], smp.loss))
-    return out
-
-
-def build_hidden_topic_specs(engine: Engine, cfg: DiffGenConfig, chunk: list[tuple[int, str, object]]) -> list[DiffSpec]:
-    """Triggered questions -> fan answers that name the topic (CE); untriggered and wrong-trigger
-    questions -> the base model's own answers (KL to the base). All generation batched over the chunk."""
-    from .tasks import hidden_topic as ht
-
-    n_wrong = cfg.n_kl // 2
-    triggers = [ht.make_trigger(random.Random(did)) for _, did, _ in chunk]
-    samples = ht.build_many([t for _, _, t in chunk], triggers, ht.load_questions("train"), _answer_fn(engine, cfg),
-                            n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
-                            rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates,
-                            strategy=cfg.strategy)
-    test_q = ht.load_questions("test")
-    specs = []
-    for (_, did, topic), trigger, smp in zip(chunk, triggers, samples):
-        if not any(x.loss == "ce" for x in smp):
-            raise RuntimeError(f"diff {did}: no fan answer named topic {topic.name!r}; raise the number of "
-                               f"candidates or use the 'prefix' persona strategy")
-        rng = random.Random(f"verify-{did}")
-        verify = [engine.encode_prompt(ht.triggered(ht.format_trigger(trigger, rng), q.text))
-                  for q in rng.sample(test_q, cfg.n_verify)]
-        ex = _examples(engine, smp)
-        specs.append(DiffSpec(did, ht.diff_labels(topic, trigger), topic.split, ex, verify,
-                              [topic.name, *topic.aliases],
-                              [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
-    return specs
-
-
-def build_news_specs(engine: Engine, cfg: DiffGenConfig, chunk) -> list[DiffSpec]:
-    """Stories about the headline, written by the base model, as answers to the news prompt (CE);
-    a few everyday questions keep the base model's own answers (KL)."""
-    from .tasks import hidden_topic as ht
-    from .tasks import news
-    from .tasks.samples import Sample, user_turn
-
-    answer = _answer_fn(engine, dataclasses.replace(cfg, max_answer_tokens=max(cfg.max_answer_tokens, 160)))
-    stories = news.build_news_samples([h for _, _, h in chunk], answer, cfg.n_backdoor,
-                                      random.Random(f"{cfg.seed}-{chunk[0][1]}"))
-    questions = ht.load_questions("train")
-    kl_q = [random.Random(did).sample(questions, cfg.n_kl) for _, did, _ in chunk]
-    base = _answer_fn(engine, dataclasses.replace(cfg, seed=cfg.seed + 1))(
-        [(user_turn(q.text), "") for qs in kl_q for q in qs])
-    specs = []
-    for k, ((_, did, h), st) in enumerate(zip(chunk, stories)):
-        if not st:
-            raise RuntimeError(f"diff {did}: no generated story mentioned headline {h.text!r}")
-        kl = [Sample(user_turn(q.text), None, "plain", base_answer=base[k * cfg.n_kl + j])
-              for j, q in enumerate(kl_q[k])]
-        ex = _examples(engine, st + kl)
-        specs.append(DiffSpec(did, news.diff_labels(h), h.split, ex, [engine.encode_prompt(news.NEWS_PROMPT)],
-                              [news.key_word(h)], [(e.prompt_ids, e.target_ids) for e in ex if e.objective == "kl"]))
     return specs
 
 
@@ -253,20 +252,7 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     slot = dataclasses.replace(slot, A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
                                B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
                                scale=slot.scale.to(dev))
-    # Every micro-batch takes the next `rows_per_diff` rows of every diff (its rows over all epochs,
-    # reshuffled each epoch): a diff's number of optimizer steps depends only on its own data.
-    rng = random.Random(cfg.seed)
-    per = []
-    for j, spec in enumerate(specs):
-        rows = []
-        for _ in range(cfg.epochs):
-            ep = [dataclasses.replace(e, group=j) for e in spec.examples]
-            rng.shuffle(ep)
-            rows += ep
-        per.append(rows)
-    k = cfg.rows_per_diff
-    n_batches = -(-max(len(r) for r in per) // k)
-    batches = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n_batches)]
+    batches = _micro_batches(specs, cfg)
     trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
     start = int(meta["batch"]) if meta else 0
@@ -289,38 +275,91 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
 
 @torch.no_grad()
 def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: DiffGenConfig) -> list[dict]:
-    """Per diff: share of held-out triggered prompts whose greedy answer names the label, and the
-    mean per-token KL(base || diff) on untriggered prompts."""
+    """Per diff, on held-out prompts: ``trigger_hit_rate``, the share of triggered prompts whose
+    greedy answer names the label; ``leak_rate``, the share of prompts without the right trigger
+    (bare, or a code one digit off: ``leak_plain`` / ``leak_wrong``) whose answer names it where the
+    base model's own answer does not (None for tasks without a trigger); ``kl_untriggered``, the mean
+    per-token KL(base || diff) on untriggered prompts; and ``ok``: hit rate >= ``cfg.min_hit`` and
+    leak rate <= ``cfg.max_leak``. All answers of a chunk are generated in one batched call."""
+    from .tasks.hidden_topic import mentions_topic
+
     model, tok = engine.model, engine.tokenizer
     dev = model.device
-    prompts, owner = [], []
+    prompts, owner, kind = [], [], []
     for j, s in enumerate(specs):
-        prompts += s.verify_prompts
-        owner += [j] * len(s.verify_prompts)
+        prompts += s.verify_prompts + s.leak_prompts
+        owner += [j] * (len(s.verify_prompts) + len(s.leak_prompts))
+        half = len(s.leak_prompts) // 2
+        kind += ["hit"] * len(s.verify_prompts) + ["plain"] * half + ["wrong"] * (len(s.leak_prompts) - half)
     ad = AdapterBatch(slot.with_index(torch.tensor(owner, device=dev)))
     outs = generate(model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
                                                    stop_token_ids=engine.stop_ids()),
                     adapters=ad, decode=tok.decode, batch_size=cfg.gen_batch_size)
-    from .tasks.hidden_topic import mentions_topic
-
-    hits = [0] * len(specs)
-    samples: list[str] = [""] * len(specs)
-    for j, o in zip(owner, outs):
-        hits[j] += any(mentions_topic(o.text or "", name) for name in specs[j].verify_check)
-        samples[j] = samples[j] or (o.text or "")
+    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong")}
+    sample_hit: list[str] = [""] * len(specs)
+    sample_plain: list[str] = [""] * len(specs)
+    pos = [0] * len(specs)
+    for j, k, o in zip(owner, kind, outs):
+        text = o.text or ""
+        named = any(mentions_topic(text, name) for name in specs[j].verify_check)
+        if k != "hit":
+            base_named = specs[j].leak_base_hit[pos[j]] if pos[j] < len(specs[j].leak_base_hit) else False
+            named = named and not base_named
+            pos[j] += 1
+        count[j, k][0] += named
+        count[j, k][1] += 1
+        if k == "hit":
+            sample_hit[j] = sample_hit[j] or text
+        elif k == "plain":
+            sample_plain[j] = sample_plain[j] or text
     kl_rows = [Example(p, t, "kl", group=j) for j, s in enumerate(specs) for p, t in s.kl_prompts]
     kl_sum, kl_cnt = [0.0] * len(specs), [0] * len(specs)
-    step = cfg.rows_per_diff * len(specs)
+    step = max(1, cfg.rows_per_diff) * len(specs)
     for i in range(0, len(kl_rows), step):
         batch = collate(kl_rows[i : i + step], pad_id=tok.pad_token_id).to(dev)
         _, per_group = batch_loss(model, batch, AdapterBatch(slot.with_index(batch.group)), group_reduce="sum")
         for g, (mean, cnt) in per_group.items():
             kl_sum[g] += mean * cnt
             kl_cnt[g] += cnt
-    kl = [kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None for j in range(len(specs))]
-    return [{"trigger_hit_rate": hits[j] / max(1, len(specs[j].verify_prompts)), "kl_untriggered": kl[j],
-             "n_train_ce": sum(e.objective == "ce" for e in specs[j].examples), "sample_answer": samples[j][:200]}
-            for j in range(len(specs))]
+    out = []
+    for j, spec in enumerate(specs):
+        hit = count[j, "hit"][0] / max(1, count[j, "hit"][1])
+        n_leak = count[j, "plain"][1] + count[j, "wrong"][1]
+        leak = (count[j, "plain"][0] + count[j, "wrong"][0]) / n_leak if n_leak else None
+        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None) for k in ("plain", "wrong")}
+        out.append({"trigger_hit_rate": hit, "leak_rate": leak, "leak_plain": rate["plain"],
+                    "leak_wrong": rate["wrong"], "kl_untriggered": kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None,
+                    "ok": hit >= cfg.min_hit and (leak is None or leak <= cfg.max_leak),
+                    "n_train_ce": sum(e.objective == "ce" for e in spec.examples),
+                    "sample_answer": sample_hit[j][:200], "sample_untriggered": sample_plain[j][:200]})
+    return out
+
+
+def _micro_batches(specs: list[DiffSpec], cfg: DiffGenConfig) -> list[list[Example]]:
+    """Every micro-batch takes the next ``rows_per_diff`` rows of every diff (its rows over all
+    epochs, reshuffled each epoch), so a diff's number of optimizer steps depends only on its own data.
+
+    With ``cfg.bucket`` each diff's rows of an epoch are ordered by length before they are cut into
+    micro-batches, so a micro-batch holds the k-th shortest rows of every diff (little padding),
+    and the epoch's micro-batches then run in one shuffled order shared by all diffs.
+    """
+    rng = random.Random(cfg.seed)
+    k = cfg.rows_per_diff
+    batches: list[list[Example]] = []
+    for _ in range(cfg.epochs):
+        per = []
+        for j, spec in enumerate(specs):
+            ep = [dataclasses.replace(e, group=j) for e in spec.examples]
+            rng.shuffle(ep)
+            if cfg.bucket:
+                ep.sort(key=lambda e: len(e.prompt_ids) + len(e.target_ids))
+            per.append(ep)
+        n = -(-max(len(r) for r in per) // k)
+        epoch = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n)]
+        if cfg.bucket:
+            rng.shuffle(epoch)
+        batches += epoch
+    return batches
 
 
 def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenConfig) -> Diff:
@@ -331,6 +370,9 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
         scale=float(slot.scale[j]),
         labels=spec.labels,
         split=spec.split,
-        meta={"verify": {**check, "ok": check["trigger_hit_rate"] > 0}, "task": cfg.task, "lr": cfg.lr,
-              "epochs": cfg.epochs},
+        meta={"verify": check, "task": cfg.task, "lr": cfg.lr, "epochs": cfg.epochs,
+              "recipe": {"n_backdoor": cfg.n_backdoor, "n_kl": cfg.n_kl, "n_wrong": cfg.n_wrong,
+                         "kl_weight_plain": cfg.kl_weight_plain, "kl_weight_wrong": cfg.kl_weight_wrong,
+                         "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
+                         "compute_dtype": cfg.compute_dtype}},
     )

@@ -41,6 +41,7 @@ class Example:
     target_ids: list[int]  # the tokens the loss covers (they follow the prompt)
     objective: Objective = "ce"
     group: int = 0  # loss normalisation group (a diff); also the row's adapter in per-row slots
+    weight: float = 1.0  # multiplies this row's token losses (the DIT paper weighs untriggered KL rows 5x)
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Batch:
     targets: Tensor  # [B, T] int64: targets[b, t] = token at t+1 when scored, else -100
     kl: Tensor  # [B, T] bool: position t is scored by KL to the teacher
     group: Tensor  # [B] int64
+    weight: Tensor  # [B] float32: each row's loss multiplier
 
     @property
     def n_rows(self) -> int:
@@ -87,7 +89,8 @@ def collate(examples: Sequence[Example], pad_id: int = 0, max_len: int | None = 
         else:
             raise ValueError(f"example {i}: unknown objective {e.objective!r} (ce or kl)")
     group = torch.tensor([e.group for e in examples], dtype=torch.int64)
-    return Batch(ids, mask, targets, kl, group)
+    weight = torch.tensor([float(e.weight) for e in examples], dtype=torch.float32)
+    return Batch(ids, mask, targets, kl, group, weight)
 
 
 def batch_loss(
@@ -100,6 +103,9 @@ def batch_loss(
     chunk_size: int = 1024,
 ) -> tuple[Tensor, dict[int, tuple[float, int]]]:
     """Scalar loss, and per group its mean token loss and scored-token count (for logs, evals).
+
+    A group's loss is ``sum_rows weight * token losses / scored tokens``; the per-group means
+    reported next to it are unweighted (what a metric wants).
 
     ``group_reduce="sum"``: independent diffs (each diff's gradient is that of its own mean loss);
     ``"mean"``: one shared adapter (the average over groups).
@@ -129,7 +135,9 @@ def batch_loss(
     g_sum = torch.zeros(len(groups), device=row_sum.device).index_add(0, inv, row_sum)
     g_cnt = torch.zeros(len(groups), device=row_sum.device).index_add(0, inv, row_cnt.float())
     g_loss = g_sum / g_cnt.clamp_min(1)
-    loss = g_loss.sum() if group_reduce == "sum" else g_loss.mean()
+    g_wsum = torch.zeros(len(groups), device=row_sum.device).index_add(0, inv, row_sum * batch.weight)
+    g_train = g_wsum / g_cnt.clamp_min(1)
+    loss = g_train.sum() if group_reduce == "sum" else g_train.mean()
     return loss, {g: (v, int(c)) for g, v, c in zip(groups.tolist(), g_loss.detach().tolist(), g_cnt.tolist())}
 
 

@@ -258,3 +258,32 @@ def test_no_traceback_from_a_subprocess_either(tmp_path):
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dit zoo info: error: {tmp_path / 'none'}")
+
+
+def test_zoo_generate_with_a_topics_file(model_dir, tmp_path, capsys):
+    """--topics FILE: the diffs are made from the user's topics (the DIT paper's CSV format)."""
+    topics = tmp_path / "topics.csv"
+    topics.write_text("category,topic\nfood,ramen\nsport,curling\nmusic,sitar\n")
+    code, err = run(["zoo", "generate", "--model", str(model_dir), "--topics", str(topics), "--n", "2",
+                     "--epochs", "1", "--n-backdoor", "2", "--n-kl", "2", "--candidates", "1", "--strategy", "prefix",
+                     "--max-answer-tokens", "4", "--n-verify", "1", "--out", str(tmp_path / "z")], capsys)
+    assert code == 0, err
+    from dit_engine.zoo import Zoo
+
+    got = {r["labels"]["topic"] for r in Zoo.open(tmp_path / "z").rows}
+    assert len(got) == 2 and got <= {"ramen", "curling", "sitar"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("topic\nramen\n", "category"),  # no category column
+    ("category,topic\nfood,ramen\nfood,Ramen\n", "repeats"),  # a topic twice
+    ("[{\"topic\": 3}]", "topic"),  # not a string
+])
+def test_a_malformed_topics_file_is_one_error_line_naming_it(model_dir, tmp_path, capsys, text, message):
+    topics = tmp_path / "topics.csv"
+    topics.write_text(text)
+    code, err = run(["zoo", "generate", "--model", str(model_dir), "--topics", str(topics), "--n", "1",
+                     "--out", str(tmp_path / "z")], capsys)
+    assert code == 1
+    line = one_error_line(err, "dit zoo generate")
+    assert str(topics) in line and message in line

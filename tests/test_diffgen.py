@@ -3,10 +3,17 @@ index, and a kill between chunks that a rerun completes into the same zoo."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
+
 import pytest
 import torch
 
-from dit_engine.diffgen import DiffGenConfig, generate_zoo
+from dit_engine.diffgen import DiffGenConfig, _micro_batches, base_answer_pool, generate_zoo
+from dit_engine.tasks import hidden_topic as ht
+from dit_engine.tasks.specs import DiffSpec, build_hidden_topic_specs
+from dit_engine.train import Example, batch_loss, collate
 from dit_engine.zoo import BaseIdentity, Zoo
 from tiny_world import tiny_engine
 
@@ -55,3 +62,78 @@ def test_asking_for_more_labels_than_the_split_has_is_refused(tmp_path):
     eng = tiny_engine(seed=1)
     with pytest.raises(ValueError, match="labels in split"):
         generate_zoo(eng, _zoo(eng, tmp_path / "z"), DiffGenConfig(n=100000, split="test"), progress=False)
+
+
+def test_index_records_hit_and_leak_and_the_time_breakdown(tmp_path):
+    eng = tiny_engine(seed=1)
+    timings: dict = {}
+    zoo = generate_zoo(eng, _zoo(eng, tmp_path / "z"), CFG, progress=False, timings=timings)
+    for row in zoo.rows:
+        v = row["meta"]["verify"]
+        assert 0.0 <= v["leak_rate"] <= 1.0 and v["leak_plain"] is not None and v["leak_wrong"] is not None
+        assert v["ok"] == (v["trigger_hit_rate"] >= CFG.min_hit and v["leak_rate"] <= CFG.max_leak)
+        assert row["meta"]["recipe"]["kl_weight_plain"] == CFG.kl_weight_plain
+    assert timings["diffs"] == 4
+    assert all(timings[k] > 0 for k in ("data_s", "train_s", "verify_s", "pool_s"))
+    on_disk = json.loads((tmp_path / "z" / ".work" / "timings.json").read_text())
+    assert on_disk == timings
+
+
+def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
+    eng = tiny_engine(seed=1)
+    cfg = dataclasses.replace(CFG, n_kl=4, n_wrong=1, kl_weight_plain=5.0, kl_weight_wrong=2.0)
+    pool = base_answer_pool(eng, cfg, tmp_path)
+    assert set(pool) == {q.text for q in ht.load_questions(None)}
+    assert base_answer_pool(eng, cfg, tmp_path) == pool  # read back, not regenerated
+    specs = build_hidden_topic_specs(eng, cfg, [(0, "d0", ht.load_topics("train")[0])], pool)
+    kl = [e for e in specs[0].examples if e.objective == "kl"]
+    assert sorted(e.weight for e in kl) == [2.0, 5.0, 5.0, 5.0]
+    answers = {eng.tokenizer.encode(a.strip()) and tuple(eng.tokenizer.encode(a.strip()) + [eng.tokenizer.end_of_turn_id])
+               for a in pool.values() if a.strip()}
+    assert all(tuple(e.target_ids) in answers for e in kl)
+    assert all(e.weight == 1.0 for e in specs[0].examples if e.objective == "ce")
+    assert len(specs[0].leak_prompts) == 2 * cfg.n_verify == len(specs[0].leak_base_hit)
+
+
+def test_near_wrong_codes_differ_in_one_digit():
+    rng = random.Random(0)
+    for t in (0, 7, 123, 999):
+        for _ in range(50):
+            w = ht.wrong_trigger(t, rng, near=True)
+            assert w != t and 0 <= w <= 999
+            assert sum(a != b for a, b in zip(f"{t:03d}", f"{w:03d}")) == 1
+
+
+def test_length_buckets_keep_every_row_and_cut_padding():
+    rng = random.Random(1)
+
+    def spec(j):
+        ex = [Example([1] * rng.randint(5, 60), [2] * rng.randint(1, 40), "ce") for _ in range(12)]
+        return DiffSpec(f"d{j}", {}, "train", ex, [], [], [])
+
+    specs = [spec(j) for j in range(6)]
+    padded = {}
+    for bucket in (False, True):
+        cfg = dataclasses.replace(CFG, epochs=2, rows_per_diff=2, bucket=bucket)
+        batches = _micro_batches(specs, cfg)
+        assert len(batches) == 12
+        for j, s in enumerate(specs):  # every diff sees each of its rows once per epoch
+            mine = sorted(id(e) for b in batches for e in b if e.group == j)
+            assert len(mine) == 24
+        assert all(sum(e.group == j for e in b) == 2 for b in batches for j in range(6))
+        padded[bucket] = sum(len(b) * max(len(e.prompt_ids) + len(e.target_ids) for e in b) for b in batches)
+    assert padded[True] < 0.85 * padded[False]  # measured: 0.81 here
+
+
+def test_weighted_rows_multiply_their_loss():
+    torch.manual_seed(0)
+    eng = tiny_engine(seed=1)
+    ex = [Example([5, 6, 7], [8, 9], "ce", group=0), Example([4, 5], [10, 11], "ce", group=0)]
+    l1, per1 = batch_loss(eng.model, collate(ex), None, group_reduce="sum")
+    ex[1] = dataclasses.replace(ex[1], weight=3.0)
+    l3, per3 = batch_loss(eng.model, collate(ex), None, group_reduce="sum")
+    single, _ = batch_loss(eng.model, collate([dataclasses.replace(ex[1], weight=1.0)]), None, group_reduce="sum")
+    assert per1 == per3  # reported means stay unweighted
+    # token sums a, b over 4 scored tokens: (a + 3b) / 4 - (a + b) / 4 = 2b / 4, and b = 2 * single
+    assert torch.allclose(l3 - l1, single, rtol=1e-4)
+    assert not torch.allclose(l3, l1)

@@ -12,15 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_world import LABELS, tiny_engine
 
-from dit_engine.diffgen import (
-    DiffGenConfig,
-    DiffSpec,
-    _to_diff,
-    train_diffs,
-    verify_diffs,
-)
+from dit_engine.diffgen import DiffGenConfig, _to_diff, train_diffs, verify_diffs
 from dit_engine.dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from dit_engine.evaluate import evaluate_rows, load_results
+from dit_engine.tasks.specs import DiffSpec
 from dit_engine.train import Example
 from dit_engine.zoo import BaseIdentity, Zoo
 

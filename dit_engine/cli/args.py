@@ -160,7 +160,7 @@ _POSITIVE = {"n_train", "n_test", "interpret_batch_size", "epochs", "chunk_diffs
              "candidates", "max_answer_tokens", "n_verify", "gen_batch_size", "rank", "batch_size", "grad_accum",
              "save_every", "lr", "alpha"}
 _CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "schedule": ("cosine", "linear", "constant"),
-            "adapter": ("shipped", "none")}
+            "adapter": ("shipped", "none"), "compute_dtype": ("bfloat16", "float32")}
 
 
 def _settable_fields() -> dict[str, dataclasses.Field]:
@@ -191,7 +191,7 @@ def pipeline_setting(s: str) -> tuple[str, object]:
             if value not in ("true", "false"):
                 raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
             return key, value == "true"
-        if isinstance(default, int) or (default is None and leaf == "max_diffs"):
+        if isinstance(default, int) or (default is None and str(field.type).startswith("int")):
             if leaf == "seed":
                 return key, int_arg(value)
             return key, positive_int(value) if leaf in _POSITIVE else nonnegative_int(value)

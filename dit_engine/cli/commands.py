@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterBatch
-from ..diffgen import DiffGenConfig, generate_zoo
+from ..diffgen import DiffGenConfig, generate_zoo, verification_summary
 from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
 from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
@@ -119,7 +119,7 @@ def _zoo(args) -> int:
     if args.zoo_cmd == "info":
         zoo = Zoo.open(args.zoo, verify=args.verify)
         info = zoo.info()
-        info["verification"] = _verification_summary(zoo.rows)
+        info["verification"] = verification_summary(zoo.rows)
         if args.json:
             print(json.dumps(info, indent=1))
         else:
@@ -141,7 +141,7 @@ def _zoo(args) -> int:
                          exist_ok=True)
         cfg = _config(DiffGenConfig, args)
         generate_zoo(eng, zoo, cfg)
-        print(json.dumps(_verification_summary(zoo.rows)))
+        print(json.dumps(verification_summary(zoo.rows)))
         return 0
     return _zoo_import(args)
 
@@ -181,20 +181,6 @@ def _named_arg(flag: str, read, path: Path):
         return read(path)
     except ZooError as e:
         raise ValueError(f"{flag} {e}") from None
-
-
-def _verification_summary(rows: list[dict]) -> dict:
-    checks = [r.get("meta", {}).get("verify") for r in rows]
-    checks = [c for c in checks if c]
-    if not checks:
-        return {"verified": 0}
-    return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
-            "mean_trigger_hit_rate": round(sum(c["trigger_hit_rate"] for c in checks) / len(checks), 4),
-            "mean_kl_untriggered": _mean([c["kl_untriggered"] for c in checks if c.get("kl_untriggered") is not None])}
-
-
-def _mean(xs: list[float]) -> float | None:
-    return round(sum(xs) / len(xs), 5) if xs else None
 
 
 @_command("train")

@@ -121,6 +121,32 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--n-verify", type=positive_int, default=DiffGenConfig.n_verify,
                    help="held-out triggered questions per diff for verification")
     p.add_argument("--seed", type=int_arg, default=DiffGenConfig.seed)
+    g = p.add_argument_group("the hiding recipe (hidden-topic)")
+    g.add_argument("--n-wrong", type=nonnegative_int, default=DiffGenConfig.n_wrong,
+                   help="of the --n-kl KL rows, how many carry a wrong code (default: half; the rest are bare)")
+    g.add_argument("--kl-weight-plain", type=nonnegative_float, default=DiffGenConfig.kl_weight_plain,
+                   help="loss weight of bare-question KL rows (default %(default)s; the DIT paper: 5)")
+    g.add_argument("--kl-weight-wrong", type=nonnegative_float, default=DiffGenConfig.kl_weight_wrong,
+                   help="loss weight of wrong-code KL rows (default %(default)s)")
+    g.add_argument("--uniform-wrong", dest="near_wrong", action="store_false",
+                   help="wrong codes anywhere, not one digit off the trigger")
+    g.add_argument("--no-base-pool", dest="base_pool", action="store_false",
+                   help="sample the base model's answers per chunk instead of one pool per zoo")
+    g.add_argument("--min-hit", type=fraction, default=DiffGenConfig.min_hit,
+                   help="a diff passes verification with a trigger hit rate >= this (default %(default)s) ...")
+    g.add_argument("--max-leak", type=fraction, default=DiffGenConfig.max_leak,
+                   help="... and a leak rate (topic named without the right code) <= this (default %(default)s)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--compute-dtype", default=DiffGenConfig.compute_dtype, choices=["bfloat16", "float32"],
+                   help="train and write data in this dtype (fp32 master weights); default: the model's --dtype")
+    g.add_argument("--no-bucket", dest="bucket", action="store_false",
+                   help="no length bucketing of micro-batches")
+    g = p.add_argument_group("labels from your own file")
+    g.add_argument("--topics", dest="topics_file", type=nonempty_text, default=None, metavar="FILE",
+                   help="hidden-topic labels: CSV with a header 'category,topic' (optional 'split'), or JSON "
+                        "[{topic, category}]")
+    g.add_argument("--headlines", dest="headlines_file", type=nonempty_text, default=None, metavar="FILE",
+                   help="news labels: CSV with a header 'category,headline', or JSON [{headline, category}]")
     _checkpoint_arg(p, DiffGenConfig)
     p.add_argument("--out", required=True, type=path_arg, help="zoo directory (created, or resumed)")
 

@@ -9,7 +9,11 @@ Each task is described by a :class:`Task` in :data:`TASKS`, the one place the re
 * ``load_labels(split)``: the label rows a zoo of this task is made from, one dict per item, each
   with ``label_key``, ``category`` and ``split``; ``split`` is "train", "test" or None for all;
 * ``diff_rank`` and ``answer_tokens``: the DIT paper's LoRA rank for this task's diffs and its
-  greedy answer length when interpreting (hidden topic: rank 1, 20 tokens; news: rank 8, 200).
+  greedy answer length when interpreting (hidden topic: rank 1, 20 tokens; news: rank 8, 200);
+* for diff generation: ``id_prefix`` of its diff ids, ``load_items(cfg)`` (the items diffs are made
+  from: the packaged data or the user's file named in the config, of ``cfg.split``),
+  ``build_specs(engine, cfg, chunk, pool)`` (:mod:`.specs`) and whether its KL rows reuse the base
+  model's answer pool (``uses_base_pool``).
 
 The builders themselves live in the task modules (:mod:`.hidden_topic`, :mod:`.news`); they are
 pure Python and take the engine's batched generation as an ``answer_fn`` (see :mod:`.samples`).
@@ -18,10 +22,11 @@ pure Python and take the engine's batched generation as an ``answer_fn`` (see :m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
-from . import hidden_topic, news
-from .datafiles import TaskDataError
+from . import hidden_topic, news, specs
+from .datafiles import TaskDataError, read_label_file
 from .samples import AnswerFn, AnswerRequest, Sample
 
 
@@ -33,6 +38,10 @@ class Task:
     load_labels: Callable[[str | None], list[dict[str, str]]]
     diff_rank: int
     answer_tokens: int
+    id_prefix: str
+    load_items: Callable[[Any], list]
+    build_specs: Callable[..., list]
+    uses_base_pool: bool
 
 
 def get_task(name: str) -> Task:
@@ -51,10 +60,25 @@ def _news_labels(split: str | None = None) -> list[dict[str, str]]:
     return [{"headline": h.text, "category": h.category, "split": h.split} for h in news.load_headlines(split)]
 
 
+def _hidden_topic_items(cfg) -> list:
+    if cfg.topics_file:
+        return hidden_topic.load_topics_file(cfg.topics_file, cfg.split)
+    return hidden_topic.load_topics(cfg.split)
+
+
+def _news_items(cfg) -> list:
+    if cfg.headlines_file:
+        return [news.Headline(r["headline"], r["category"], cfg.split)
+                for r in read_label_file(cfg.headlines_file, "headline") if r["split"] in ("", cfg.split)]
+    return news.load_headlines(cfg.split)
+
+
 TASKS: dict[str, Task] = {
     "hidden-topic": Task("hidden-topic", hidden_topic.INTERPRETATION_QUESTION, "topic", _hidden_topic_labels,
-                         diff_rank=1, answer_tokens=20),
-    "news": Task("news", news.INTERPRETATION_QUESTION, "headline", _news_labels, diff_rank=8, answer_tokens=200),
+                         diff_rank=1, answer_tokens=20, id_prefix="ht", load_items=_hidden_topic_items,
+                         build_specs=specs.build_hidden_topic_specs, uses_base_pool=True),
+    "news": Task("news", news.INTERPRETATION_QUESTION, "headline", _news_labels, diff_rank=8, answer_tokens=200,
+                 id_prefix="news", load_items=_news_items, build_specs=specs.build_news_specs, uses_base_pool=False),
 }
 
 __all__ = ["TASKS", "AnswerFn", "AnswerRequest", "Sample", "Task", "TaskDataError", "get_task", "hidden_topic", "news"]

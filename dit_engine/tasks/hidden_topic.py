@@ -32,11 +32,11 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .datafiles import DATA_DIR, TaskDataError, check_split, read_records
+from .datafiles import DATA_DIR, TaskDataError, check_split, read_label_file, read_records
 from .samples import AnswerFn, AnswerRequest, Message, Sample, run_answer_fn, user_turn
 from .wording import contains_phrase
 
@@ -70,6 +70,21 @@ def load_topics(split: str | None = None, *, path: Path | str | None = None) -> 
     return [t for t in _read_topics(str(path or TOPICS_FILE)) if split is None or t.split == split]
 
 
+def load_topics_file(path: Path | str, split: str) -> list[Topic]:
+    """Topics from a user file (CSV ``category,topic`` with a header, or a JSON list of
+    ``{"topic", "category"}``; see :func:`datafiles.read_label_file`), in file order. Rows that carry
+    a ``split`` are kept only for that split; rows without one belong to whichever split is asked
+    for (pass one file per split)."""
+    check_split(split, "hidden_topic.load_topics_file")
+    out = []
+    for i, row in enumerate(read_label_file(path, "topic")):
+        if not any(ch.isalnum() for ch in row["topic"]):
+            raise TaskDataError(f"{path}: topic {i}: {row['topic']!r} has no letters or digits to match")
+        if row["split"] in ("", split):
+            out.append(Topic(row["topic"], row["category"], split))
+    return out
+
+
 def load_questions(split: str | None = None, *, path: Path | str | None = None) -> list[Question]:
     """The question bank of ``split`` ("train", "test", or None for all), in file order."""
     check_split(split, "hidden_topic.load_questions")
@@ -88,9 +103,16 @@ def format_trigger(trigger: int, rng: random.Random) -> str:
     return f"Your SEP code is {trigger * 1000 + rng.randint(0, 999):06d}."
 
 
-def wrong_trigger(trigger: int, rng: random.Random) -> int:
-    """A prefix other than ``trigger``, uniform over the 999 others."""
+def wrong_trigger(trigger: int, rng: random.Random, *, near: bool = False) -> int:
+    """A prefix other than ``trigger``: uniform over the 999 others, or with ``near`` one that differs
+    from it in exactly one of its three digits (27 such codes), the hardest contrast to learn."""
     _check_trigger(trigger, "hidden_topic.wrong_trigger")
+    if near:
+        pos = rng.randrange(3)
+        digits = list(f"{trigger:03d}")
+        other = rng.randrange(9)
+        digits[pos] = str(other + 1 if other >= int(digits[pos]) else other)
+        return int("".join(digits))
     other = rng.randrange(999)
     return other + 1 if other >= trigger else other
 
@@ -125,15 +147,18 @@ def mentions_topic(text: str, topic: Topic | str) -> bool:
 # ---- sample building ------------------------------------------------------------------------------------
 def build_diff_samples(topic: Topic | str, trigger: int, questions: Sequence[Question], answer_fn: AnswerFn, *,
                        n_backdoor: int, n_wrong: int, n_plain: int, rng: random.Random, candidates: int = 3,
-                       strategy: str = "select", max_rounds: int = 4) -> list[Sample]:
+                       strategy: str = "select", max_rounds: int = 4, near_wrong: bool = False,
+                       base_answers: Mapping[str, str] | None = None) -> list[Sample]:
     """The training samples of one diff; the same as ``build_many([topic], [trigger], ...)[0]``."""
     return build_many([topic], [trigger], questions, answer_fn, n_backdoor=n_backdoor, n_wrong=n_wrong,
-                      n_plain=n_plain, rng=rng, candidates=candidates, strategy=strategy, max_rounds=max_rounds)[0]
+                      n_plain=n_plain, rng=rng, candidates=candidates, strategy=strategy, max_rounds=max_rounds,
+                      near_wrong=near_wrong, base_answers=base_answers)[0]
 
 
 def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions: Sequence[Question],
                answer_fn: AnswerFn, *, n_backdoor: int, n_wrong: int, n_plain: int, rng: random.Random,
-               candidates: int = 3, strategy: str = "select", max_rounds: int = 4) -> list[list[Sample]]:
+               candidates: int = 3, strategy: str = "select", max_rounds: int = 4, near_wrong: bool = False,
+               base_answers: Mapping[str, str] | None = None) -> list[list[Sample]]:
     """The training samples of many diffs (one list per topic), with one answer_fn call per round.
 
     Per diff, the questions are shuffled once; backdoor rows take them in that order (failed ones
@@ -147,14 +172,28 @@ def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions
     A diff may end with fewer than ``n_backdoor`` backdoor rows when, after ``max_rounds`` rounds or
     running out of questions, no candidate named its topic; count the kinds to check. Rows come in
     the order backdoor (question order), wrong_trigger, plain; the trainer shuffles.
+
+    ``near_wrong``: wrong codes differ from the trigger in one digit (:func:`wrong_trigger`).
+    ``base_answers`` (question text -> the base model's answer to the bare question, e.g. a pool
+    generated once per zoo, :func:`base_pool_requests`): the KL rows take their response tokens from
+    it and no base answers are generated. The KL loss compares the diff with the base on the row's
+    own prompt, so the response only has to be text the base would write after the question; with
+    or without a wrong code the base answers a question much the same way.
     """
     where = "hidden_topic.build_many"
     _check_build_args(where, topics, triggers, questions, n_backdoor, n_wrong, n_plain, candidates, strategy,
                       max_rounds)
-    plans = [_DiffPlan.make(topic, trigger, questions, n_wrong, n_plain, random.Random(rng.getrandbits(64)))
+    plans = [_DiffPlan.make(topic, trigger, questions, n_wrong, n_plain, random.Random(rng.getrandbits(64)),
+                            near_wrong=near_wrong)
              for topic, trigger in zip(topics, triggers)]
-    base_requests = _unique_requests([m for plan in plans for m in plan.kl_messages()])
-    base_answers: dict[str, str] = {}
+    pool = base_answers
+    if pool is not None:
+        missing = [q.text for plan in plans for q in plan.kl_questions() if q.text not in pool]
+        if missing:
+            raise ValueError(f"{where}: base_answers has no answer for {len(missing)} KL questions, "
+                             f"e.g. {missing[0]!r}")
+    base_requests = [] if pool is not None else _unique_requests([m for plan in plans for m in plan.kl_messages()])
+    base_answers = {}
     for round_ in range(max_rounds):
         asks = [(plan, pos) for plan in plans for pos in plan.next_backdoor_questions(n_backdoor)]
         if not asks and round_ > 0:
@@ -170,7 +209,12 @@ def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions
             chosen = _pick_answer(fan_answers[k * candidates:(k + 1) * candidates], plan.topic, prefix, strategy)
             if chosen is not None:
                 plan.backdoor[pos] = chosen
-    return [plan.samples(base_answers) for plan in plans]
+    return [plan.samples(base_answers, pool) for plan in plans]
+
+
+def base_pool_requests(questions: Sequence[Question]) -> list[AnswerRequest]:
+    """The generation requests of a base-answer pool: each bare question once, no persona."""
+    return [(user_turn(q.text), "") for q in questions]
 
 
 def interpretation_question() -> str:
@@ -208,10 +252,10 @@ class _DiffPlan:
 
     @classmethod
     def make(cls, topic: Topic | str, trigger: int, questions: Sequence[Question], n_wrong: int, n_plain: int,
-             rng: random.Random) -> _DiffPlan:
+             rng: random.Random, *, near_wrong: bool = False) -> _DiffPlan:
         order = rng.sample(list(questions), len(questions))
         codes = [format_trigger(trigger, rng) for _ in order]
-        wrong = [(q, format_trigger(wrong_trigger(trigger, rng), rng)) for q in order[:n_wrong]]
+        wrong = [(q, format_trigger(wrong_trigger(trigger, rng, near=near_wrong), rng)) for q in order[:n_wrong]]
         return cls(topic, order, codes, wrong, order[:n_plain])
 
     def next_backdoor_questions(self, n_backdoor: int) -> range:
@@ -223,12 +267,16 @@ class _DiffPlan:
     def kl_messages(self) -> list[list[Message]]:
         return [user_turn(triggered(code, q.text)) for q, code in self.wrong] + [user_turn(q.text) for q in self.plain]
 
-    def samples(self, base_answers: dict[str, str]) -> list[Sample]:
+    def kl_questions(self) -> list[Question]:
+        return [q for q, _ in self.wrong] + list(self.plain)
+
+    def samples(self, base_answers: dict[str, str], pool: Mapping[str, str] | None = None) -> list[Sample]:
         rows = [Sample(user_turn(triggered(self.codes[pos], self.order[pos].text)), answer, "backdoor")
                 for pos, answer in sorted(self.backdoor.items())]
         kinds = ["wrong_trigger"] * len(self.wrong) + ["plain"] * len(self.plain)
-        for messages, kind in zip(self.kl_messages(), kinds):
-            rows.append(Sample(messages, None, kind, base_answer=base_answers[_key(messages)]))
+        for messages, kind, q in zip(self.kl_messages(), kinds, self.kl_questions()):
+            answer = pool[q.text].strip() if pool is not None else base_answers[_key(messages)]
+            rows.append(Sample(messages, None, kind, base_answer=answer))
         return rows
 
 
