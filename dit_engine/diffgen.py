@@ -30,15 +30,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapters import AdapterBatch, LoraSlot
 from .config import TARGET_MODULES
-from .engine import Engine
+from .engine import Engine, parse_dtype
 from .files import read_json, write_json
 from .generate import SamplingParams, generate
 from .jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
 from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .tasks import get_task
+from .tasks import hidden_topic as ht
+from .tasks.hidden_topic import mentions_topic
 from .tasks.specs import DiffSpec
 from .zoo import Diff, Zoo
 
@@ -109,8 +112,6 @@ def generate_zoo(
 
 def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress: bool,
                   log: Callable[[dict], None] | None, timings: dict | None) -> Zoo:
-    from tqdm.auto import tqdm
-
     items = _task_items(cfg)
     if cfg.n > len(items):
         raise ValueError(f"task {cfg.task!r} has {len(items)} labels in split {cfg.split!r}; asked for {cfg.n} diffs")
@@ -164,8 +165,6 @@ def compute_engine(engine: Engine, cfg: DiffGenConfig) -> Engine:
     fp32 either way)."""
     if cfg.compute_dtype is None:
         return engine
-    from .engine import parse_dtype
-
     dtype = parse_dtype(cfg.compute_dtype)
     if dtype == engine.model.dtype:
         return engine
@@ -181,8 +180,6 @@ def base_answer_pool(engine: Engine, cfg: DiffGenConfig, work: Path) -> dict[str
     per zoo and kept in ``<zoo>/.work``: a KL row's response does not depend on the diff's topic, so
     every chunk reuses it, and verification reads the base's own answers to held-out questions from it.
     """
-    from .tasks import hidden_topic as ht
-
     questions = ht.load_questions(None)
     key = zlib.crc32(json.dumps([engine.config.config_hash, str(engine.model.dtype), cfg.max_answer_tokens,
                                  [q.text for q in questions]]).encode())
@@ -242,16 +239,12 @@ def _load_or_build_specs(engine, cfg, chunk, cdir: Path, pool: dict[str, str] | 
 def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ckpt_dir: Path | None = None,
                 progress: bool = False) -> LoraSlot:
     """Train one LoRA per spec, all at once; returns the trained slot (n = len(specs))."""
-    from tqdm.auto import tqdm
-
     model = engine.model
     dev = model.device
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + zlib.crc32(specs[0].id.encode()))  # per chunk
     slot = LoraSlot.create(engine.config, len(specs), cfg.rank, targets=cfg.targets, init="dit",
                            generator=gen, name="diffs")
-    slot = dataclasses.replace(slot, A={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.A.items()},
-                               B={k: v.to(dev, model.dtype).requires_grad_(True) for k, v in slot.B.items()},
-                               scale=slot.scale.to(dev))
+    slot = slot.to(dev, model.dtype, trainable=True)
     batches = _micro_batches(specs, cfg)
     trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
@@ -269,8 +262,7 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
                 save_slot_state(ckpt_dir, slot, trainer, {"batch": b + 1})
                 j.checkpointed()
             j.stop_if_requested(ckpt_dir)
-    return LoraSlot(A={k: v.detach() for k, v in slot.A.items()}, B={k: v.detach() for k, v in slot.B.items()},
-                    scale=slot.scale, index=slot.index, name="diffs")
+    return slot.detach()
 
 
 @torch.no_grad()
@@ -281,8 +273,6 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
     base model's own answer does not (None for tasks without a trigger); ``kl_untriggered``, the mean
     per-token KL(base || diff) on untriggered prompts; and ``ok``: hit rate >= ``cfg.min_hit`` and
     leak rate <= ``cfg.max_leak``. All answers of a chunk are generated in one batched call."""
-    from .tasks.hidden_topic import mentions_topic
-
     model, tok = engine.model, engine.tokenizer
     dev = model.device
     prompts, owner, kind = [], [], []

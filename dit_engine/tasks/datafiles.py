@@ -8,9 +8,12 @@ when a list is edited elsewhere.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
+
+from ..files import read_json
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 FORMAT_VERSION = 1
@@ -35,12 +38,7 @@ def read_records(path: Path, list_key: str, fields: dict[str, type], optional: d
     of non-empty strings. ``unique`` names the field whose case-folded value must not repeat.
     """
     optional = optional or {}
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TaskDataError(f"{path}: task data file not found") from None
-    except json.JSONDecodeError as e:
-        raise TaskDataError(f"{path}: not valid JSON ({e})") from None
+    doc = read_json(path, "a task data file", error=TaskDataError)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or not isinstance(doc.get(list_key), list):
         found = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise TaskDataError(f"{path}: expected an object with \"format\": {FORMAT_VERSION} and a list "
@@ -113,8 +111,6 @@ def read_label_file(path: Path | str, label: str) -> list[dict[str, str]]:
 
 
 def _csv_label_rows(path: Path, text: str, label: str) -> list[tuple[str, dict[str, str]]]:
-    import csv
-
     lines = list(csv.reader(text.splitlines()))
     header_at = next((i for i, cols in enumerate(lines) if any(c.strip() for c in cols)), None)
     if header_at is None:
