@@ -213,7 +213,7 @@ def test_shrink_split_k_matches(split_k):
     x = torch.randn(20, 150, generator=g)
     A, _, _ = _slot(4, 8, 150, 8, g, grad=False)
     idx = _pattern("with_none", 20, 4, g)
-    route = ml._route((build_lora_meta(idx),), x.device)
+    route = ml._route((build_lora_meta(idx),), x)
     (S,) = ml._lora_shrink(x, route, [A], scales=None, split_k=split_k)
     routed = idx >= 0
     want = torch.einsum("trd,td->tr", A.double()[idx.clamp(min=0)], x.double())
@@ -228,13 +228,17 @@ def test_weight_grad_chunks_and_atomics(chunk):
     left, right = torch.randn(n_tok, P, generator=g), torch.randn(n_tok, Q, generator=g)
     idx = _pattern("zipf", n_tok, n, g)
     scale = torch.rand(n, generator=g)
+    idx[::7] = -1  # tokens without an adapter contribute nothing
     meta = build_lora_meta(idx)
+    assert meta.max_count > 8  # chunk 8: the most popular adapter spans several chunks
     got = ml._lora_wgrad(left, right, meta, n, scale, torch.float32, chunk=chunk)
     want = torch.zeros(n, P, Q, dtype=torch.float64)
     for t in range(n_tok):
-        want[idx[t]] += scale[idx[t]].double() * torch.outer(left[t].double(), right[t].double())
+        if idx[t] >= 0:
+            want[idx[t]] += scale[idx[t]].double() * torch.outer(left[t].double(), right[t].double())
     assert _rel(got, want) < 1e-6
-    assert ml._wgrad_chunks(meta, chunk, left.device)[1] == (meta.max_count > chunk)
+    chunks = ml._slot_route(meta, n_tok, left.device, chunk).tiles
+    assert int((chunks[:, 1] - chunks[:, 0]).max()) <= chunk
 
 
 def test_route_and_tiles_are_built_once_per_batch():
@@ -243,16 +247,55 @@ def test_route_and_tiles_are_built_once_per_batch():
     A, B, scale = _slot(3, 4, 32, 16, g, grad=False)
     meta = build_lora_meta(_pattern("with_none", 20, 3, g))
     multi_lora(x, A, B, scale, meta, backend="triton")
-    route = ml._route((meta,), x.device)
+    route = ml._route((meta,), x)
     multi_lora(x, A, B, scale, meta, backend="triton")
-    assert ml._route((meta,), x.device) is route
-    tiles, n_none = route.tiles()
-    # Every token appears in exactly one tile, and each tile holds one adapter per slot.
-    rows = torch.cat([torch.arange(int(s), int(e)) for s, e, _, _ in tiles.tolist()])
-    assert torch.equal(rows, torch.arange(20))
-    for s, e, a0, _ in tiles.tolist():
-        assert set(meta.token_index[route.tokens[s:e]].tolist()) == {a0}
-    assert n_none == sum(1 for _, _, a0, _ in tiles.tolist() if a0 == -1)
+    assert ml._route((meta,), x) is route
+    _assert_tiles_cover(route, [meta.token_index])
+
+
+def _assert_tiles_cover(route, indices):
+    """Every token lies in exactly one used tile, each tile holds one adapter per slot and at most
+    block_m rows, and unused capacity is empty and routes nowhere."""
+    tiles = route.tiles.tolist()
+    used = [t for t in tiles if t[1] > t[0]]
+    rows = torch.cat([torch.arange(s, e) for s, e, _, _ in used]) if used else torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(rows, torch.arange(indices[0].shape[0]))
+    for s, e, a0, a1 in used:
+        assert e - s <= route.block_m
+        toks = route.tokens[s:e]
+        assert set(indices[0][toks].tolist()) == {a0}
+        assert set(indices[1][toks].tolist()) == {a1} if len(indices) > 1 else a1 == -1
+    assert all(t == [0, 0, -1, -1] for t in tiles if t[1] == t[0])
+    # the route groups tokens, so fewer tiles than the capacity would mean a wasteful bound only
+    assert len(used) <= len(tiles) <= max(1, indices[0].shape[0])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("n_tok", [1, 63, 200])
+def test_device_route_tiles_cover_every_token_once(pattern, n_tok):
+    """The sync-free route (fixed capacity, empty unused tiles) for one and two token-routed slots."""
+    g = torch.Generator().manual_seed(n_tok)
+    x = torch.randn(n_tok, 8)
+    idx0 = _pattern(pattern, n_tok, 9, g)
+    idx1 = _pattern("with_none", n_tok, 2, g)
+    m0, m1 = build_lora_meta(idx0), build_lora_meta(idx1)
+    _assert_tiles_cover(ml._route((m0,), x), [idx0])
+    _assert_tiles_cover(ml._route((m0, m1), x), [idx0, idx1])
+    for chunk in (8, 64):
+        _assert_tiles_cover(ml._slot_route(m0, n_tok, x.device, chunk), [idx0])
+
+
+@pytest.mark.parametrize("seq", [1, 5, 40])
+def test_device_route_of_row_routings_within_its_capacity(seq):
+    """Per-sequence routing: the capacity bound (rows, adapters) holds for decode and prefill."""
+    rows = torch.tensor([3, 3, -1, 0, 7, 3, 1, 1, -1, 5, 6, 2, 4, 4, 0, 7, 3, 2])
+    diff, dit = RowRouting(rows, 8), RowRouting(torch.where(rows == 1, -1, 0), 1)
+    x = torch.randn(rows.numel() * seq, 8)
+    tok = [r.index[:, None].expand(-1, seq).reshape(-1) for r in (diff, dit)]
+    route = ml._route((diff, dit), x)
+    assert route.block_m == (16 if seq <= 16 else 64)
+    _assert_tiles_cover(route, tok)
+    _assert_tiles_cover(ml._route((diff,), x), tok[:1])
 
 
 def test_empty_batch():
