@@ -98,7 +98,7 @@ class LoraSlot:
         if self.index.shape[0] != batch or (self.index.dim() == 2 and seq is not None and self.index.shape[1] != seq):
             want = f"[{batch}]" + (f" or [{batch}, {seq}]" if seq is not None else "")
             raise AdapterError(f"{self.name}: index has shape {tuple(self.index.shape)}, expected {want}")
-        if self.index.numel() and (int(self.index.max()) >= n or int(self.index.min()) < -1):
+        if self.index.numel() and bool(((self.index >= n) | (self.index < -1)).any()):
             raise AdapterError(f"{self.name}: index values must lie in [-1, {n - 1}], found "
                                f"[{int(self.index.min())}, {int(self.index.max())}]")
 
@@ -168,7 +168,9 @@ class AdapterBatch:
         return AdapterBatch(*(s.select_rows(rows) for s in self.slots))
 
     def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
-        key = (config, batch, seq)
+        """Check every slot once per (config, batch, seq): the index range is a device -> host read.
+        Per-sequence indices do not depend on ``seq``, so prefill and decode share one check."""
+        key = (config, batch, None if all(s.index.dim() == 1 for s in self.slots) else seq)
         if key in self._validated:
             return
         for s in self.slots:
