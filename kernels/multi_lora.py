@@ -34,7 +34,8 @@ kernels share one tile routing, so splitting them would spread one schedule over
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -172,13 +173,9 @@ def multi_lora_sum(
     frozen weights) and two bmm."""
     if not slots:
         raise ValueError("multi_lora_sum: needs at least one (A, B, scale, routing) slot")
-    d_outs = {B.shape[1] for _, B, _, _ in slots}
-    if len(d_outs) != 1:
-        raise ValueError(f"multi_lora_sum: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
     if _backend.use_triton(x, backend=backend):
-        for A, B, scale, routing in slots:
-            _check_shapes(x, A, B, scale, _routed_tokens(routing, x))
         return _multi_lora_triton(x, slots)
+    _check_d_out(slots)
     out = None
     for A, B, scale, routing in slots:
         if isinstance(routing, RowRouting):
@@ -278,22 +275,26 @@ def multi_lora_ref(
 
 
 def _multi_lora_triton(x: Tensor, slots: Sequence[Operand]) -> Tensor:
-    """Slots in pairs, one shrink and one expand launch per pair. No host sync: the routes come
-    from the routings' caches (built on device once per batch), and inference skips autograd."""
-    _check_devices(x, slots)
+    """Slots in pairs, one shrink and one expand launch per pair. No host sync: the plans and
+    routes come from the routings' caches (built on the device once per batch), and inference
+    skips autograd. Every pair is checked (on its first call) before anything is launched."""
+    if len(slots) <= 2:
+        pairs = (slots,)
+    else:  # a pair's own slots are checked when its plan is built
+        pairs = [slots[i : i + 2] for i in range(0, len(slots), 2)]
+        _check_d_out(slots)
+    plans = [_pair_plan(x, pair) for pair in pairs]
     grad = torch.is_grad_enabled()
+    poison = _backend.poisoned()
     out = None
-    for first in range(0, len(slots), 2):
-        pair = slots[first : first + 2]
-        routings = tuple(routing for *_, routing in pair)
-        route = _route(routings, x)
-        weights = [t for A, B, _, _ in pair for t in (A, B)]
-        scales = [s for _, _, s, _ in pair]
-        if grad and (x.requires_grad or any(w.requires_grad for w in weights)):
-            d = _MultiLoraFunction.apply(x, route, routings, tuple(scales), *weights)
+    for pair, plan in zip(pairs, plans):
+        if grad and (x.requires_grad or any(A.requires_grad or B.requires_grad for A, B, _, _ in pair)):
+            weights = [t for A, B, _, _ in pair for t in (A, B)]
+            routings = tuple(routing for *_, routing in pair)
+            d = _MultiLoraFunction.apply(x, plan, routings, tuple(s for _, _, s, _ in pair), *weights)
         else:  # the same two launches as the Function's forward, without autograd's bookkeeping
-            S = _lora_shrink(x, route, weights[0::2], scales=None)
-            d = _lora_expand(S, route, weights[1::2], scales=scales, out_dtype=x.dtype)
+            S = _run_shrink(plan.shrink, x, plan.route, scratch=True, poison=poison)
+            d = _run_expand(plan.expand, S, plan.route, poison=poison)
         out = d if out is None else out + d
     return out
 
@@ -313,12 +314,10 @@ class _MultiLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, route, routings, scales, *weights):
-        A = list(weights[0::2])
-        B = list(weights[1::2])
-        S = _lora_shrink(x, route, A, scales=None)
-        y = _lora_expand(S, route, B, scales=list(scales), out_dtype=x.dtype)
-        ctx.route, ctx.routings, ctx.scales = route, routings, scales
+    def forward(ctx, x, plan, routings, scales, *weights):
+        S = _run_shrink(plan.shrink, x, plan.route)
+        y = _run_expand(plan.expand, S, plan.route)
+        ctx.route, ctx.routings, ctx.scales = plan.route, routings, scales
         # S_k only serves dB_k: a frozen slot's intermediate is not kept alive for the backward.
         keep = [s if ctx.needs_input_grad[5 + 2 * k] else None for k, s in enumerate(S)]
         ctx.save_for_backward(x, *keep, *weights)
@@ -374,6 +373,8 @@ class _Route:
     tokens: Tensor  # [N] int64, token ids in route order (tokens of no adapter at all first)
     tiles: Tensor  # [T_cap, 4] int32: first row, end row, adapter of slot 0, of slot 1; unused: (0, 0, -1, -1)
     block_m: int  # rows per tile (at most)
+    # Inference's S, reused by every call of the batch: (R0, R1) -> ([N, R0 + R1] fp32, its two column views)
+    scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def _route(routings: tuple[Routing, ...], x: Tensor) -> _Route:
@@ -459,6 +460,64 @@ def _max_segments(routings: tuple[Routing, ...], n_tok: int) -> int:
 
 
 # ---- Triton path: launchers -------------------------------------------------------------------------
+#
+# A launcher's host work is split in two: a plan (block sizes, grid, split, the weights and their
+# strides: everything fixed for one batch, layer and layout) and a run (allocate the outputs,
+# launch). The model's inference path caches the plans on the batch's routing, so a steady-state
+# call only allocates and launches; the backward builds its plans on the fly.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShrinkPlan:
+    grid: tuple[int, int]  # (tiles, split over d_in)
+    ranks: tuple[int, ...]  # per slot; 0 = slot skipped
+    zeroed: bool  # split over d_in: partial sums meet by fp32 atomics in a zeroed S
+    operands: tuple  # (w0, w1, scale0, scale1), unused ones a dummy pointer
+    strides: tuple  # of w0 and w1
+    meta: dict  # constexprs
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpandPlan:
+    grid: tuple[int, int]  # (tiles, d_out blocks)
+    ranks: tuple[int, int]  # 0 = slot contributes nothing
+    n_out: int
+    out_dtype: torch.dtype
+    operands: tuple  # (w0, w1, scale0, scale1)
+    strides: tuple  # of w0 and w1
+    meta: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairPlan:
+    """Everything one or two slots' forward needs but ``x``: built once per batch and layer."""
+
+    route: _Route
+    shrink: _ShrinkPlan
+    expand: _ExpandPlan
+
+
+def _pair_plan(x: Tensor, pair: Sequence[Operand]) -> _PairPlan:
+    """The cached plan of these slots for ``x``'s shape; checks the slots when it is first built."""
+    flat = tuple(itertools.chain.from_iterable(pair))
+    cache = pair[0][3].cache
+    key = ("plan", x.shape, x.dtype, x.device, *map(id, flat))
+    hit = cache.get(key)
+    # The entry holds the tensors and routings it was built for, so their ids cannot be reused.
+    if hit is not None and all(map(operator.is_, hit[0], flat)):
+        return hit[1]
+    routings = tuple(routing for *_, routing in pair)
+    _check_d_out(pair)
+    _check_devices(x, pair)
+    for A, B, scale, routing in pair:
+        _check_shapes(x, A, B, scale, _routed_tokens(routing, x))
+    route = _route(routings, x)
+    A, B, scales = [o[0] for o in pair], [o[1] for o in pair], [o[2] for o in pair]
+    shrink = _shrink_plan(x, route, A, scales=None)
+    expand = _expand_plan(route, B, scales, [True] * len(pair), x.dtype)
+    plan = _PairPlan(route, shrink, expand)
+    cache[key] = (flat, plan)
+    return plan
 
 
 def _lora_shrink(
@@ -469,64 +528,84 @@ def _lora_shrink(
     split_k: int | None = None,
 ) -> list[Tensor | None]:  # per slot [N, R_k] fp32 by token id (rows of unrouted tokens unwritten)
     """``S_k = x @ W_k[i_k]^T`` for every routed token, all slots from one read of ``x``."""
-    n_tok, K = x.shape
-    tiles = route.tiles
-    ranks = [w.shape[1] if w is not None else 0 for w in weights] + [0]
-    block_m = route.block_m
-    block_r = [_backend.pow2_at_least(r) for r in ranks[:2]]
-    interp = _backend.interpreted(x.device)
-    block_k = 64 if interp else (128 if max(block_r) <= 32 else 64)
+    return _run_shrink(_shrink_plan(x, route, weights, scales, split_k), x, route)
+
+
+def _shrink_plan(x: Tensor, route: _Route, weights, scales, split_k: int | None = None) -> _ShrinkPlan:
+    K = x.shape[1]
+    n_tiles = route.tiles.shape[0]
+    ranks = [w.shape[1] if w is not None else 0 for w in weights]
+    r0, r1 = (ranks + [0])[:2]
+    block_r = (_backend.pow2_at_least(r0), _backend.pow2_at_least(r1))
+    block_k = 64 if _backend.interpreted(x.device) else (128 if max(block_r) <= 32 else 64)
     if split_k is None:
         # Few tiles (decode with few adapters, one big adapter): split d_in so every SM streams
         # weights. The tile count is only known on the device; its capacity stands in for it.
         want = 2 * _backend.num_sms(x.device)
-        split_k = max(1, min(triton.cdiv(want, max(tiles.shape[0], 1)), triton.cdiv(K, block_k), 32))
-    outs = []
-    for w, r in zip(weights, ranks):
-        if w is None:
-            outs.append(None)
-        elif split_k > 1:
-            outs.append(torch.zeros(n_tok, r, dtype=torch.float32, device=x.device))
-        else:
-            outs.append(_backend.empty((n_tok, r), torch.float32, x.device))
-    if tiles.shape[0] == 0:
-        return outs
-    w0, w1 = (weights + [None])[:2]
-    s0, s1 = (outs + [None])[:2]
-    sc0, sc1 = ((scales or []) + [None, None])[:2]
-    kernel = _backend.on_device(_lora_shrink_kernel, x.device)
-    with _backend.device_guard(x):
-        kernel[(tiles.shape[0], split_k)](
-            x,
-            route.tokens,
-            tiles,
-            w0 if w0 is not None else x,
-            w1 if w1 is not None else x,
-            sc0 if sc0 is not None else x,
-            sc1 if sc1 is not None else x,
-            s0 if s0 is not None else x,
-            s1 if s1 is not None else x,
-            K,
-            ranks[0],
-            ranks[1],
-            x.stride(0),
-            x.stride(1),
-            *_strides3(w0),
-            *_strides3(w1),
-            s0.stride(0) if s0 is not None else 0,
-            s1.stride(0) if s1 is not None else 0,
+        split_k = max(1, min(_backend.cdiv(want, max(n_tiles, 1)), _backend.cdiv(K, block_k), 32))
+    w0, w1 = (list(weights) + [None])[:2]
+    sc0, sc1 = (list(scales or []) + [None, None])[:2]
+    dummy = route.tokens
+    return _ShrinkPlan(
+        grid=(n_tiles, split_k),
+        ranks=tuple(ranks),
+        zeroed=split_k > 1,
+        operands=tuple(t if t is not None else dummy for t in (w0, w1, sc0, sc1)),
+        strides=(*_strides3(w0), *_strides3(w1)),
+        meta=dict(
             HAS0=w0 is not None,
             HAS1=w1 is not None,
             HAS_SCALE=scales is not None,
             SPLIT_K=split_k,
-            BLOCK_M=block_m,
+            BLOCK_M=route.block_m,
             BLOCK_K=block_k,
             BLOCK_R0=block_r[0],
             BLOCK_R1=block_r[1],
             DOT_DTYPE=_backend.dot_dtype(x.dtype, x.device),
             PRECISION=_backend.fp32_precision(x.dtype),
-        )
-    return outs
+        ),
+    )
+
+
+def _run_shrink(
+    plan: _ShrinkPlan, x: Tensor, route: _Route, scratch: bool = False, poison: bool | None = None
+) -> list[Tensor | None]:
+    """Launch a shrink plan. Both slots' S share one ``[N, R0 + R1]`` fp32 buffer; ``scratch``
+    reuses the route's (inference: the expand reads it before the next call, in stream order).
+    ``poison``: the caller's reading of ``DIT_KERNELS_POISON`` (read here when None)."""
+    n_tok, K = x.shape
+    r0, r1 = (plan.ranks + (0,))[:2]
+    width = r0 + r1
+    if scratch:
+        hit = route.scratch.get((r0, r1))
+        if hit is None:
+            buf = torch.empty(n_tok, width, dtype=torch.float32, device=x.device)
+            hit = route.scratch[(r0, r1)] = (buf, *_split_columns(buf, r0, r1))
+        buf, s0, s1 = hit
+        if plan.zeroed:
+            buf.zero_()
+        elif poison if poison is not None else _backend.poisoned():
+            buf.fill_(float("nan"))
+    else:
+        if plan.zeroed:
+            buf = torch.zeros(n_tok, width, dtype=torch.float32, device=x.device)
+        else:
+            buf = _backend.empty((n_tok, width), torch.float32, x.device)
+        s0, s1 = _split_columns(buf, r0, r1)
+    if plan.grid[0]:
+        kernel = _backend.on_device(_lora_shrink_kernel, x.device)
+        with _backend.device_guard(x):
+            kernel[plan.grid](
+                x, route.tokens, route.tiles, *plan.operands,
+                s0 if s0 is not None else buf, s1 if s1 is not None else buf,
+                K, r0, r1, x.stride(0), x.stride(1), *plan.strides, width, width,
+                **plan.meta,
+            )  # fmt: skip
+    return [s0, s1][: len(plan.ranks)]
+
+
+def _split_columns(buf: Tensor, r0: int, r1: int) -> tuple[Tensor | None, Tensor | None]:
+    return (buf[:, :r0] if r0 else None), (buf[:, r0:] if r1 else None)
 
 
 def _lora_expand(
@@ -537,50 +616,59 @@ def _lora_expand(
     out_dtype: torch.dtype,
 ) -> Tensor:  # [N, N_out]; rows of tokens without any adapter are zero
     """``y = sum_k scale_k[i_k] * S_k @ W_k[i_k]^T``, every row of ``y`` written exactly once."""
-    n_tok = route.tokens.shape[0]
+    return _run_expand(_expand_plan(route, weights, scales, [s is not None for s in S], out_dtype), S, route)
+
+
+def _expand_plan(route: _Route, weights, scales, used: list[bool], out_dtype: torch.dtype) -> _ExpandPlan:
     n_out = weights[0].shape[1]
-    device = route.tokens.device
-    tiles = route.tiles
-    y = _backend.empty((n_tok, n_out), out_dtype, device)
-    if n_tok == 0:
-        return y
-    used = [w if s is not None else None for s, w in zip(S, weights)] + [None]
-    ranks = [w.shape[2] if w is not None else 0 for w in used[:2]]
-    block_r = [_backend.pow2_at_least(r) for r in ranks]
+    w0, w1 = ([w if u else None for w, u in zip(weights, used)] + [None])[:2]
+    ranks = (w0.shape[2] if w0 is not None else 0, w1.shape[2] if w1 is not None else 0)
+    sc0, sc1 = (list(scales or []) + [None, None])[:2]
     block_n = 64
-    s0, s1 = (list(S) + [None])[:2]
-    w0, w1 = used[:2]
-    sc0, sc1 = ((scales or []) + [None, None])[:2]
-    kernel = _backend.on_device(_lora_expand_kernel, device)
-    with _backend.device_guard(y):
-        kernel[(tiles.shape[0], triton.cdiv(n_out, block_n))](
-            s0 if w0 is not None else y,
-            s1 if w1 is not None else y,
-            route.tokens,
-            tiles,
-            w0 if w0 is not None else y,
-            w1 if w1 is not None else y,
-            sc0 if sc0 is not None else y,
-            sc1 if sc1 is not None else y,
-            y,
-            n_out,
-            ranks[0],
-            ranks[1],
-            s0.stride(0) if w0 is not None else 0,
-            s1.stride(0) if w1 is not None else 0,
-            *_strides3(w0),
-            *_strides3(w1),
-            y.stride(0),
-            y.stride(1),
+    dummy = route.tokens
+    return _ExpandPlan(
+        grid=(route.tiles.shape[0], _backend.cdiv(n_out, block_n)),
+        ranks=ranks,
+        n_out=n_out,
+        out_dtype=out_dtype,
+        operands=tuple(t if t is not None else dummy for t in (w0, w1, sc0, sc1)),
+        strides=(*_strides3(w0), *_strides3(w1)),
+        meta=dict(
             HAS0=w0 is not None,
             HAS1=w1 is not None,
             HAS_SCALE=scales is not None,
             BLOCK_M=route.block_m,
             BLOCK_N=block_n,
-            BLOCK_R0=block_r[0],
-            BLOCK_R1=block_r[1],
+            BLOCK_R0=_backend.pow2_at_least(ranks[0]),
+            BLOCK_R1=_backend.pow2_at_least(ranks[1]),
             PRECISION=_backend.fp32_precision(out_dtype),
-        )
+        ),
+    )
+
+
+def _run_expand(plan: _ExpandPlan, S: list[Tensor | None], route: _Route, poison: bool | None = None) -> Tensor:
+    n_tok = route.tokens.shape[0]
+    device = route.tokens.device
+    if poison is None:
+        y = _backend.empty((n_tok, plan.n_out), plan.out_dtype, device)
+    else:
+        y = torch.empty((n_tok, plan.n_out), dtype=plan.out_dtype, device=device)
+        if poison:
+            y.fill_(float("nan"))
+    if plan.grid[0] == 0:
+        return y
+    s0, s1 = (list(S) + [None])[:2]
+    s0 = s0 if plan.ranks[0] else None
+    s1 = s1 if plan.ranks[1] else None
+    kernel = _backend.on_device(_lora_expand_kernel, device)
+    with _backend.device_guard(y):
+        kernel[plan.grid](
+            s0 if s0 is not None else y, s1 if s1 is not None else y, route.tokens, route.tiles,
+            *plan.operands, y, plan.n_out, plan.ranks[0], plan.ranks[1],
+            s0.stride(0) if s0 is not None else 0, s1.stride(0) if s1 is not None else 0,
+            *plan.strides, plan.n_out, 1,  # y: freshly allocated, contiguous
+            **plan.meta,
+        )  # fmt: skip
     return y
 
 
@@ -603,12 +691,12 @@ def _lora_wgrad(
     block_p = _backend.pow2_at_least(P) if P <= 128 else 64
     block_q = _backend.pow2_at_least(Q) if Q <= 128 else 64
     block_t = 64
-    grid_pq = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    grid_pq = _backend.cdiv(P, block_p) * _backend.cdiv(Q, block_q)
     if chunk is None:
         # Halve the chunk until the grid fills the GPU (counted from host-known sizes).
-        chunk = max(block_t, triton.next_power_of_2(_segment_hint(routing, n_tok)))
+        chunk = max(block_t, _backend.next_power_of_2(_segment_hint(routing, n_tok)))
         want = 2 * _backend.num_sms(device)
-        while chunk > block_t and grid_pq * triton.cdiv(n_tok, chunk) < want:
+        while chunk > block_t and grid_pq * _backend.cdiv(n_tok, chunk) < want:
             chunk //= 2
     route = _slot_route(routing, n_tok, device, chunk)
     chunks = route.tiles
@@ -618,7 +706,7 @@ def _lora_wgrad(
     tokens = route.tokens
     kernel = _backend.on_device(_lora_wgrad_kernel, device)
     with _backend.device_guard(left):
-        kernel[(chunks.shape[0], triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
+        kernel[(chunks.shape[0], _backend.cdiv(P, block_p), _backend.cdiv(Q, block_q))](
             left,
             right,
             tokens,
@@ -894,6 +982,11 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, meta: LoraMeta
     n_tokens = meta if isinstance(meta, int) else meta.num_tokens
     if n_tokens != x.shape[0]:
         raise ValueError(f"multi_lora: metadata is for {n_tokens} tokens, x has {x.shape[0]}")
+
+
+def _check_d_out(slots: Sequence[Operand]) -> None:
+    if len({B.shape[1] for _, B, _, _ in slots}) != 1:
+        raise ValueError(f"multi_lora_sum: slots disagree on d_out: B shapes {[tuple(s[1].shape) for s in slots]}")
 
 
 def _check_devices(x: Tensor, slots: Sequence[Operand]) -> None:
