@@ -22,7 +22,6 @@ import contextlib
 import os
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime import interpreter
