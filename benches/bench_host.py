@@ -40,7 +40,7 @@ import torch
 
 from dit_kernels import multi_lora as ours_module
 
-BASELINE = "cb1c6ddd30e6e07703e1eeb1507794f0c0634c28"
+BASELINE = "824cf3526b1d28610340e84bd8d3bc9f5320e089"
 REPO = Path(__file__).resolve().parent.parent
 TOKENS, RANK, D, DTYPE = 256, 16, 2560, torch.bfloat16
 TARGET_US = 10.0
