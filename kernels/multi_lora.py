@@ -499,12 +499,15 @@ class _PairPlan:
 
 def _pair_plan(x: Tensor, pair: Sequence[Operand]) -> _PairPlan:
     """The cached plan of these slots for ``x``'s shape; checks the slots when it is first built."""
-    flat = tuple(itertools.chain.from_iterable(pair))
+    # Cached on the first slot's routing, keyed by the other operands' identities. The entry holds
+    # those operands, so their ids cannot be reused while it exists; it does not hold the routing
+    # it lives in (no reference cycle: a dropped batch frees its plans and buffers at once).
+    held = tuple(itertools.chain.from_iterable(pair))
+    held = held[:3] + held[4:]
     cache = pair[0][3].cache
-    key = ("plan", x.shape, x.dtype, x.device, *map(id, flat))
+    key = ("plan", x.shape, x.dtype, x.device, *map(id, held))
     hit = cache.get(key)
-    # The entry holds the tensors and routings it was built for, so their ids cannot be reused.
-    if hit is not None and all(map(operator.is_, hit[0], flat)):
+    if hit is not None and all(map(operator.is_, hit[0], held)):
         return hit[1]
     routings = tuple(routing for *_, routing in pair)
     _check_d_out(pair)
@@ -516,7 +519,7 @@ def _pair_plan(x: Tensor, pair: Sequence[Operand]) -> _PairPlan:
     shrink = _shrink_plan(x, route, A, scales=None)
     expand = _expand_plan(route, B, scales, [True] * len(pair), x.dtype)
     plan = _PairPlan(route, shrink, expand)
-    cache[key] = (flat, plan)
+    cache[key] = (held, plan)
     return plan
 
 

@@ -6,6 +6,9 @@ kernels write them (``DIT_KERNELS_POISON=1``), so an element a kernel forgets sh
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import rel_err as _rel
@@ -411,3 +414,24 @@ def test_row_routing_refuses_tokens_that_do_not_split_into_its_rows():
     A, B, scale = _slot(2, 2, 8, 4, g)
     with pytest.raises(ValueError, match="7 tokens do not split into the 3 routed rows"):
         multi_lora_sum(torch.randn(7, 8), [(A, B, scale, RowRouting(torch.tensor([0, 1, 0]), 2))], backend="torch")
+
+
+def test_a_dropped_batch_frees_its_routes_plans_and_buffers_without_the_cycle_collector():
+    """Routes, launch plans and the inference scratch live in the routing's cache and hold no
+    reference back to it: dropping the batch frees them at once (GPU memory is not left to gc)."""
+    g = torch.Generator().manual_seed(21)
+    A, B, scale = _slot(3, 4, 16, 8, g, grad=False)
+    x = torch.randn(6, 16, generator=g)
+    gc.disable()
+    try:
+        routing, shared = RowRouting(torch.tensor([2, 0, -1]), 3), RowRouting(torch.zeros(3, dtype=torch.int64), 3)
+        with torch.no_grad():
+            multi_lora_sum(x, [(A, B, scale, routing), (A, B, scale, shared)], backend="triton")
+        route = ml._route((routing, shared), x)
+        assert route.scratch, "inference keeps its S buffer on the route"
+        buf = next(iter(route.scratch.values()))[0]
+        alive = [weakref.ref(t) for t in (route.tokens, route.tiles, buf)]
+        del routing, shared, route, buf
+        assert [r() for r in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
