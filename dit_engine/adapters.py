@@ -207,9 +207,12 @@ class BoundAdapters:
             self._metas[k] = build_lora_meta(s.index.reshape(-1), s.n_adapters)
         return self._metas[k]
 
-    def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
-        """Sum over slots of the LoRA deltas for module ``name``: one kernel call per adapted linear."""
+    def delta(self, name: str, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """Sum over slots of the LoRA deltas for module ``name``: one kernel call per adapted linear.
+
+        ``x``: [N = batch*seq, d_in] -> [N, d_out], or None when no slot adapts ``name``. With
+        ``out`` ([N, d_out], the base output) the sum is added into it in place and ``out`` returned."""
         parts = [(k, s) for k, s in enumerate(self.slots) if name in s.A]
         if not parts:
             return None
-        return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts])
+        return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts], out=out)

@@ -6,7 +6,8 @@
 is an HF checkpoint's and diffs from other tools map 1:1 by name.
 
 Every linear that may carry LoRAs is an :class:`AdaptedLinear`: base GEMM, then the summed deltas
-of the adapter slots bound for this forward pass (one call into ``kernels.multi_lora`` per slot).
+of the adapter slots bound for this forward pass, added into its output in place (one call into
+``kernels.multi_lora`` per adapted linear).
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ class AdaptedLinear(nn.Linear):
 
     def forward(self, x: Tensor, adapters: BoundAdapters | None = None) -> Tensor:  # x: [B, T, d_in]
         y = F.linear(x, self.weight, self.bias)  # [B, T, d_out]
-        if adapters is not None:
-            d = adapters.delta(self.full_name, x.reshape(-1, x.shape[-1]))
-            if d is not None:
-                y = y + d.view(y.shape)
+        if adapters is not None:  # the deltas are added into the base output in place
+            adapters.delta(self.full_name, x.reshape(-1, x.shape[-1]), out=y.view(-1, y.shape[-1]))
         return y
 
 

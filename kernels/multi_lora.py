@@ -164,26 +164,34 @@ def multi_lora_sum(
     slots: Sequence[Operand],
     *,
     backend: str | None = None,
-) -> Tensor:  # [N, d_out]
+    out: Tensor | None = None,  # [N, d_out]: the delta is added into it in place (the base output)
+) -> Tensor:  # [N, d_out]: the delta, or ``out`` with the delta added
     """Sum of the LoRA deltas of several adapter slots: the one entry the model's linears call.
 
     Triton on CUDA (two slots share each launch, ``x`` read once); on CPU the plain-torch
     references: :func:`multi_lora_ref` for token-routed slots, and for row-routed slots two GEMMs
     when every row shares one adapter, else each row's A and scaled B gathered (once per batch for
-    frozen weights) and two bmm."""
+    frozen weights) and two bmm.
+
+    With ``out``, the Triton path's expand adds into it in place when autograd is not recording
+    (inference: no delta buffer, no separate add); otherwise the delta is computed as without
+    ``out`` and then added into it, ``out.add_(delta)``, the same values as ``out + delta``."""
     if not slots:
         raise ValueError("multi_lora_sum: needs at least one (A, B, scale, routing) slot")
+    if out is not None and (out.shape != (x.shape[0], slots[0][1].shape[1]) or out.device != x.device):
+        raise ValueError(f"multi_lora_sum: out is {tuple(out.shape)} on {out.device}, expected "
+                         f"[{x.shape[0]}, {slots[0][1].shape[1]}] on {x.device}")
     if _backend.use_triton(x, backend=backend):
-        return _multi_lora_triton(x, slots)
+        return _multi_lora_triton(x, slots, out)
     _check_d_out(slots)
-    out = None
+    total = None
     for A, B, scale, routing in slots:
         if isinstance(routing, RowRouting):
             d = multi_lora_rows_ref(x, A, B, scale, routing)
         else:
             d = multi_lora_ref(x, A, B, scale, routing)
-        out = d if out is None else out.add_(d)
-    return out
+        total = d if total is None else total.add_(d)
+    return total if out is None else out.add_(total)
 
 
 def multi_lora_rows_ref(
@@ -274,10 +282,11 @@ def multi_lora_ref(
 # ---- Triton path: autograd Function --------------------------------------------------------------
 
 
-def _multi_lora_triton(x: Tensor, slots: Sequence[Operand]) -> Tensor:
+def _multi_lora_triton(x: Tensor, slots: Sequence[Operand], into: Tensor | None = None) -> Tensor:
     """Slots in pairs, one shrink and one expand launch per pair. No host sync: the plans and
     routes come from the routings' caches (built on the device once per batch), and inference
-    skips autograd. Every pair is checked (on its first call) before anything is launched."""
+    skips autograd (and with ``into`` expands straight into it). Every pair is checked (on its
+    first call) before anything is launched."""
     if len(slots) <= 2:
         pairs = (slots,)
     else:  # a pair's own slots are checked when its plan is built
@@ -294,9 +303,14 @@ def _multi_lora_triton(x: Tensor, slots: Sequence[Operand]) -> Tensor:
             d = _MultiLoraFunction.apply(x, plan, routings, tuple(s for _, _, s, _ in pair), *weights)
         else:  # the same two launches as the Function's forward, without autograd's bookkeeping
             S = _run_shrink(plan.shrink, x, plan.route, scratch=True, poison=poison)
+            if into is not None:
+                _run_expand(plan.expand_into, S, plan.route, into=into)
+                continue
             d = _run_expand(plan.expand, S, plan.route, poison=poison)
         out = d if out is None else out + d
-    return out
+    if into is None:
+        return out
+    return into if out is None else into.add_(out)
 
 
 class _MultiLoraFunction(torch.autograd.Function):
@@ -494,7 +508,8 @@ class _PairPlan:
 
     route: _Route
     shrink: _ShrinkPlan
-    expand: _ExpandPlan
+    expand: _ExpandPlan  # into a new buffer
+    expand_into: _ExpandPlan  # adding into the caller's (the base output)
 
 
 def _pair_plan(x: Tensor, pair: Sequence[Operand]) -> _PairPlan:
@@ -518,7 +533,8 @@ def _pair_plan(x: Tensor, pair: Sequence[Operand]) -> _PairPlan:
     A, B, scales = [o[0] for o in pair], [o[1] for o in pair], [o[2] for o in pair]
     shrink = _shrink_plan(x, route, A, scales=None)
     expand = _expand_plan(route, B, scales, [True] * len(pair), x.dtype)
-    plan = _PairPlan(route, shrink, expand)
+    expand_into = dataclasses.replace(expand, meta={**expand.meta, "ACCUMULATE": True})
+    plan = _PairPlan(route, shrink, expand, expand_into)
     cache[key] = (held, plan)
     return plan
 
@@ -645,14 +661,20 @@ def _expand_plan(route: _Route, weights, scales, used: list[bool], out_dtype: to
             BLOCK_R0=_backend.pow2_at_least(ranks[0]),
             BLOCK_R1=_backend.pow2_at_least(ranks[1]),
             PRECISION=_backend.fp32_precision(out_dtype),
+            ACCUMULATE=False,
         ),
     )
 
 
-def _run_expand(plan: _ExpandPlan, S: list[Tensor | None], route: _Route, poison: bool | None = None) -> Tensor:
+def _run_expand(
+    plan: _ExpandPlan, S: list[Tensor | None], route: _Route, poison: bool | None = None, into: Tensor | None = None
+) -> Tensor:
+    """Launch an expand plan into a new buffer, or (a plan with ``ACCUMULATE``) adding into ``into``."""
     n_tok = route.tokens.shape[0]
     device = route.tokens.device
-    if poison is None:
+    if into is not None:
+        y = into
+    elif poison is None:
         y = _backend.empty((n_tok, plan.n_out), plan.out_dtype, device)
     else:
         y = torch.empty((n_tok, plan.n_out), dtype=plan.out_dtype, device=device)
@@ -669,7 +691,7 @@ def _run_expand(plan: _ExpandPlan, S: list[Tensor | None], route: _Route, poison
             s0 if s0 is not None else y, s1 if s1 is not None else y, route.tokens, route.tiles,
             *plan.operands, y, plan.n_out, plan.ranks[0], plan.ranks[1],
             s0.stride(0) if s0 is not None else 0, s1.stride(0) if s1 is not None else 0,
-            *plan.strides, plan.n_out, 1,  # y: freshly allocated, contiguous
+            *plan.strides, *((plan.n_out, 1) if into is None else y.stride()),  # a new y is contiguous
             **plan.meta,
         )  # fmt: skip
     return y
@@ -864,6 +886,7 @@ def _lora_expand_kernel(
     BLOCK_R0: tl.constexpr,
     BLOCK_R1: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add into y (the base output) instead of writing it
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1).to(tl.int64)
@@ -873,7 +896,10 @@ def _lora_expand_kernel(
     i_a1 = tl.load(tiles_ptr + i_t * 4 + 3).to(tl.int64)
 
     o_m = row_start + tl.arange(0, BLOCK_M)
-    m_m = o_m < row_end
+    if ACCUMULATE:  # rows of tokens without any adapter keep y as it is: not even read
+        m_m = o_m < tl.where((i_a0 >= 0) | (i_a1 >= 0), row_end, row_start)
+    else:
+        m_m = o_m < row_end
     b_tok = tl.load(tokens_ptr + o_m, mask=m_m, other=0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N_out
@@ -903,7 +929,10 @@ def _lora_expand_kernel(
         b_acc += b_part1
 
     p_y = y_ptr + b_tok[:, None] * stride_ym + o_n[None, :] * stride_yo
-    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    m_y = m_m[:, None] & m_n[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
+    tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
 @triton.jit

@@ -435,3 +435,32 @@ def test_a_dropped_batch_frees_its_routes_plans_and_buffers_without_the_cycle_co
         assert [r() for r in alive] == [None] * len(alive)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_adds_the_delta_into_the_base_output_in_place(backend, grad):
+    """``out=``: the delta lands in the caller's buffer (on the Triton inference path the expand
+    adds into it; rows of tokens without any adapter are not touched), gradients flow through."""
+    g = torch.Generator().manual_seed(22)
+    batch, seq, d_in, d_out = 5, 3, 40, 70
+    A, B, scale = _slot(4, 4, d_in, d_out, g, grad=grad)
+    A1, B1, scale1 = _slot(1, 8, d_in, d_out, g, grad=False)
+    rows, dit = torch.tensor([1, -1, 3, 0, -1]), torch.tensor([0, -1, 0, -1, 0])  # row 1: no adapter at all
+    slots = [(A, B, scale, RowRouting(rows, 4)), (A1, B1, scale1, RowRouting(dit, 1))]
+    x = torch.randn(batch * seq, d_in, generator=g)
+    base = torch.randn(batch * seq, d_out, generator=g)
+    with torch.set_grad_enabled(grad):
+        want = base + multi_lora_sum(x, slots, backend=backend)
+        y = base.clone().requires_grad_(grad)
+        target = y.clone() if grad else y  # autograd: in place on a non-leaf, as the model's F.linear output
+        got = multi_lora_sum(x, slots, backend=backend, out=target)
+    assert got is target
+    assert _rel(got, want) < 1e-6
+    none = torch.repeat_interleave((rows == -1) & (dit == -1), seq)
+    assert none.sum() == seq and torch.equal(got[none], base[none])
+    if grad:
+        ga, ref = torch.autograd.grad(got.square().sum(), (A, y)), torch.autograd.grad(want.square().sum(), A)
+        assert _rel(ga[0], ref[0]) < 1e-5 and _rel(ga[1], 2 * got.detach()) < 1e-6
+    with pytest.raises(ValueError, match=r"out is \(15, 69\) on cpu, expected \[15, 70\]"):
+        multi_lora_sum(x, slots, backend=backend, out=torch.zeros(15, 69))
