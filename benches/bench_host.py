@@ -64,8 +64,9 @@ CASES = [_Case(n, dit) for n in (64, 256) for dit in (False, True)]
 IMPLS = ["today", "ours", "ours_out"]
 
 
-def _baseline_module():
-    """Today's multi_lora (and the backend it imports) from git, as package ``dit_kernels_today``."""
+def _baseline_module(root: Path):
+    """Today's multi_lora (and the backend it imports) from git, as package ``dit_kernels_today``
+    written under ``root``."""
     files = {}
     for name in ("backend.py", "multi_lora.py"):
         try:
@@ -73,7 +74,6 @@ def _baseline_module():
                                          check=True, capture_output=True, text=True).stdout
         except (OSError, subprocess.CalledProcessError) as e:
             pytest.skip(f"baseline {BASELINE[:10]} not readable with git here: {e}")
-    root = Path(tempfile.mkdtemp(prefix="bench_host_"))
     pkg = root / "dit_kernels_today"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -141,18 +141,21 @@ def _call(module, case: _Case, into: bool = False):
 class _Suite:
     modules: dict = dataclasses.field(default_factory=dict)
     rows: list[dict] = dataclasses.field(default_factory=list)
+    root: Path | None = None  # where today's module is written
 
 
 @pytest.fixture(scope="module")
 def suite(request):
     s = _Suite()
-    yield s
+    with tempfile.TemporaryDirectory(prefix="bench_host_") as root:
+        s.root = Path(root)
+        yield s
     _report(request.config, s)
 
 
 def _module(suite: _Suite, impl: str):
     if impl not in suite.modules:
-        suite.modules[impl] = ours_module if impl.startswith("ours") else _baseline_module()
+        suite.modules[impl] = ours_module if impl.startswith("ours") else _baseline_module(suite.root)
     return suite.modules[impl]
 
 
