@@ -98,7 +98,7 @@ class LoraSlot:
         if self.index.shape[0] != batch or (self.index.dim() == 2 and seq is not None and self.index.shape[1] != seq):
             want = f"[{batch}]" + (f" or [{batch}, {seq}]" if seq is not None else "")
             raise AdapterError(f"{self.name}: index has shape {tuple(self.index.shape)}, expected {want}")
-        if self.index.numel() and (int(self.index.max()) >= n or int(self.index.min()) < -1):
+        if self.index.numel() and bool(((self.index >= n) | (self.index < -1)).any()):
             raise AdapterError(f"{self.name}: index values must lie in [-1, {n - 1}], found "
                                f"[{int(self.index.min())}, {int(self.index.max())}]")
 
@@ -168,7 +168,9 @@ class AdapterBatch:
         return AdapterBatch(*(s.select_rows(rows) for s in self.slots))
 
     def validate(self, config: ModelConfig, batch: int, seq: int | None = None) -> None:
-        key = (config, batch, seq)
+        """Check every slot once per (config, batch, seq): the index range is a device -> host read.
+        Per-sequence indices do not depend on ``seq``, so prefill and decode share one check."""
+        key = (config, batch, None if all(s.index.dim() == 1 for s in self.slots) else seq)
         if key in self._validated:
             return
         for s in self.slots:
@@ -205,9 +207,12 @@ class BoundAdapters:
             self._metas[k] = build_lora_meta(s.index.reshape(-1), s.n_adapters)
         return self._metas[k]
 
-    def delta(self, name: str, x: Tensor) -> Tensor | None:  # x: [N = batch*seq, d_in] -> [N, d_out] or None
-        """Sum over slots of the LoRA deltas for module ``name``: one kernel call per adapted linear."""
+    def delta(self, name: str, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """Sum over slots of the LoRA deltas for module ``name``: one kernel call per adapted linear.
+
+        ``x``: [N = batch*seq, d_in] -> [N, d_out], or None when no slot adapts ``name``. With
+        ``out`` ([N, d_out], the base output) the sum is added into it in place and ``out`` returned."""
         parts = [(k, s) for k, s in enumerate(self.slots) if name in s.A]
         if not parts:
             return None
-        return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts])
+        return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts], out=out)

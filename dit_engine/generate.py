@@ -132,8 +132,10 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
     logits = model(ids.to(dev), adapters, attention_mask=mask.to(dev), cache=cache, output="last")  # [B, V]
     for step in range(params.max_new_tokens):
         tok, lp = _sample(logits.float(), params, gen)  # [b_live], [b_live]
-        tok_l, lp_l = tok.tolist(), lp.tolist()
-        is_stop = torch.isin(tok, stop_t).tolist()
+        # The one device -> host read of a step (the loop needs the tokens to stop rows): token ids
+        # (exact in fp64), their log-probs and the stop flags in one transfer.
+        host = torch.stack((tok.double(), lp.double(), torch.isin(tok, stop_t).double())).tolist()
+        tok_l, lp_l, is_stop = [int(v) for v in host[0]], host[1], host[2]
         done_rows = []
         for j, row in enumerate(alive):
             out_tokens[row].append(tok_l[j])

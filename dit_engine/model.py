@@ -6,7 +6,8 @@
 is an HF checkpoint's and diffs from other tools map 1:1 by name.
 
 Every linear that may carry LoRAs is an :class:`AdaptedLinear`: base GEMM, then the summed deltas
-of the adapter slots bound for this forward pass (one call into ``kernels.multi_lora`` per slot).
+of the adapter slots bound for this forward pass, added into its output in place (one call into
+``kernels.multi_lora`` per adapted linear).
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ class AdaptedLinear(nn.Linear):
 
     def forward(self, x: Tensor, adapters: BoundAdapters | None = None) -> Tensor:  # x: [B, T, d_in]
         y = F.linear(x, self.weight, self.bias)  # [B, T, d_out]
-        if adapters is not None:
-            d = adapters.delta(self.full_name, x.reshape(-1, x.shape[-1]))
-            if d is not None:
-                y = y + d.view(y.shape)
+        if adapters is not None:  # the deltas are added into the base output in place
+            adapters.delta(self.full_name, x.reshape(-1, x.shape[-1]), out=y.view(-1, y.shape[-1]))
         return y
 
 
@@ -211,11 +210,7 @@ class Transformer(nn.Module):
         start = cache.row_lengths if cache is not None else torch.zeros(b, dtype=torch.int64, device=input_ids.device)
         positions = start[:, None] + torch.cumsum(attention_mask, 1) - 1  # [B, T]
         positions = positions.clamp_min(0)
-        if t > 0 and int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {int(positions.max()) + 1} tokens exceeds the model's context of "
-                f"{self.config.max_position_embeddings} (max_position_embeddings)"
-            )
+        self._check_context(positions, cache.pos if cache is not None else 0)
         key_mask = cache.extend_mask(attention_mask) if cache is not None else attention_mask  # [B, S]
         mask = _attention_mask(attention_mask, key_mask)  # [B, 1, T, S]
         cos, sin = self._rope(positions)
@@ -231,6 +226,20 @@ class Transformer(nn.Module):
         if output == "hidden":
             return x
         return F.linear(x, self.lm_weight)
+
+    def _check_context(self, positions: Tensor, columns: int) -> None:
+        """Refuse positions past the context. No row is longer than the ``columns`` its cache holds,
+        so ``columns + T`` bounds every position on the host: the exact check (a device -> host
+        read, which would stall a decode step and break CUDA-graph capture) runs only near the end
+        of the context."""
+        t, ctx = positions.shape[1], self.config.max_position_embeddings
+        if t == 0 or columns + t <= ctx:
+            return
+        longest = int(positions.max()) + 1
+        if longest > ctx:
+            raise ValueError(
+                f"sequence of {longest} tokens exceeds the model's context of {ctx} (max_position_embeddings)"
+            )
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:  # -> 2 x [B, T, hd]
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(torch.float32)  # [B, T, hd/2]

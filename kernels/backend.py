@@ -22,7 +22,6 @@ import contextlib
 import os
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime import interpreter
@@ -60,7 +59,10 @@ def device_guard(tensor: Tensor):
     """
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: holds no state
 
 
 def on_device(kernel, device: torch.device):
@@ -206,10 +208,15 @@ def fp32_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def poisoned() -> bool:
+    """Whether kernel outputs are NaN-filled before a kernel writes them (``DIT_KERNELS_POISON=1``)."""
+    return os.environ.get(ENV_POISON, "0") == "1"
+
+
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An output buffer for a kernel to fill; NaN-filled when ``DIT_KERNELS_POISON=1``."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get(ENV_POISON, "0") == "1" and out.is_floating_point():
+    if poisoned() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
 
@@ -224,7 +231,18 @@ def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Block size covering ``n``: a power of two, at least ``floor`` (``tl.dot`` needs 16)."""
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    return max(floor, next_power_of_2(max(int(n), 1)))
+
+
+# Host-side twins of ``triton.cdiv`` / ``triton.next_power_of_2``: those are ``@triton.jit``
+# functions, and calling one from Python costs ~4 us (a launcher calls several per launch).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n`` >= 1), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length()
 
 
 def num_sms(device: torch.device) -> int:

@@ -6,6 +6,9 @@ kernels write them (``DIT_KERNELS_POISON=1``), so an element a kernel forgets sh
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import rel_err as _rel
@@ -213,7 +216,7 @@ def test_shrink_split_k_matches(split_k):
     x = torch.randn(20, 150, generator=g)
     A, _, _ = _slot(4, 8, 150, 8, g, grad=False)
     idx = _pattern("with_none", 20, 4, g)
-    route = ml._route((build_lora_meta(idx),), x.device)
+    route = ml._route((build_lora_meta(idx),), x)
     (S,) = ml._lora_shrink(x, route, [A], scales=None, split_k=split_k)
     routed = idx >= 0
     want = torch.einsum("trd,td->tr", A.double()[idx.clamp(min=0)], x.double())
@@ -228,13 +231,17 @@ def test_weight_grad_chunks_and_atomics(chunk):
     left, right = torch.randn(n_tok, P, generator=g), torch.randn(n_tok, Q, generator=g)
     idx = _pattern("zipf", n_tok, n, g)
     scale = torch.rand(n, generator=g)
+    idx[::7] = -1  # tokens without an adapter contribute nothing
     meta = build_lora_meta(idx)
+    assert meta.max_count > 8  # chunk 8: the most popular adapter spans several chunks
     got = ml._lora_wgrad(left, right, meta, n, scale, torch.float32, chunk=chunk)
     want = torch.zeros(n, P, Q, dtype=torch.float64)
     for t in range(n_tok):
-        want[idx[t]] += scale[idx[t]].double() * torch.outer(left[t].double(), right[t].double())
+        if idx[t] >= 0:
+            want[idx[t]] += scale[idx[t]].double() * torch.outer(left[t].double(), right[t].double())
     assert _rel(got, want) < 1e-6
-    assert ml._wgrad_chunks(meta, chunk, left.device)[1] == (meta.max_count > chunk)
+    chunks = ml._slot_route(meta, n_tok, left.device, chunk).tiles
+    assert int((chunks[:, 1] - chunks[:, 0]).max()) <= chunk
 
 
 def test_route_and_tiles_are_built_once_per_batch():
@@ -243,16 +250,55 @@ def test_route_and_tiles_are_built_once_per_batch():
     A, B, scale = _slot(3, 4, 32, 16, g, grad=False)
     meta = build_lora_meta(_pattern("with_none", 20, 3, g))
     multi_lora(x, A, B, scale, meta, backend="triton")
-    route = ml._route((meta,), x.device)
+    route = ml._route((meta,), x)
     multi_lora(x, A, B, scale, meta, backend="triton")
-    assert ml._route((meta,), x.device) is route
-    tiles, n_none = route.tiles()
-    # Every token appears in exactly one tile, and each tile holds one adapter per slot.
-    rows = torch.cat([torch.arange(int(s), int(e)) for s, e, _, _ in tiles.tolist()])
-    assert torch.equal(rows, torch.arange(20))
-    for s, e, a0, _ in tiles.tolist():
-        assert set(meta.token_index[route.tokens[s:e]].tolist()) == {a0}
-    assert n_none == sum(1 for _, _, a0, _ in tiles.tolist() if a0 == -1)
+    assert ml._route((meta,), x) is route
+    _assert_tiles_cover(route, [meta.token_index])
+
+
+def _assert_tiles_cover(route, indices):
+    """Every token lies in exactly one used tile, each tile holds one adapter per slot and at most
+    block_m rows, and unused capacity is empty and routes nowhere."""
+    tiles = route.tiles.tolist()
+    used = [t for t in tiles if t[1] > t[0]]
+    rows = torch.cat([torch.arange(s, e) for s, e, _, _ in used]) if used else torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(rows, torch.arange(indices[0].shape[0]))
+    for s, e, a0, a1 in used:
+        assert e - s <= route.block_m
+        toks = route.tokens[s:e]
+        assert set(indices[0][toks].tolist()) == {a0}
+        assert set(indices[1][toks].tolist()) == {a1} if len(indices) > 1 else a1 == -1
+    assert all(t == [0, 0, -1, -1] for t in tiles if t[1] == t[0])
+    # the route groups tokens, so fewer tiles than the capacity would mean a wasteful bound only
+    assert len(used) <= len(tiles) <= max(1, indices[0].shape[0])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("n_tok", [1, 63, 200])
+def test_device_route_tiles_cover_every_token_once(pattern, n_tok):
+    """The sync-free route (fixed capacity, empty unused tiles) for one and two token-routed slots."""
+    g = torch.Generator().manual_seed(n_tok)
+    x = torch.randn(n_tok, 8)
+    idx0 = _pattern(pattern, n_tok, 9, g)
+    idx1 = _pattern("with_none", n_tok, 2, g)
+    m0, m1 = build_lora_meta(idx0), build_lora_meta(idx1)
+    _assert_tiles_cover(ml._route((m0,), x), [idx0])
+    _assert_tiles_cover(ml._route((m0, m1), x), [idx0, idx1])
+    for chunk in (8, 64):
+        _assert_tiles_cover(ml._slot_route(m0, n_tok, x.device, chunk), [idx0])
+
+
+@pytest.mark.parametrize("seq", [1, 5, 40])
+def test_device_route_of_row_routings_within_its_capacity(seq):
+    """Per-sequence routing: the capacity bound (rows, adapters) holds for decode and prefill."""
+    rows = torch.tensor([3, 3, -1, 0, 7, 3, 1, 1, -1, 5, 6, 2, 4, 4, 0, 7, 3, 2])
+    diff, dit = RowRouting(rows, 8), RowRouting(torch.where(rows == 1, -1, 0), 1)
+    x = torch.randn(rows.numel() * seq, 8)
+    tok = [r.index[:, None].expand(-1, seq).reshape(-1) for r in (diff, dit)]
+    route = ml._route((diff, dit), x)
+    assert route.block_m == (16 if seq <= 16 else 64)
+    _assert_tiles_cover(route, tok)
+    _assert_tiles_cover(ml._route((diff,), x), tok[:1])
 
 
 def test_empty_batch():
@@ -368,3 +414,53 @@ def test_row_routing_refuses_tokens_that_do_not_split_into_its_rows():
     A, B, scale = _slot(2, 2, 8, 4, g)
     with pytest.raises(ValueError, match="7 tokens do not split into the 3 routed rows"):
         multi_lora_sum(torch.randn(7, 8), [(A, B, scale, RowRouting(torch.tensor([0, 1, 0]), 2))], backend="torch")
+
+
+def test_a_dropped_batch_frees_its_routes_plans_and_buffers_without_the_cycle_collector():
+    """Routes, launch plans and the inference scratch live in the routing's cache and hold no
+    reference back to it: dropping the batch frees them at once (GPU memory is not left to gc)."""
+    g = torch.Generator().manual_seed(21)
+    A, B, scale = _slot(3, 4, 16, 8, g, grad=False)
+    x = torch.randn(6, 16, generator=g)
+    gc.disable()
+    try:
+        routing, shared = RowRouting(torch.tensor([2, 0, -1]), 3), RowRouting(torch.zeros(3, dtype=torch.int64), 3)
+        with torch.no_grad():
+            multi_lora_sum(x, [(A, B, scale, routing), (A, B, scale, shared)], backend="triton")
+        route = ml._route((routing, shared), x)
+        assert route.scratch, "inference keeps its S buffer on the route"
+        buf = next(iter(route.scratch.values()))[0]
+        alive = [weakref.ref(t) for t in (route.tokens, route.tiles, buf)]
+        del routing, shared, route, buf
+        assert [r() for r in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_adds_the_delta_into_the_base_output_in_place(backend, grad):
+    """``out=``: the delta lands in the caller's buffer (on the Triton inference path the expand
+    adds into it; rows of tokens without any adapter are not touched), gradients flow through."""
+    g = torch.Generator().manual_seed(22)
+    batch, seq, d_in, d_out = 5, 3, 40, 70
+    A, B, scale = _slot(4, 4, d_in, d_out, g, grad=grad)
+    A1, B1, scale1 = _slot(1, 8, d_in, d_out, g, grad=False)
+    rows, dit = torch.tensor([1, -1, 3, 0, -1]), torch.tensor([0, -1, 0, -1, 0])  # row 1: no adapter at all
+    slots = [(A, B, scale, RowRouting(rows, 4)), (A1, B1, scale1, RowRouting(dit, 1))]
+    x = torch.randn(batch * seq, d_in, generator=g)
+    base = torch.randn(batch * seq, d_out, generator=g)
+    with torch.set_grad_enabled(grad):
+        want = base + multi_lora_sum(x, slots, backend=backend)
+        y = base.clone().requires_grad_(grad)
+        target = y.clone() if grad else y  # autograd: in place on a non-leaf, as the model's F.linear output
+        got = multi_lora_sum(x, slots, backend=backend, out=target)
+    assert got is target
+    assert _rel(got, want) < 1e-6
+    none = torch.repeat_interleave((rows == -1) & (dit == -1), seq)
+    assert none.sum() == seq and torch.equal(got[none], base[none])
+    if grad:
+        ga, ref = torch.autograd.grad(got.square().sum(), (A, y)), torch.autograd.grad(want.square().sum(), A)
+        assert _rel(ga[0], ref[0]) < 1e-5 and _rel(ga[1], 2 * got.detach()) < 1e-6
+    with pytest.raises(ValueError, match=r"out is \(15, 69\) on cpu, expected \[15, 70\]"):
+        multi_lora_sum(x, slots, backend=backend, out=torch.zeros(15, 69))
