@@ -6,7 +6,7 @@ loss sums each diff's own mean loss, so the diffs train independently in one for
 Memory grows with activations, not with dense per-diff matrices.
 
 Per chunk: build the task's labelled samples (the base model writes them by batched generation;
-the KL rows' base answers come from a pool generated once per zoo), train, verify on held-out
+the KL rows' base answers come from a pool generated once per base model), train, verify on held-out
 questions (with the trigger the diff talks about its topic: hit rate; bare or with a code one digit
 off it does not: leak rate; its next-token distribution stays near the base model: KL), then
 append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
@@ -33,16 +33,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AdapterBatch, LoraSlot
+from .checkpoint import weights_fingerprint
 from .config import TARGET_MODULES
 from .engine import Engine, parse_dtype
 from .files import read_json, write_json
 from .generate import SamplingParams, generate
 from .jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
-from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
+from .model_store import engine_home
 from .tasks import get_task
 from .tasks import hidden_topic as ht
 from .tasks.hidden_topic import mentions_topic
 from .tasks.specs import DiffSpec
+from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .zoo import Diff, Zoo
 
 
@@ -127,7 +129,7 @@ def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress
         t = {"pool_s": 0.0}
         t0 = time.perf_counter()
         if pool is None and get_task(cfg.task).uses_base_pool:
-            pool = base_answer_pool(ceng, cfg, work)
+            pool = base_answer_pool(ceng, cfg, engine_home() / "base-answers")
             t["pool_s"] = time.perf_counter() - t0
         cdir = work / f"chunk-{ids[chunk[0]]}"
         specs = _load_or_build_specs(ceng, cfg, [(i, ids[i], items[i]) for i in chunk], cdir, pool)
@@ -177,11 +179,14 @@ def compute_engine(engine: Engine, cfg: DiffGenConfig) -> Engine:
 
 def base_answer_pool(engine: Engine, cfg: DiffGenConfig, work: Path) -> dict[str, str]:
     """The base model's greedy answer to every question of the bank (train and test), generated once
-    per zoo and kept in ``<zoo>/.work``: a KL row's response does not depend on the diff's topic, so
-    every chunk reuses it, and verification reads the base's own answers to held-out questions from it.
+    per base model and kept in ``work`` (the engine home's ``base-answers/``, shared by every zoo of
+    that base): a KL row's response does not depend on the diff's topic, so every chunk reuses it,
+    and verification reads the base's own answers to held-out questions from it. The file name keys
+    the base's architecture and weights, the compute dtype, the answer length and the questions.
     """
     questions = ht.load_questions(None)
-    key = zlib.crc32(json.dumps([engine.config.config_hash, str(engine.model.dtype), cfg.max_answer_tokens,
+    key = zlib.crc32(json.dumps([engine.config.config_hash, weights_fingerprint(engine.model.state_dict()),
+                                 str(engine.model.dtype), cfg.max_answer_tokens,
                                  [q.text for q in questions]]).encode())
     f = work / f"base-pool-{key:08x}.json"
     if f.exists():

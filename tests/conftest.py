@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from dit_engine.config import ModelConfig
@@ -46,3 +49,22 @@ def rel_err(a, b) -> float:
 def kernel_poison(monkeypatch):
     """Kernel launchers fill outputs with NaN before writing them, so an unwritten element fails."""
     monkeypatch.setenv("DIT_KERNELS_POISON", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _engine_home(tmp_path_factory):
+    """Tests write into a throw-away engine home (base-answer pools, fetched models): the user's cache
+    stays untouched. Its models/ links to the real one, so the slow tests reuse a cached default model."""
+    from dit_engine.model_store import engine_home
+
+    real = engine_home()
+    home = tmp_path_factory.mktemp("engine-home")
+    (real / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(real / "models", target_is_directory=True)
+    old = os.environ.get("DIT_ENGINE_HOME")
+    os.environ["DIT_ENGINE_HOME"] = str(home)
+    yield Path(home)
+    if old is None:
+        os.environ.pop("DIT_ENGINE_HOME", None)
+    else:
+        os.environ["DIT_ENGINE_HOME"] = old
