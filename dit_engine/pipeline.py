@@ -64,8 +64,9 @@ class PipelineConfig:
 
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model (fp32).
+    # With a shipped adapter for this base, only the held-out zoo is made and read (no DIT training).
     "laptop": PipelineConfig(
-        n_train=16, n_test=8, n_train_eval=8,
+        n_train=16, n_test=8, n_train_eval=8, adapter=SHIPPED,
         diffs=DiffGenConfig(epochs=3, n_backdoor=6, n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32,
                             rows_per_diff=1),
         dit=DitTrainConfig(lr=1e-3, epochs=6, batch_size=8, val_fraction=0.0)),
