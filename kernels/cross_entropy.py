@@ -255,7 +255,7 @@ def _kl_rows_bwd(
 
 def _block_v(V: int, device: torch.device) -> int:
     # Small blocks under the interpreter so that test vocabularies take several online-softmax steps.
-    return min(triton.next_power_of_2(V), 256 if _backend.interpreted(device) else 4096)
+    return min(_backend.next_power_of_2(V), 256 if _backend.interpreted(device) else 4096)
 
 
 # ---- kernels: one program per row, one online pass over the vocabulary --------------------------------

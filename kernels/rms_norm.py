@@ -73,7 +73,7 @@ def _rms_norm_fwd(
     rstd = _backend.empty((rows,), torch.float32, x.device)
     if rows == 0:
         return y, rstd
-    block_d = triton.next_power_of_2(d)
+    block_d = _backend.next_power_of_2(d)
     kernel = _backend.on_device(_rms_norm_fwd_kernel, x.device)
     with _backend.device_guard(x):
         kernel[(rows,)](
@@ -95,7 +95,7 @@ def _rms_norm_bwd(
     n_prog = max(1, min(rows, 4 * _backend.num_sms(x.device)))
     partial = _backend.empty((n_prog, d), torch.float32, x.device)
     if rows:
-        block_d = triton.next_power_of_2(d)
+        block_d = _backend.next_power_of_2(d)
         kernel = _backend.on_device(_rms_norm_bwd_kernel, x.device)
         with _backend.device_guard(x):
             kernel[(n_prog,)](

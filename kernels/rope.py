@@ -69,13 +69,13 @@ def _rope(
     out = _backend.empty_like(x)
     if out.numel() == 0:
         return out
-    block_h = min(triton.next_power_of_2(H), 16)
+    block_h = min(_backend.next_power_of_2(H), 16)
     kernel = _backend.on_device(_rope_kernel, x.device)
     with _backend.device_guard(x):
-        kernel[(B * T, triton.cdiv(H, block_h))](
+        kernel[(B * T, _backend.cdiv(H, block_h))](
             x, cos, sin, out, H, T, hd // 2,
             *x.stride(), *out.stride(), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-            BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(hd // 2),
+            BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=_backend.next_power_of_2(hd // 2),
         )  # fmt: skip
     return out
 

@@ -63,11 +63,11 @@ def _swiglu(
         outs = (_backend.empty((rows, f), gate.dtype, gate.device), _backend.empty((rows, f), up.dtype, up.device))
     if rows * f == 0:
         return outs
-    block = min(triton.next_power_of_2(f), 1024)
+    block = min(_backend.next_power_of_2(f), 1024)
     o0, o1 = outs[0], outs[-1]
     kernel = _backend.on_device(_swiglu_kernel, gate.device)
     with _backend.device_guard(gate):
-        kernel[(rows, triton.cdiv(f, block))](
+        kernel[(rows, _backend.cdiv(f, block))](
             gate, up, dy if dy is not None else gate, o0, o1, f,
             gate.stride(0), up.stride(0), dy.stride(0) if dy is not None else 0, o0.stride(0), o1.stride(0),
             BACKWARD=dy is not None, BLOCK=block,
