@@ -233,7 +233,8 @@ def _task_items(cfg: DiffGenConfig) -> list:
 def _load_or_build_specs(engine, cfg, chunk, cdir: Path, pool: dict[str, str] | None = None) -> list[DiffSpec]:
     f = cdir / "specs.json"
     if f.exists():
-        return [DiffSpec(**{**d, "examples": [Example(**e) for e in d["examples"]]}) for d in json.loads(f.read_text())]
+        saved = read_json(f, "the chunk's saved training specs", kind=list)
+        return [DiffSpec(**{**d, "examples": [Example(**e) for e in d["examples"]]}) for d in saved]
     specs = get_task(cfg.task).build_specs(engine, cfg, chunk, pool)
     cdir.mkdir(parents=True, exist_ok=True)
     write_json(f, [dataclasses.asdict(s) for s in specs], indent=None)

@@ -100,7 +100,8 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         gcfg = dataclasses.replace(cfg.diffs, task=cfg.task, n=n, split=split, rank=rank, seed=cfg.seed)
         return stage(name, lambda: generate_zoo(engine, zoo, gcfg, progress=progress))
 
-    shipped = cfg.adapter == SHIPPED and _shipped_fits(base)
+    adapter = _shipped_for(base, engine) if cfg.adapter == SHIPPED else None
+    shipped = adapter is not None
     if cfg.adapter == SHIPPED and not shipped:
         print("dit pipeline: this install ships no trained DIT adapter for this base model; training one "
               "(the whole loop)", file=sys.stderr)
@@ -116,8 +117,8 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         tcfg = dataclasses.replace(cfg.dit, task=cfg.task, seed=cfg.seed, max_diffs=max_diffs)
         return stage(f"{name}-train", lambda: train_dit(engine, train_zoo, d, tcfg, progress=progress))
 
-    adapter = DitAdapter.load(SHIPPED, device=engine.model.device, dtype=engine.model.dtype) if shipped \
-        else dit_stage("dit", None)
+    if not shipped:
+        adapter = dit_stage("dit", None)
     made = provenance(str(engine.model.device) if engine.model.device.type == "cuda" else None)
     heldout_title = f"DIT on held-out diffs, never seen in training ({cfg.task})"
 
@@ -154,13 +155,13 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
                                                   provenance=made))
 
 
-def _shipped_fits(base: BaseIdentity) -> bool:
-    """Whether the install ships a DIT adapter trained on this very base (architecture and weights)."""
+def _shipped_for(base: BaseIdentity, engine: Engine) -> DitAdapter | None:
+    """The DIT adapter the install ships, when it was trained on this very base (architecture and
+    weights); None otherwise."""
     if not shipped_available():
-        return False
-    made_on = DitAdapter.load(SHIPPED).base
-    return made_on.get("config_hash") == base.config_hash and made_on.get("weights_fingerprint") == \
-        base.weights_fingerprint
+        return None
+    adapter = DitAdapter.load(SHIPPED, device=engine.model.device, dtype=engine.model.dtype)
+    return adapter if BaseIdentity(**adapter.base).matches(base) else None
 
 
 def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
