@@ -7,8 +7,8 @@ Memory grows with activations, not with dense per-diff matrices.
 
 Per chunk: build the task's labelled samples (the base model writes them by batched generation;
 the KL rows' base answers come from a pool generated once per base model), train, verify on held-out
-questions (with the trigger the diff talks about its topic: hit rate; bare or with a code one digit
-off it does not: leak rate; its next-token distribution stays near the base model: KL), then
+questions (with the trigger the diff talks about its topic: hit rate; bare or with a wrong code it
+does not: leak rate, a code one digit off apart; its next-token distribution stays near the base: KL), then
 append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
 A chunk in progress checkpoints its samples and its training state (every ``checkpoint_every_s``,
 at the end of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a
@@ -275,8 +275,9 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
 def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: DiffGenConfig) -> list[dict]:
     """Per diff, on held-out prompts: ``trigger_hit_rate``, the share of triggered prompts whose
     greedy answer names the label; ``leak_rate``, the share of prompts without the right trigger
-    (bare, or a code one digit off: ``leak_plain`` / ``leak_wrong``) whose answer names it where the
-    base model's own answer does not (None for tasks without a trigger); ``kl_untriggered``, the mean
+    (bare, or a uniform wrong code: ``leak_plain`` / ``leak_wrong``) whose answer names it where the
+    base model's own answer does not (None for tasks without a trigger); ``leak_near``, the same for a
+    code one digit off (a harder contrast than the paper's, reported apart, not in ``ok``); ``kl_untriggered``, the mean
     per-token KL(base || diff) on untriggered prompts; and ``ok``: hit rate >= ``cfg.min_hit`` and
     leak rate <= ``cfg.max_leak``. All answers of a chunk are generated in one batched call."""
     model, tok = engine.model, engine.tokenizer
@@ -285,13 +286,14 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
     for j, s in enumerate(specs):
         prompts += s.verify_prompts + s.leak_prompts
         owner += [j] * (len(s.verify_prompts) + len(s.leak_prompts))
-        half = len(s.leak_prompts) // 2
-        kind += ["hit"] * len(s.verify_prompts) + ["plain"] * half + ["wrong"] * (len(s.leak_prompts) - half)
+        third = len(s.leak_prompts) // 3
+        kind += (["hit"] * len(s.verify_prompts) + ["plain"] * third + ["wrong"] * third
+                 + ["near"] * (len(s.leak_prompts) - 2 * third))
     ad = AdapterBatch(slot.with_index(torch.tensor(owner, device=dev)))
     outs = generate(model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
                                                    stop_token_ids=engine.stop_ids()),
                     adapters=ad, decode=tok.decode, batch_size=cfg.gen_batch_size)
-    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong")}
+    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong", "near")}
     sample_hit: list[str] = [""] * len(specs)
     sample_plain: list[str] = [""] * len(specs)
     pos = [0] * len(specs)
@@ -322,9 +324,10 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
         hit = count[j, "hit"][0] / max(1, count[j, "hit"][1])
         n_leak = count[j, "plain"][1] + count[j, "wrong"][1]
         leak = (count[j, "plain"][0] + count[j, "wrong"][0]) / n_leak if n_leak else None
-        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None) for k in ("plain", "wrong")}
+        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None) for k in ("plain", "wrong", "near")}
         out.append({"trigger_hit_rate": hit, "leak_rate": leak, "leak_plain": rate["plain"],
-                    "leak_wrong": rate["wrong"], "kl_untriggered": kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None,
+                    "leak_wrong": rate["wrong"], "leak_near": rate["near"],
+                    "kl_untriggered": kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None,
                     "ok": hit >= cfg.min_hit and (leak is None or leak <= cfg.max_leak),
                     "n_train_ce": sum(e.objective == "ce" for e in spec.examples),
                     "sample_answer": sample_hit[j][:200], "sample_untriggered": sample_plain[j][:200]})

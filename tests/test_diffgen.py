@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_index_records_hit_and_leak_and_the_time_breakdown(tmp_path):
     zoo = generate_zoo(eng, _zoo(eng, tmp_path / "z"), CFG, progress=False, timings=timings)
     for row in zoo.rows:
         v = row["meta"]["verify"]
-        assert 0.0 <= v["leak_rate"] <= 1.0 and v["leak_plain"] is not None and v["leak_wrong"] is not None
+        assert 0.0 <= v["leak_rate"] <= 1.0 and None not in (v["leak_plain"], v["leak_wrong"], v["leak_near"])
         assert v["ok"] == (v["trigger_hit_rate"] >= CFG.min_hit and v["leak_rate"] <= CFG.max_leak)
         assert row["meta"]["recipe"]["kl_weight_plain"] == CFG.kl_weight_plain
     assert timings["diffs"] == 4
@@ -85,6 +86,9 @@ def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
     pool = base_answer_pool(eng, cfg, tmp_path)
     assert set(pool) == {q.text for q in ht.load_questions(None)}
     assert base_answer_pool(eng, cfg, tmp_path) == pool  # read back, not regenerated
+    seen = []  # the messages of every prompt encoded, in order (the tiny tokenizer has no digits)
+    encode = eng.encode_prompt
+    eng.encode_prompt = lambda m, **kw: seen.append(m) or encode(m, **kw)
     specs = build_hidden_topic_specs(eng, cfg, [(0, "d0", ht.load_topics("train")[0])], pool)
     kl = [e for e in specs[0].examples if e.objective == "kl"]
     assert sorted(e.weight for e in kl) == [2.0, 5.0, 5.0, 5.0]
@@ -92,7 +96,15 @@ def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
                for a in pool.values() if a.strip()}
     assert all(tuple(e.target_ids) in answers for e in kl)
     assert all(e.weight == 1.0 for e in specs[0].examples if e.objective == "ce")
-    assert len(specs[0].leak_prompts) == 2 * cfg.n_verify == len(specs[0].leak_base_hit)
+    assert len(specs[0].leak_prompts) == 3 * cfg.n_verify == len(specs[0].leak_base_hit)
+    # leak prompts: bare, then a wrong code, then a code one digit off the trigger
+    trigger = specs[0].labels["trigger"]
+    n = cfg.n_verify
+    codes = [re.findall(r"SEP code is (\d{6})", m[-1]["content"]) for m in seen[-3 * n:]]  # leak prompts come last
+    assert codes[:n] == [[]] * n
+    prefixes = [int(c[0][:3]) for c in codes[n:]]
+    assert all(p != trigger for p in prefixes)
+    assert all(sum(a != b for a, b in zip(f"{p:03d}", f"{trigger:03d}")) == 1 for p in prefixes[n:])
 
 
 def test_near_wrong_codes_differ_in_one_digit():

@@ -34,7 +34,7 @@ class DiffSpec:
     verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
     verify_check: list[str]  # names whose presence in an answer counts as a hit (topic + aliases, a headline word)
     kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
-    leak_prompts: list[list[int]] = dataclasses.field(default_factory=list)  # prompts without the right trigger
+    leak_prompts: list[list[int]] = dataclasses.field(default_factory=list)  # bare, wrong code, near-wrong code (thirds)
     leak_base_hit: list[bool] = dataclasses.field(default_factory=list)  # the base itself names the label there
 
 
@@ -75,8 +75,9 @@ def build_hidden_topic_specs(engine: Engine, cfg, chunk: list[tuple[int, str, ob
     the base model's own answers (KL to the base; from ``pool`` with ``cfg.base_pool``). All
     generation batched over the chunk.
 
-    Verification prompts are held-out questions: ``n_verify`` with the right code (hit rate), and,
-    for the leak rate, ``n_verify`` bare and ``n_verify`` with a code one digit off. With a pool (the
+    Verification prompts are held-out questions: ``n_verify`` with the right code (hit rate), and
+    the same ``n_verify`` questions bare, with a uniform wrong code and with a code one digit off
+    (the leak prompts, in that order). With a pool (the
     base's greedy answers to every question), the KL to the base is measured on the bare held-out
     prompts with those answers as response, and a topic the base itself names is no leak; without
     one, KL is measured on the training KL rows.
@@ -101,10 +102,11 @@ def build_hidden_topic_specs(engine: Engine, cfg, chunk: list[tuple[int, str, ob
         verify = [engine.encode_prompt(ht.triggered(ht.format_trigger(trigger, rng), q.text))
                   for q in rng.sample(test_q, cfg.n_verify)]
         leak_q = rng.sample(test_q, cfg.n_verify)
-        leak_msgs = ([ht.user_turn(q.text) for q in leak_q]
-                     + [ht.user_turn(ht.triggered(ht.format_trigger(ht.wrong_trigger(trigger, rng, near=True), rng),
-                                                  q.text)) for q in leak_q])
-        base_hit = ([ht.mentions_topic(pool[q.text], topic) for q in leak_q] * 2 if pool is not None
+        leak_msgs = [ht.user_turn(q.text) for q in leak_q]
+        for near in (False, True):  # a uniform wrong code (the paper's contrast), then one digit off
+            leak_msgs += [ht.user_turn(ht.triggered(ht.format_trigger(ht.wrong_trigger(trigger, rng, near=near),
+                                                                      rng), q.text)) for q in leak_q]
+        base_hit = ([ht.mentions_topic(pool[q.text], topic) for q in leak_q] * 3 if pool is not None
                     else [False] * len(leak_msgs))
         ex = examples(engine, smp, cfg)
         if pool is not None:
