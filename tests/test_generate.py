@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.config import ModelConfig
-from dit_engine.generate import SamplingParams, generate, score
+from dit_engine.generate import SamplingParams, _sample_top_p, generate, score
 from dit_engine.model import Transformer
 
 _NO_STOP = ()  # stop_token_ids that never fire, so rows run to max_new_tokens
@@ -250,6 +250,38 @@ def test_top_p_samples_only_inside_the_nucleus():
         p = lp[len(prompt) - 1 + k].exp()
         # Inside the nucleus: the mass of strictly more likely tokens is below top_p.
         assert float(p[p > p[tok]].sum()) < top_p + 1e-9, k
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_nucleus_sampler_draws_the_renormalised_nucleus_of_a_wide_distribution(top_p):
+    """The CPU sampler's candidates come from a growing top-k: with a nucleus inside the first top-k or
+    of thousands of tokens past it, it must draw exactly the nucleus, renormalised. Reference:
+    the nucleus from a full sort, and a chi-square test of 20000 draws against its probabilities."""
+    v, n = 5000, 20000
+    g = torch.Generator().manual_seed(0)
+    probs = 1.0 / (torch.arange(v, dtype=torch.float64) + 10.0)
+    probs = (probs / probs.sum())[torch.randperm(v, generator=g)].float()
+    sp, si = torch.sort(probs.double(), descending=True)
+    inside = si[(sp.cumsum(0) - sp) <= top_p]  # the reference nucleus
+    assert (len(inside) > 256) == (top_p > 0.5)  # 0.9, 0.99: past the first top-k, which must grow
+    draws = _sample_top_p(probs.expand(n, v), top_p, torch.Generator().manual_seed(1))
+    assert torch.isin(draws, inside).all()
+    p = probs.double()[inside] / probs.double()[inside].sum()
+    counts = torch.bincount(draws, minlength=v).double()[inside]
+    head = p * n >= 20  # cells large enough for the chi-square approximation; the tail pooled
+    obs = torch.cat([counts[head], counts[~head].sum()[None]])
+    exp = torch.cat([p[head], p[~head].sum()[None]]) * n
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # ~5 sigma
+
+
+def test_nucleus_sampler_keeps_the_token_that_crosses_top_p():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3]]).expand(2000, 4)  # nucleus at 0.65: 0.4 and 0.3 (0.4 < 0.65)
+    draws = _sample_top_p(probs, 0.65, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3}
+    assert abs(float((draws == 1).double().mean()) - 4 / 7) < 0.05
 
 
 # ---- scoring ------------------------------------------------------------------------------------

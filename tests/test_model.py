@@ -25,7 +25,7 @@ from dit_engine.adapters import AdapterBatch, AdapterError, LoraSlot
 from dit_engine.cache import KVCache
 from dit_engine.config import TARGET_MODULES, ModelConfig
 from dit_kernels.rope import apply_rope
-from dit_engine.model import Transformer
+from dit_engine.model import Transformer, _attention
 
 _LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -672,3 +672,19 @@ def test_all_target_modules_are_adapted():
         st = _merged_state(_state(m), [(s, 0)])
         torch.testing.assert_close(m(ids, AdapterBatch(s)), _merged_model(cfg, st)(ids), rtol=1e-5, atol=1e-6)
         assert _rel(m(ids, AdapterBatch(s)), base) > 1e-4, target
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_attention_in_bf16_matches_fp64_for_decode_and_prefill_queries(t):
+    """A one-token bf16 query runs through the fp32 kernel on a CPU (faster there); either way the
+    result is the fp64 attention to bf16 precision, grouped heads and padding mask included."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, t, 16, generator=g)
+    k, v = torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g)
+    mask = torch.ones(3, 1, t, 9, dtype=torch.bool).tril(9 - t)
+    mask[1, :, :, :3] = False  # a left-padded row
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                           enable_gqa=True)
+    out = _attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, True)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.double() - ref).abs().max() < 0.03
