@@ -83,6 +83,8 @@ class DiffGenConfig:
     # ---- speed
     compute_dtype: str | None = None  # "bfloat16": train and generate in bf16 (fp32 master weights); None: the engine's
     bucket: bool = True  # micro-batches of similar-length rows (less padding); batch order still shuffled
+    balance: bool = False  # each diff's rows of an epoch alternate backdoor / KL, so with rows_per_diff >= 2 every
+    #                        optimizer step sees the trigger and its contrast together
     # ---- labels from a user file instead of the packaged data (see tasks.datafiles.read_label_file)
     topics_file: str | None = None  # hidden-topic: CSV "category,topic" with a header, or JSON [{topic, category}]
     headlines_file: str | None = None  # news: CSV "category,headline" with a header, or JSON [{headline, category}]
@@ -340,7 +342,9 @@ def _micro_batches(specs: list[DiffSpec], cfg: DiffGenConfig) -> list[list[Examp
 
     With ``cfg.bucket`` each diff's rows of an epoch are ordered by length before they are cut into
     micro-batches, so a micro-batch holds the k-th shortest rows of every diff (little padding),
-    and the epoch's micro-batches then run in one shuffled order shared by all diffs.
+    and the epoch's micro-batches then run in one shuffled order shared by all diffs. With
+    ``cfg.balance`` a diff's backdoor and KL rows alternate (each kind in that order), so a
+    micro-batch of ``rows_per_diff >= 2`` holds both kinds.
     """
     rng = random.Random(cfg.seed)
     k = cfg.rows_per_diff
@@ -352,6 +356,8 @@ def _micro_batches(specs: list[DiffSpec], cfg: DiffGenConfig) -> list[list[Examp
             rng.shuffle(ep)
             if cfg.bucket:
                 ep.sort(key=lambda e: len(e.prompt_ids) + len(e.target_ids))
+            if cfg.balance:
+                ep = _interleave([e for e in ep if e.objective == "ce"], [e for e in ep if e.objective != "ce"])
             per.append(ep)
         n = -(-max(len(r) for r in per) // k)
         epoch = [[e for rows in per for e in rows[b * k : (b + 1) * k]] for b in range(n)]
@@ -359,6 +365,13 @@ def _micro_batches(specs: list[DiffSpec], cfg: DiffGenConfig) -> list[list[Examp
             rng.shuffle(epoch)
         batches += epoch
     return batches
+
+
+def _interleave(a: list, b: list) -> list:
+    """a and b merged so each keeps its order and both are spread evenly (a0 b0 a1 b1 ... for equal
+    lengths; the longer list's extra items evenly between)."""
+    keyed = [((i + 0.5) / len(a), 0, i) for i in range(len(a))] + [((i + 0.5) / len(b), 1, i) for i in range(len(b))]
+    return [(a, b)[k][i] for _, k, i in sorted(keyed)]
 
 
 def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenConfig) -> Diff:
@@ -373,5 +386,6 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
               "recipe": {"n_backdoor": cfg.n_backdoor, "n_kl": cfg.n_kl, "n_wrong": cfg.n_wrong,
                          "kl_weight_plain": cfg.kl_weight_plain, "kl_weight_wrong": cfg.kl_weight_wrong,
                          "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
-                         "compute_dtype": cfg.compute_dtype}},
+                         "compute_dtype": cfg.compute_dtype, "rows_per_diff": cfg.rows_per_diff,
+                         "balance": cfg.balance, "max_answer_tokens": cfg.max_answer_tokens}},
     )
