@@ -44,7 +44,7 @@ from .tasks import get_task
 from .tasks import hidden_topic as ht
 from .tasks.hidden_topic import mentions_topic
 from .tasks.specs import DiffSpec
-from .train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
+from .train import Example, TeacherCache, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from .zoo import Diff, Zoo
 
 
@@ -258,12 +258,13 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
     start = int(meta["batch"]) if meta else 0
     pad = engine.tokenizer.pad_token_id
+    teacher = TeacherCache(model, [e for b in batches for e in b], pad_id=pad, batch_size=cfg.gen_batch_size)
     with job("diff training", cfg.checkpoint_every_s) as j:  # inside generate_zoo: its job
         for b in tqdm(range(start, len(batches)), desc="training diffs", unit="batch", leave=False,
                       disable=not progress):
             batch = collate(batches[b], pad_id=pad).to(dev)
             ad = AdapterBatch(slot.with_index(batch.group))
-            loss, _ = batch_loss(model, batch, ad, group_reduce="sum")
+            loss, _ = batch_loss(model, batch, ad, group_reduce="sum", teacher_hidden=teacher.for_batch(batches[b]))
             trainer.backward(loss)
             # The last batch too: verification and the append then never need the chunk retrained.
             if ckpt_dir is not None and (j.should_checkpoint() or b + 1 == len(batches)):

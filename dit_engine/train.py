@@ -101,6 +101,7 @@ def batch_loss(
     teacher_adapters: AdapterBatch | None = None,
     group_reduce: Literal["sum", "mean"] = "mean",
     chunk_size: int = 1024,
+    teacher_hidden: Tensor | None = None,
 ) -> tuple[Tensor, dict[int, tuple[float, int]]]:
     """Scalar loss, and per group its mean token loss and scored-token count (for logs, evals).
 
@@ -109,6 +110,10 @@ def batch_loss(
 
     ``group_reduce="sum"``: independent diffs (each diff's gradient is that of its own mean loss);
     ``"mean"``: one shared adapter (the average over groups).
+
+    ``teacher_hidden``: the teacher's final hidden states at the batch's KL positions ([P, h], in
+    the row-major order ``batch.kl`` selects them, e.g. from :class:`TeacherCache`); computed here
+    (the base model, or ``teacher_adapters`` on it) when None.
     """
     hidden = model(batch.input_ids, adapters, attention_mask=batch.attention_mask, output="hidden")  # [B, T, h]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -121,12 +126,18 @@ def batch_loss(
         )
     kl_rows = batch.kl.any(1).nonzero().flatten()
     if kl_rows.numel():
-        with torch.no_grad():
-            ta = teacher_adapters.select_rows(kl_rows) if teacher_adapters is not None else None
-            t_hidden = model(batch.input_ids[kl_rows], ta, attention_mask=batch.attention_mask[kl_rows], output="hidden")
         kl_mask = batch.kl[kl_rows]  # [R, T]
         pos = (kl_rows[:, None] * batch.kl.shape[1] + torch.arange(batch.kl.shape[1], device=kl_rows.device))[kl_mask]
-        kl = linear_kl_to_teacher(h[pos], t_hidden[kl_mask], w, chunk_size=chunk_size)
+        if teacher_hidden is None:
+            with torch.no_grad():
+                ta = teacher_adapters.select_rows(kl_rows) if teacher_adapters is not None else None
+                t_hidden = model(batch.input_ids[kl_rows], ta, attention_mask=batch.attention_mask[kl_rows],
+                                 output="hidden")
+            teacher_hidden = t_hidden[kl_mask]
+        elif teacher_hidden.shape != (pos.numel(), h.shape[-1]):
+            raise ValueError(f"batch_loss: teacher_hidden has shape {tuple(teacher_hidden.shape)}, the batch's "
+                             f"{pos.numel()} KL positions need ({pos.numel()}, {h.shape[-1]})")
+        kl = linear_kl_to_teacher(h[pos], teacher_hidden, w, chunk_size=chunk_size)
         tok_loss = tok_loss.index_add(0, pos, kl)
     scored = (batch.targets >= 0) | batch.kl  # [B, T]
     row_sum = tok_loss.view(scored.shape).sum(1)  # [B]
@@ -139,6 +150,37 @@ def batch_loss(
     g_train = g_wsum / g_cnt.clamp_min(1)
     loss = g_train.sum() if group_reduce == "sum" else g_train.mean()
     return loss, {g: (v, int(c)) for g, v, c in zip(groups.tolist(), g_loss.detach().tolist(), g_cnt.tolist())}
+
+
+class TeacherCache:
+    """The base model's final hidden states at every KL position of a set of examples, computed once
+    (batched, no grad) and reused: a KL row's teacher depends only on its tokens, so every epoch,
+    and every diff that shares a row (the same bare question and base answer), reads the same
+    states instead of running the teacher's forward again. Keyed by the row's tokens."""
+
+    def __init__(self, model: Transformer, examples: Sequence[Example], *, pad_id: int = 0, batch_size: int = 32):
+        self._h: dict[tuple, Tensor] = {}
+        rows = {self.key(e): e for e in examples if e.objective == "kl"}
+        todo = sorted(rows.values(), key=lambda e: len(e.prompt_ids) + len(e.target_ids))
+        with torch.no_grad():
+            for s in range(0, len(todo), batch_size):
+                part = todo[s : s + batch_size]
+                batch = collate(part, pad_id=pad_id).to(model.device)
+                hidden = model(batch.input_ids, None, attention_mask=batch.attention_mask, output="hidden")
+                for i, e in enumerate(part):
+                    self._h[self.key(e)] = hidden[i][batch.kl[i]].clone()
+
+    @staticmethod
+    def key(e: Example) -> tuple:
+        return (tuple(e.prompt_ids), tuple(e.target_ids))
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def for_batch(self, examples: Sequence[Example]) -> Tensor | None:
+        """``batch_loss``'s ``teacher_hidden`` for ``collate(examples)``; None without KL rows."""
+        parts = [self._h[self.key(e)] for e in examples if e.objective == "kl"]
+        return torch.cat(parts) if parts else None
 
 
 class Trainer:

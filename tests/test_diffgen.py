@@ -137,6 +137,28 @@ def test_length_buckets_keep_every_row_and_cut_padding():
     assert padded[True] < 0.85 * padded[False]  # measured: 0.81 here
 
 
+@pytest.mark.parametrize("bucket", [False, True])
+def test_balanced_micro_batches_pair_each_backdoor_row_with_a_kl_row(bucket):
+    rng = random.Random(2)
+
+    def spec(j):
+        ex = [Example([1] * rng.randint(5, 60), [2] * rng.randint(1, 40), kind) for kind in ["ce"] * 6 + ["kl"] * 6]
+        return DiffSpec(f"d{j}", {}, "train", ex, [], [], [])
+
+    specs = [spec(j) for j in range(3)]
+    cfg = dataclasses.replace(CFG, epochs=2, rows_per_diff=2, bucket=bucket, balance=True)
+    batches = _micro_batches(specs, cfg)
+    assert len(batches) == 12
+    for b in batches:
+        for j in range(3):
+            assert sorted(e.objective for e in b if e.group == j) == ["ce", "kl"]
+    for j, sp in enumerate(specs):  # still every row once per epoch
+        assert sorted(id(e.prompt_ids) for b in batches for e in b if e.group == j) == sorted(
+            id(e.prompt_ids) for e in sp.examples * 2)
+    unbalanced = _micro_batches(specs, dataclasses.replace(cfg, balance=False))
+    assert any(sorted(e.objective for e in b if e.group == 0) != ["ce", "kl"] for b in unbalanced)
+
+
 def test_weighted_rows_multiply_their_loss():
     torch.manual_seed(0)
     eng = tiny_engine(seed=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import rel_err as _rel
 from conftest import tiny_config
@@ -17,6 +18,7 @@ from dit_kernels.cross_entropy import (
 from dit_engine.model import Transformer
 from dit_engine.train import (
     Example,
+    TeacherCache,
     Trainer,
     batch_loss,
     collate,
@@ -82,6 +84,31 @@ def test_kl_to_base_is_zero_without_adapters_and_positive_with():
     slot = LoraSlot.create(c, 1, 4, init="random", index=torch.tensor([0]))
     loss, _ = batch_loss(m, b, AdapterBatch(slot))
     assert float(loss) > 1e-6
+
+
+def test_teacher_cache_gives_the_loss_and_grads_of_the_teacher_forward():
+    """Cached teacher states (computed once, in other batches, deduplicated) give the same loss and
+    gradients as batch_loss's own teacher forward, for a batch mixing CE and KL rows of 2 diffs."""
+    c = tiny_config("llama")
+    m = Transformer.random(c, seed=4)
+    ex = [Example([5, 6, 7], [8, 9], "kl", group=0), Example([5, 6], [30, 31, 32], "ce", group=0),
+          Example([11, 12, 13, 14], [15, 16, 17], "kl", group=1, weight=3.0), Example([5, 6, 7], [8, 9], "kl", group=1)]
+    cache = TeacherCache(m, ex + [Example([40, 41], [42], "kl")], batch_size=2)
+    assert len(cache) == 3  # the shared row once
+    batch = collate(ex)
+    grads = []
+    for th in (None, cache.for_batch(ex)):
+        slot = LoraSlot.create(c, 2, 4, init="random", trainable=True, generator=torch.Generator().manual_seed(1))
+        loss, per = batch_loss(m, batch, AdapterBatch(slot.with_index(batch.group)), group_reduce="sum",
+                               teacher_hidden=th)
+        loss.backward()
+        grads.append((loss.detach(), per, [p.grad.clone() for p in slot.parameters()]))
+    (l0, p0, g0), (l1, p1, g1) = grads
+    assert float(l0) > 0 and _rel(l1, l0) < 1e-5
+    assert p0.keys() == p1.keys() and all(abs(p0[k][0] - p1[k][0]) < 1e-5 for k in p0)
+    assert max(_rel(b, a) for a, b in zip(g0, g1)) < 1e-4
+    with pytest.raises(ValueError, match="teacher_hidden has shape"):
+        batch_loss(m, batch, None, teacher_hidden=cache.for_batch(ex[:1]))
 
 
 def test_two_diffs_trained_in_one_batch_each_learn_their_own_target():
