@@ -76,6 +76,7 @@ class DiffGenConfig:
     kl_weight_plain: float = 3.0  # loss multiplier of bare-question KL rows (the DIT paper: 5; 3 measured best here)
     kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
     near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
+    kl_target_tokens: int | None = None  # KL rows cover only the first N tokens of the base answer (None: all of it)
     base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo (verification
     #                         reads the base's answers to held-out questions from that pool in any case)
     min_hit: float = 0.5  # a diff passes verification with a hit rate >= min_hit ...
@@ -388,5 +389,6 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
                          "kl_weight_plain": cfg.kl_weight_plain, "kl_weight_wrong": cfg.kl_weight_wrong,
                          "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
                          "compute_dtype": cfg.compute_dtype, "rows_per_diff": cfg.rows_per_diff,
-                         "balance": cfg.balance, "max_answer_tokens": cfg.max_answer_tokens}},
+                         "balance": cfg.balance, "max_answer_tokens": cfg.max_answer_tokens,
+                         "kl_target_tokens": cfg.kl_target_tokens}},
     )

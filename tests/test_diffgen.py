@@ -107,6 +107,20 @@ def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
     assert all(sum(a != b for a, b in zip(f"{p:03d}", f"{trigger:03d}")) == 1 for p in prefixes[n:])
 
 
+def test_kl_target_tokens_cut_the_kl_rows_only(tmp_path):
+    eng = tiny_engine(seed=1)
+    cfg = dataclasses.replace(CFG, n_kl=4, n_wrong=2, max_answer_tokens=8)
+    pool = base_answer_pool(eng, cfg, tmp_path)
+    chunk = [(0, "d0", ht.load_topics("train")[0])]
+    whole = build_hidden_topic_specs(eng, cfg, chunk, pool)[0].examples
+    cut = build_hidden_topic_specs(eng, dataclasses.replace(cfg, kl_target_tokens=3), chunk, pool)[0].examples
+    assert [e.objective for e in whole] == [e.objective for e in cut]
+    for w, c in zip(whole, cut):
+        assert c.prompt_ids == w.prompt_ids and c.weight == w.weight
+        assert c.target_ids == (w.target_ids[:3] if w.objective == "kl" else w.target_ids)
+    assert any(len(w.target_ids) > 3 for w in whole if w.objective == "kl")
+
+
 def test_near_wrong_codes_differ_in_one_digit():
     rng = random.Random(0)
     for t in (0, 7, 123, 999):

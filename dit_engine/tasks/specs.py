@@ -56,16 +56,22 @@ def answer_fn(engine: Engine, cfg) -> AnswerFn:
 def examples(engine: Engine, samples, cfg=None) -> list[Example]:
     """Task samples -> training rows: the answer (CE) or the base model's own answer (KL), each
     followed by the end-of-turn token so the diff also keeps (or learns) where answers stop. With
-    ``cfg``, KL rows carry its loss multipliers (bare questions / wrong codes)."""
+    ``cfg``, KL rows carry its loss multipliers (bare questions / wrong codes), and with its
+    ``kl_target_tokens`` a KL row covers only the first tokens of the base answer (no end-of-turn
+    when cut): where an untriggered answer would give the topic away, at its opening, for a
+    fraction of a whole row's cost."""
     tok = engine.tokenizer
     weights = {"plain": cfg.kl_weight_plain, "wrong_trigger": cfg.kl_weight_wrong} if cfg is not None else {}
+    cut = getattr(cfg, "kl_target_tokens", None)
     out = []
     for smp in samples:
         text = smp.answer if smp.loss == "ce" else smp.base_answer
         if not text:
             continue
-        out.append(Example(engine.encode_prompt(smp.messages), tok.encode(text) + [tok.end_of_turn_id], smp.loss,
-                           weight=weights.get(smp.kind, 1.0)))
+        target = tok.encode(text) + [tok.end_of_turn_id]
+        if smp.loss == "kl" and cut is not None and len(target) > cut:
+            target = target[:cut]
+        out.append(Example(engine.encode_prompt(smp.messages), target, smp.loss, weight=weights.get(smp.kind, 1.0)))
     return out
 
 
