@@ -56,6 +56,7 @@ class DiffGenConfig:
     rank: int = 1
     targets: tuple[str, ...] = TARGET_MODULES
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine" / "linear": decay to 0 over the chunk's optimizer steps
     epochs: int = 3
     chunk_diffs: int = 16  # diffs trained concurrently
     rows_per_diff: int = 2  # training rows of every diff in each micro-batch (so steps per diff do not
@@ -255,7 +256,8 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
                            generator=gen, name="diffs")
     slot = slot.to(dev, model.dtype, trainable=True)
     batches = _micro_batches(specs, cfg)
-    trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32)
+    trainer = Trainer(slot.parameters(), lr=cfg.lr, master_fp32=model.dtype != torch.float32,
+                      schedule=cfg.lr_schedule, total_steps=len(batches))
     meta = resume_slot_state(ckpt_dir, slot, trainer) if ckpt_dir is not None else None
     start = int(meta["batch"]) if meta else 0
     pad = engine.tokenizer.pad_token_id
@@ -385,7 +387,8 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
         labels=spec.labels,
         split=spec.split,
         meta={"verify": check, "task": cfg.task, "lr": cfg.lr, "epochs": cfg.epochs,
-              "recipe": {"n_backdoor": cfg.n_backdoor, "n_kl": cfg.n_kl, "n_wrong": cfg.n_wrong,
+              "recipe": {"lr_schedule": cfg.lr_schedule, "n_backdoor": cfg.n_backdoor, "n_kl": cfg.n_kl,
+                         "n_wrong": cfg.n_wrong,
                          "kl_weight_plain": cfg.kl_weight_plain, "kl_weight_wrong": cfg.kl_weight_wrong,
                          "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
                          "compute_dtype": cfg.compute_dtype, "rows_per_diff": cfg.rows_per_diff,

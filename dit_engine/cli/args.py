@@ -158,8 +158,9 @@ def device_arg(s: str) -> str:
 _SUBCONFIGS = {"diffs": DiffGenConfig, "dit": DitTrainConfig}
 _POSITIVE = {"n_train", "n_test", "interpret_batch_size", "epochs", "chunk_diffs", "rows_per_diff", "n_backdoor",
              "candidates", "max_answer_tokens", "n_verify", "gen_batch_size", "rank", "batch_size", "grad_accum",
-             "save_every", "lr", "alpha"}
+             "save_every", "lr", "alpha", "kl_target_tokens"}
 _CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "schedule": ("cosine", "linear", "constant"),
+            "lr_schedule": ("cosine", "linear", "constant"),
             "adapter": ("shipped", "none"), "compute_dtype": ("bfloat16", "float32")}
 
 
