@@ -62,6 +62,10 @@ class PipelineConfig:
     dit: DitTrainConfig = dataclasses.field(default_factory=lambda: DitTrainConfig(val_fraction=0.0))
 
 
+MEDIUM_TRAIN = 160
+MEDIUM_SCALING = (40, 80)
+MEDIUM_RECIPE_RANK = 4  # rank 4 kept the backdoor at the same bare-question leak where rank 1 lost it (J2 vs I1)
+
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model (fp32).
     # With a shipped adapter for this base, only the held-out zoo is made and read (no DIT training).
@@ -70,6 +74,16 @@ PRESETS = {
         diffs=DiffGenConfig(epochs=3, n_backdoor=6, n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32,
                             rows_per_diff=1),
         dit=DitTrainConfig(lr=1e-3, epochs=6, batch_size=8, val_fraction=0.0)),
+    # One background run of about 90 minutes on a 2-core CPU (measured: results/medium/): the hiding
+    # recipe of results/recipe.md, in bf16, 16 diffs a chunk; 64 held-out topics; a data-scaling curve.
+    "medium": PipelineConfig(
+        n_train=MEDIUM_TRAIN, n_test=64, n_train_eval=32, scaling=MEDIUM_SCALING, interpret_batch_size=64,
+        rank=MEDIUM_RECIPE_RANK,
+        diffs=DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=8, kl_weight_plain=3.0,
+                            kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
+                            max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
+                            base_pool=True, bucket=True),
+        dit=DitTrainConfig(lr=5e-4, epochs=8, batch_size=16, val_fraction=0.1, patience=2, eval_diffs=32)),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
     "full": PipelineConfig(
         n_train=2000, n_test=100, test_ranks=(4, 16), n_test_other_ranks=100, scaling=(125, 500),
