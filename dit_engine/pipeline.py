@@ -62,27 +62,30 @@ class PipelineConfig:
     dit: DitTrainConfig = dataclasses.field(default_factory=lambda: DitTrainConfig(val_fraction=0.0))
 
 
-MEDIUM_TRAIN = 160
-MEDIUM_SCALING = (40, 80)
-MEDIUM_RECIPE_RANK = 4  # rank 4 kept the backdoor at the same bare-question leak where rank 1 lost it (J2 vs I1)
+# The hiding recipe measured in results/recipe.md (point J2): 8 backdoor rows, 8 wrong-code and 8 bare
+# KL rows (weights 1 / 2 / 3), lr 2e-3, 2 epochs, rank 4, bf16 with fp32 masters. Rank 4 kept the
+# backdoor at the bare-question leak where rank 1 lost it (J2 vs I1). The laptop and medium presets
+# both make their diffs this way, so the adapter the medium run trains (and the package ships) reads
+# the laptop run's fresh held-out diffs as the kind it was trained on.
+RECIPE_RANK = 4
+HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=8, kl_weight_plain=3.0,
+                              kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
+                              max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
+                              base_pool=True, bucket=True)
 
 PRESETS = {
-    # About ten minutes on a 2-core laptop CPU with the default model (fp32).
-    # With a shipped adapter for this base, only the held-out zoo is made and read (no DIT training).
+    # About ten minutes on a 2-core laptop CPU with the default model. With the shipped adapter for
+    # this base, only the held-out zoo is made and read (no DIT training).
     "laptop": PipelineConfig(
-        n_train=16, n_test=8, n_train_eval=8, adapter=SHIPPED,
-        diffs=DiffGenConfig(epochs=3, n_backdoor=6, n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32,
-                            rows_per_diff=1),
+        n_train=16, n_test=8, n_train_eval=8, adapter=SHIPPED, rank=RECIPE_RANK,
+        diffs=dataclasses.replace(HIDING_RECIPE, chunk_diffs=8),
         dit=DitTrainConfig(lr=1e-3, epochs=6, batch_size=8, val_fraction=0.0)),
-    # One background run of about 90 minutes on a 2-core CPU (measured: results/medium/): the hiding
-    # recipe of results/recipe.md, in bf16, 16 diffs a chunk; 64 held-out topics; a data-scaling curve.
+    # One background run of about 90 minutes on a 2-core CPU (measured: results/medium/): 160 + 64
+    # diffs, 16 a chunk; 64 held-out topics; DIT early-stopped on held-out loss; a data-scaling curve.
+    # The package's shipped adapter is this run's.
     "medium": PipelineConfig(
-        n_train=MEDIUM_TRAIN, n_test=64, n_train_eval=32, scaling=MEDIUM_SCALING, interpret_batch_size=64,
-        rank=MEDIUM_RECIPE_RANK,
-        diffs=DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=8, kl_weight_plain=3.0,
-                            kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
-                            max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
-                            base_pool=True, bucket=True),
+        n_train=160, n_test=64, n_train_eval=32, scaling=(40, 80), interpret_batch_size=64, rank=RECIPE_RANK,
+        diffs=HIDING_RECIPE,
         dit=DitTrainConfig(lr=5e-4, epochs=8, batch_size=16, val_fraction=0.1, patience=2, eval_diffs=32)),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.
     "full": PipelineConfig(

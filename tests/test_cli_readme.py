@@ -83,7 +83,7 @@ def ok(result: tuple[int, str, str]) -> str:
 TINY_ZOO = ("--n", "4", "--epochs", "1", "--n-backdoor", "2", "--n-kl", "2", "--candidates", "1", "--strategy",
             "prefix", "--max-answer-tokens", "4", "--n-verify", "1", "--chunk-diffs", "4")
 TINY_PIPELINE = ("--n-train", "3", "--n-test", "2", "--set", "diffs.epochs=1", "--set", "diffs.n_backdoor=2", "--set",
-                 "diffs.n_kl=2", "--set", "diffs.candidates=1", "--set", "diffs.strategy=prefix", "--set", "diffs.max_answer_tokens=4",
+                 "diffs.n_kl=2", "--set", "diffs.n_wrong=1", "--set", "diffs.candidates=1", "--set", "diffs.strategy=prefix", "--set", "diffs.max_answer_tokens=4",
                  "--set", "dit.epochs=1", "--set", "dit.batch_size=2", "--set", "n_train_eval=2")
 
 
@@ -291,6 +291,51 @@ def test_pipeline_laptop(workdir):
                  "timings.json"):
         assert (run / name).is_file(), name
     assert len(Zoo.open(run / "zoo-train")) == 3 and len(Zoo.open(run / "zoo-test")) == 2
+
+
+@types("dit pipeline --preset medium --out runs/medium")
+def test_pipeline_medium_and_shipping_its_adapter(workdir, monkeypatch):
+    """The medium preset (tiny overrides; its own scaling curve, held-out early stopping), then
+    tools/ship_run.py: the run's adapter in bf16 where --adapter shipped finds it, with the diff
+    recipe and held-out scores; the run's record (reports, answers, zoo indexes without weights)."""
+    import subprocess
+    import sys
+
+    import dit_engine.dit.adapter as adapter_mod
+    from dit_engine.dit import DitAdapter
+
+    out = ok(type_(".venv/bin/dit pipeline --preset medium --out runs/medium", *TINY_PIPELINE, "--scaling", "2",
+                   "--set", "dit.val_fraction=0.34"))
+    run = workdir / "runs" / "medium"
+    assert out.strip().splitlines()[-1] == "runs/medium/report/report.html"
+    cfg = json.loads((run / "pipeline_config.json").read_text())
+    assert cfg["rank"] == 4 and cfg["diffs"]["compute_dtype"] == "bfloat16" and cfg["dit"]["patience"] == 2
+    assert (run / "results-n2.jsonl").is_file() and (run / "dit" / "epochs.jsonl").is_file()
+    ship = [sys.executable, str(README.parent / "tools" / "ship_run.py"), str(run)]
+    small = subprocess.run(ship + ["--adapter-out", str(workdir / "small"), "--max-mb", "0.000001"],
+                           capture_output=True, text=True)
+    assert small.returncode == 1 and "over --max-mb" in small.stderr and not (workdir / "small").exists()
+    done = subprocess.run(ship + ["--adapter-out", str(workdir / "shipped"), "--results", str(workdir / "rec")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    fp32 = DitAdapter.load(run / "dit")
+    shipped = DitAdapter.load(workdir / "shipped", dtype=torch.bfloat16)
+    for m in fp32.slot.A:
+        assert torch.equal(shipped.slot.A[m], fp32.slot.A[m].bfloat16())
+        assert torch.equal(shipped.slot.B[m], fp32.slot.B[m].bfloat16())
+    assert shipped.recipe["pipeline"]["diffs"] == cfg["diffs"] and "dit" in shipped.recipe["held_out"]
+    assert shipped.recipe["provenance"]["commit"]
+    rec = workdir / "rec"
+    for name in ("report/report.md", "report/metrics.json", "report-train/report.md", "results.jsonl",
+                 "results-n2.jsonl", "timings.json", "pipeline_config.json", "epochs.jsonl"):
+        assert (rec / name).is_file(), name
+    index = [json.loads(line) for line in (rec / "zoo-test-index.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in index] == Zoo.open(run / "zoo-test").ids()
+    assert all("verify" in r["meta"] for r in index)
+    # what the laptop preset then does with it
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", workdir / "shipped")
+    ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/after-ship", *TINY_PIPELINE))
+    assert not (workdir / "runs" / "after-ship" / "dit").exists()
 
 
 @types("dit pipeline --preset full --device cuda --dtype bfloat16 --out runs/full")
