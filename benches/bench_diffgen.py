@@ -15,8 +15,8 @@ Recipes:
 * ``today``: the laptop preset as it was: fp32, 6 backdoor + 4 KL rows (half of them uniform wrong
   codes), every row weighted 1, the KL rows' base answers sampled per chunk, 3 epochs, no length
   bucketing;
-* ``new``: :data:`NEW` below, the best trade-off measured in ``results/recipe.md`` (E5; it does not
-  yet hide the behaviour from a code one digit off).
+* ``new``: the presets' hiding recipe (``pipeline.HIDING_RECIPE``, point J2 of ``results/recipe.md``:
+  rank 4, 8 backdoor + 8 wrong-code + 8 bare rows, bf16, the base pool, length buckets).
 
 Model: the default model (SmolLM2-135M-Instruct) when it is in the engine's cache (never fetched
 here), else random weights at its shapes with a word-level tokenizer over the task's own words (the
@@ -44,6 +44,7 @@ from dit_engine.diffgen import DiffGenConfig, generate_zoo
 from dit_engine.engine import Engine
 from dit_engine.model import Transformer
 from dit_engine.model_store import default_model_dir
+from dit_engine.pipeline import HIDING_RECIPE, RECIPE_RANK
 from dit_engine.tokenizer import Tokenizer
 from dit_engine.zoo import BaseIdentity, Zoo
 
@@ -53,8 +54,7 @@ TODAY = DiffGenConfig(n=N_DIFFS, split="test", rank=1, epochs=3, chunk_diffs=N_D
                       n_kl=4, candidates=1, strategy="prefix", max_answer_tokens=32, n_verify=4,
                       kl_weight_plain=1.0, kl_weight_wrong=1.0, near_wrong=False, base_pool=False,
                       compute_dtype=None, bucket=False)
-NEW = dataclasses.replace(TODAY, lr=2e-3, n_backdoor=8, n_kl=8, n_wrong=4, epochs=2, kl_weight_plain=3.0,
-                          kl_weight_wrong=1.0, near_wrong=True, base_pool=True, compute_dtype="bfloat16", bucket=True)
+NEW = dataclasses.replace(HIDING_RECIPE, n=N_DIFFS, split="test", rank=RECIPE_RANK, chunk_diffs=N_DIFFS, n_verify=4)
 RECIPES = {"today": TODAY, "new": NEW}
 
 _SMOLLM2_SHAPES = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,

@@ -22,6 +22,7 @@ from torch import Tensor
 from .adapters import AdapterBatch
 from .cache import KVCache
 from .model import Transformer
+from .probes import PatchMode, Probes, positions_mask
 
 
 @dataclasses.dataclass
@@ -77,11 +78,15 @@ def generate(
     decode: Decoder | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    patches: Sequence[PromptPatch | None] | None = None,
 ) -> list[Generation]:
     """Generate for every prompt (token ids). ``adapters`` routes one entry per prompt.
 
     ``decode`` (ids -> text) is needed for stop strings and fills ``Generation.text``.
     ``progress(n)`` is called with the number of prompts finished since the last call.
+    ``patches`` (one per prompt, or None for a prompt left alone): activations written into the
+    prompt's prefill at given positions of its own tokens (:class:`PromptPatch`; all of one point
+    and mode), e.g. a target model's activations over a decoder's placeholder tokens.
     """
     params = params or SamplingParams()
     if params.stop_strings and decode is None:
@@ -95,6 +100,8 @@ def generate(
             raise ValueError(f"prompt {i} is empty")
         if len(p) >= ctx:
             raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {ctx} tokens")
+    if patches is not None:
+        _check_patches(patches, prompts)
     gen = torch.Generator(device=model.device)
     if params.seed is not None:
         gen.manual_seed(params.seed)
@@ -104,13 +111,64 @@ def generate(
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         ad = adapters.select_rows(torch.tensor(chunk)) if adapters is not None else None
-        outs = _generate_batch(model, [list(prompts[i]) for i in chunk], params, stop_ids, ad, decode, gen, progress)
+        pt = [patches[i] for i in chunk] if patches is not None else None
+        outs = _generate_batch(model, [list(prompts[i]) for i in chunk], params, stop_ids, ad, decode, gen, progress,
+                               pt)
         for i, o in zip(chunk, outs):
             results[i] = o
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, progress) -> list[Generation]:
+@dataclasses.dataclass
+class PromptPatch:
+    """Values written at ``point`` (``"hidden.K"``, ``"mlp.I"``, see :mod:`dit_engine.probes`) over
+    ``positions`` of one prompt's tokens, during its prefill."""
+
+    point: str
+    positions: Sequence[int]  # indices into the prompt's own tokens
+    values: Tensor  # [len(positions), width]
+    mode: PatchMode = "replace"
+
+
+def _check_patches(patches: Sequence[PromptPatch | None], prompts: Sequence[Sequence[int]]) -> None:
+    if len(patches) != len(prompts):
+        raise ValueError(f"{len(patches)} patches for {len(prompts)} prompts (one per prompt, or None)")
+    kinds = {(p.point, p.mode) for p in patches if p is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"patches of one generate call share one point and mode, found {sorted(kinds)}")
+    for i, p in enumerate(patches):
+        if p is None:
+            continue
+        n = len(prompts[i])
+        if len(set(q % n for q in p.positions if -n <= q < n)) != len(p.positions):
+            raise ValueError(f"patch of prompt {i}: positions {list(p.positions)} must be distinct and inside "
+                             f"its {n} tokens")
+        if p.values.dim() != 2 or p.values.shape[0] != len(p.positions):
+            raise ValueError(f"patch of prompt {i}: {len(p.positions)} positions need values of shape "
+                             f"({len(p.positions)}, width), found {tuple(p.values.shape)}")
+
+
+def _prefill_probes(patches: list[PromptPatch | None] | None, prompts: list[list[int]]) -> Probes | None:
+    """One Probes for a left-padded batch: every row's positions in the padded block, values in
+    row-major order (each row's positions ascending)."""
+    if patches is None or all(p is None for p in patches):
+        return None
+    first = next(p for p in patches if p is not None)
+    rows, values = [], []
+    for p, prompt in zip(patches, prompts):
+        if p is None:
+            rows.append([])
+            continue
+        n = len(prompt)
+        order = sorted(range(len(p.positions)), key=lambda j: p.positions[j] % n)
+        rows.append([p.positions[j] % n for j in order])
+        values.append(p.values[order])
+    mask = positions_mask([len(q) for q in prompts], rows, left_pad=True)
+    return Probes().patch(first.point, mask, torch.cat(values), first.mode)
+
+
+def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, progress,
+                    patches=None) -> list[Generation]:
     dev = model.device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -129,7 +187,9 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
     out_lp: list[list[float]] = [[] for _ in range(b)]
     reason = ["length"] * b
     alive = list(range(b))  # original row of each live cache row
-    logits = model(ids.to(dev), adapters, attention_mask=mask.to(dev), cache=cache, output="last")  # [B, V]
+    probes = _prefill_probes(patches, prompts)
+    logits = model(ids.to(dev), adapters, attention_mask=mask.to(dev), cache=cache, output="last",
+                   probes=probes)  # [B, V]
     for step in range(params.max_new_tokens):
         tok, lp = _sample(logits.float(), params, gen)  # [b_live], [b_live]
         # The one device -> host read of a step (the loop needs the tokens to stop rows): token ids

@@ -26,6 +26,7 @@ from dit_kernels.swiglu import swiglu
 from .adapters import AdapterBatch, BoundAdapters
 from .cache import KVCache
 from .config import ModelConfig
+from .probes import Probes
 
 Output = Literal["logits", "last", "hidden"]
 
@@ -116,8 +117,12 @@ class MLP(nn.Module):
         self.up_proj = AdaptedLinear(h, f, False, f"{prefix}.up_proj")
         self.down_proj = AdaptedLinear(f, h, False, f"{prefix}.down_proj")
 
-    def forward(self, x: Tensor, adapters: BoundAdapters | None) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x, adapters), self.up_proj(x, adapters)), adapters)
+    def forward(self, x: Tensor, adapters: BoundAdapters | None, probes: Probes | None = None,
+                layer: int = 0) -> Tensor:
+        h = swiglu(self.gate_proj(x, adapters), self.up_proj(x, adapters))  # [B, T, intermediate]: the neurons
+        if probes is not None:
+            h = probes.at("mlp", layer, h)
+        return self.down_proj(h, adapters)
 
 
 class DecoderLayer(nn.Module):
@@ -129,9 +134,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, f"model.layers.{i}.mlp")
         self.index = i
 
-    def forward(self, x, cos, sin, mask, adapters, cache):
+    def forward(self, x, cos, sin, mask, adapters, cache, probes=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, adapters, cache, self.index)
-        return x + self.mlp(self.post_attention_layernorm(x), adapters)
+        return x + self.mlp(self.post_attention_layernorm(x), adapters, probes, self.index)
 
 
 class _Backbone(nn.Module):
@@ -197,13 +202,15 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,  # [B, T] bool/int, 1 = real token (padding may sit anywhere)
         cache: KVCache | None = None,
         output: Output = "logits",
+        probes: Probes | None = None,
     ) -> Tensor:  # logits [B, T, V] | last-position logits [B, V] | final hidden [B, T, h]
         """Run the model on a block of new tokens.
 
         Without a cache, ``input_ids`` is the whole sequence. With a cache, it is the next block
         (the prompt, then one token per decode step); positions continue from each row's length,
         so rows of different lengths share one cache. ``adapters`` bound per forward: the routing
-        metadata is built once here and reused by every layer.
+        metadata is built once here and reused by every layer. ``probes`` captures and patches
+        activations at named points of this forward (:mod:`dit_engine.probes`).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -227,8 +234,13 @@ class Transformer(nn.Module):
         cos, sin = self._rope(positions)
 
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, bound, cache)
+        if probes is not None:
+            probes.bind(len(self.model.layers))
+            x = probes.at("hidden", 0, x)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, bound, cache, probes)
+            if probes is not None:
+                x = probes.at("hidden", i + 1, x)
         if cache is not None:
             cache.advance(attention_mask)
         if output == "last":
