@@ -31,6 +31,7 @@ from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 from .adapters import AdapterBatch, LoraSlot
 from .files import fsync_dir, named_error, write_atomically, write_json
 from .model import Transformer
+from .probes import Probes
 
 Objective = Literal["ce", "kl"]
 
@@ -102,6 +103,7 @@ def batch_loss(
     group_reduce: Literal["sum", "mean"] = "mean",
     chunk_size: int = 1024,
     teacher_hidden: Tensor | None = None,
+    probes: Probes | None = None,
 ) -> tuple[Tensor, dict[int, tuple[float, int]]]:
     """Scalar loss, and per group its mean token loss and scored-token count (for logs, evals).
 
@@ -113,9 +115,11 @@ def batch_loss(
 
     ``teacher_hidden``: the teacher's final hidden states at the batch's KL positions ([P, h], in
     the row-major order ``batch.kl`` selects them, e.g. from :class:`TeacherCache`); computed here
-    (the base model, or ``teacher_adapters`` on it) when None.
+    (the base model, or ``teacher_adapters`` on it) when None. ``probes`` act on the trained
+    model's forward (e.g. a target's activations patched over a decoder's placeholder tokens).
     """
-    hidden = model(batch.input_ids, adapters, attention_mask=batch.attention_mask, output="hidden")  # [B, T, h]
+    hidden = model(batch.input_ids, adapters, attention_mask=batch.attention_mask, output="hidden",
+                   probes=probes)  # [B, T, h]
     h = hidden.reshape(-1, hidden.shape[-1])
     w = model.lm_weight
     tok_loss = hidden.new_zeros(h.shape[0], dtype=torch.float32)  # [B*T]

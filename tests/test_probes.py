@@ -147,3 +147,22 @@ def test_generate_with_patched_prompts_equals_a_full_forward_with_the_patch():
         generate(m, prompts, sp, patches=[patch, PromptPatch("hidden.2", [0], vals[:1])])
     with pytest.raises(ValueError, match="distinct and inside"):
         generate(m, prompts, sp, patches=[PromptPatch("hidden.1", [0, 6], vals), None])
+
+
+def test_training_loss_through_a_patch_reaches_the_patched_values():
+    """batch_loss with probes: patching captured values back leaves the loss unchanged, and the loss
+    is differentiable in the patched values (what decoder training and steering back-propagate)."""
+    from dit_engine.train import Example, batch_loss, collate
+
+    cfg, m, _, _ = _setup()
+    batch = collate([Example([3, 4, 5, 6], [7, 8], "ce"), Example([9, 10, 11], [12, 13, 14], "ce")])
+    mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = True
+    cap = Probes().capture("hidden.1", mask)
+    with torch.no_grad():
+        ref, _ = batch_loss(m, batch, None, probes=cap)
+    v = cap.captured["hidden.1"].clone().requires_grad_(True)
+    loss, _ = batch_loss(m, batch, None, probes=Probes().patch("hidden.1", mask, v))
+    assert abs(float(loss) - float(ref)) < 1e-6
+    loss.backward()
+    assert v.grad is not None and float(v.grad.abs().sum()) > 0
