@@ -315,8 +315,8 @@ def test_pipeline_medium_and_shipping_its_adapter(workdir, monkeypatch):
     small = subprocess.run(ship + ["--adapter-out", str(workdir / "small"), "--max-mb", "0.000001"],
                            capture_output=True, text=True)
     assert small.returncode == 1 and "over --max-mb" in small.stderr and not (workdir / "small").exists()
-    done = subprocess.run(ship + ["--adapter-out", str(workdir / "shipped"), "--results", str(workdir / "rec")],
-                          capture_output=True, text=True)
+    done = subprocess.run(ship + ["--adapter-out", str(workdir / "shipped"), "--results", str(workdir / "rec"),
+                                  "--reinterpret"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     fp32 = DitAdapter.load(run / "dit")
     shipped = DitAdapter.load(workdir / "shipped", dtype=torch.bfloat16)
@@ -327,11 +327,15 @@ def test_pipeline_medium_and_shipping_its_adapter(workdir, monkeypatch):
     assert shipped.recipe["provenance"]["commit"]
     rec = workdir / "rec"
     for name in ("report/report.md", "report/metrics.json", "report-train/report.md", "results.jsonl",
-                 "results-n2.jsonl", "timings.json", "pipeline_config.json", "epochs.jsonl"):
+                 "results-n2.jsonl", "timings.json", "pipeline_config.json", "epochs.jsonl",
+                 "results-shipped.jsonl", "report-shipped/metrics.json"):
         assert (rec / name).is_file(), name
     index = [json.loads(line) for line in (rec / "zoo-test-index.jsonl").read_text().splitlines()]
     assert [r["id"] for r in index] == Zoo.open(run / "zoo-test").ids()
     assert all("verify" in r["meta"] for r in index)
+    shipped_rows = [json.loads(line) for line in (rec / "results-shipped.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in shipped_rows) == sorted(r["id"] for r in index)
+    assert {r["method"] for r in shipped_rows} == {"dit"}
     # what the laptop preset then does with it
     monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", workdir / "shipped")
     ok(type_(".venv/bin/dit pipeline --preset laptop --out runs/after-ship", *TINY_PIPELINE))
