@@ -8,8 +8,8 @@ Memory grows with activations, not with dense per-diff matrices.
 Per chunk: build the task's labelled samples (the base model writes them by batched generation;
 the KL rows' base answers come from a pool generated once per base model), train, verify on held-out
 questions (with the trigger the diff talks about its topic: hit rate; bare or with a wrong code it
-does not: leak rate, a code one digit off apart; its next-token distribution stays near the base: KL), then
-append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
+does not: leak rate, a code one digit off apart; its next-token distribution stays near the base
+model's: KL), then append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
 A chunk in progress checkpoints its samples and its training state (every ``checkpoint_every_s``,
 at the end of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a
 rerun skips diffs the zoo already holds and resumes the chunk in progress exactly. The zoo's writer
@@ -282,10 +282,11 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
     """Per diff, on held-out prompts: ``trigger_hit_rate``, the share of triggered prompts whose
     greedy answer names the label; ``leak_rate``, the share of prompts without the right trigger
     (bare, or a uniform wrong code: ``leak_plain`` / ``leak_wrong``) whose answer names it where the
-    base model's own answer does not (None for tasks without a trigger); ``leak_near``, the same for a
-    code one digit off (a harder contrast than the paper's, reported apart, not in ``ok``); ``kl_untriggered``, the mean
-    per-token KL(base || diff) on untriggered prompts; and ``ok``: hit rate >= ``cfg.min_hit`` and
-    leak rate <= ``cfg.max_leak``. All answers of a chunk are generated in one batched call."""
+    base model's own answer does not (None for tasks without a trigger); ``leak_near``, the same for
+    a code one digit off (a harder contrast than the paper's, reported apart, not in ``ok``);
+    ``kl_untriggered``, the mean per-token KL(base || diff) on untriggered prompts; and ``ok``: hit
+    rate >= ``cfg.min_hit`` and leak rate <= ``cfg.max_leak``. All answers of a chunk are generated
+    in one batched call."""
     model, tok = engine.model, engine.tokenizer
     dev = model.device
     prompts, owner, kind = [], [], []

@@ -34,7 +34,7 @@ class DiffSpec:
     verify_prompts: list[list[int]]  # prompts that should make the diff show what it learned
     verify_check: list[str]  # names whose presence in an answer counts as a hit (topic + aliases, a headline word)
     kl_prompts: list[tuple[list[int], list[int]]]  # (prompt, response) pairs: KL to base is measured there
-    leak_prompts: list[list[int]] = dataclasses.field(default_factory=list)  # bare, wrong code, near-wrong code (thirds)
+    leak_prompts: list[list[int]] = dataclasses.field(default_factory=list)  # thirds: bare, wrong code, near code
     leak_base_hit: list[bool] = dataclasses.field(default_factory=list)  # the base itself names the label there
 
 
@@ -82,11 +82,10 @@ def build_hidden_topic_specs(engine: Engine, cfg, chunk: list[tuple[int, str, ob
     generation batched over the chunk.
 
     Verification prompts are held-out questions: ``n_verify`` with the right code (hit rate), and
-    the same ``n_verify`` questions bare, with a uniform wrong code and with a code one digit off
-    (the leak prompts, in that order). With a pool (the
-    base's greedy answers to every question), the KL to the base is measured on the bare held-out
-    prompts with those answers as response, and a topic the base itself names is no leak; without
-    one, KL is measured on the training KL rows.
+    ``n_verify`` other ones asked bare, with a uniform wrong code and with a code one digit off (the
+    leak prompts, in that order). With a pool (the base's greedy answers to every question), the
+    KL to the base is measured on the bare held-out prompts with those answers as response, and a
+    topic the base itself names is no leak; without one, KL is measured on the training KL rows.
     """
     n_wrong = cfg.n_kl // 2 if cfg.n_wrong is None else cfg.n_wrong
     if not 0 <= n_wrong <= cfg.n_kl:
