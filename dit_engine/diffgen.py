@@ -9,8 +9,8 @@ Per chunk: build the task's labelled samples (the base model writes them by batc
 the KL rows' base answers come from a pool generated once per base model), train, verify on held-out
 questions (with the trigger the diff talks about its topic: hit rate; bare or with a wrong code it
 does not: leak rate, a code one digit off apart; its next-token distribution stays near the base
-model's: KL), then append the chunk to the zoo as one shard. Each diff's verification goes into its index row's meta.
-A chunk in progress checkpoints its samples and its training state (every ``checkpoint_every_s``,
+model's: KL), then append the chunk to the zoo as one shard. Each diff's verification goes into
+its index row's meta. A chunk in progress checkpoints its samples and its training state (every ``checkpoint_every_s``,
 at the end of training, and on SIGINT/SIGTERM, see :mod:`dit_engine.jobs`) under ``<zoo>/.work``; a
 rerun skips diffs the zoo already holds and resumes the chunk in progress exactly. The zoo's writer
 lock is held from the start, so a second generation into the same zoo is refused before it does
