@@ -267,7 +267,8 @@ def test_latentqa_train(workdir, latentqa_trained, monkeypatch):
     cfg = meta["recipe"]["config"]
     assert (cfg["lr"], cfg["epochs"], cfg["n_train_personas"]) == (1e-4, 1, 3)  # the preset, then the flags
     assert meta["recipe"]["dialogs"] == {"train": 3, "test": 3}
-    assert len((run / "epochs.jsonl").read_text().splitlines()) == 1
+    (epoch,) = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert epoch["train_loss"] > 0 and epoch["held_out_loss"] > 0
     # Rerunning the same command resumes: its dialogs and checkpoint are whole, so nothing trains again.
     monkeypatch.setattr(Trainer, "backward", lambda *a: pytest.fail("trained again"))
     ok(type_(LATENTQA_TRAIN, *TINY_LATENTQA))

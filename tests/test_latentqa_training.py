@@ -17,6 +17,7 @@ from conftest import tiny_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.engine import Engine
 from dit_engine.latentqa.data import QA, Persona
 from dit_engine.latentqa.decoder import LitAdapter
@@ -177,6 +178,21 @@ def test_norm_matched_add_trains_too(tmp_path):
     adapter = train_decoder(eng, tmp_path / "run", cfg, personas=personas(), dialogs=dialogs(eng, TRAIN_MESSAGES),
                             progress=False)
     assert adapter.patch_mode == "add_norm" and LitAdapter.load(tmp_path / "run").patch_mode == "add_norm"
+
+
+def test_a_target_with_a_diff_in_slot_0_is_read_instead_of_the_base(tmp_path):
+    eng = world()
+    cfg = LatentQAConfig(**{**CFG.__dict__, "epochs": 1})
+    diff = LoraSlot.create(eng.config, 1, 2, init="random", generator=torch.Generator().manual_seed(3), scale=4.0)
+    plain, adapted = [], []
+    train_decoder(eng, tmp_path / "base", cfg, personas=personas(), dialogs=dialogs(eng, TRAIN_MESSAGES),
+                  progress=False, log=plain.append)
+    a = train_decoder(eng, tmp_path / "diff", cfg, personas=personas(), dialogs=dialogs(eng, TRAIN_MESSAGES),
+                      target=AdapterBatch(diff), progress=False, log=adapted.append)
+    assert a.recipe["target_adapted"] and plain[0]["loss"] != adapted[0]["loss"]
+    with pytest.raises(LatentQAError, match="other settings or another model"):  # its dialogs: another target
+        train_decoder(eng, tmp_path / "diff", cfg, personas=personas(), dialogs=dialogs(eng, TRAIN_MESSAGES),
+                      progress=False)
 
 
 @pytest.mark.slow

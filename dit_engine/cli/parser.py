@@ -275,7 +275,7 @@ def _latentqa_parsers(sub) -> None:
                    help="decoder directory (dialogs and checkpoint inside; rerun resumes)")
     p.add_argument("--preset", default="reference", choices=list(LATENTQA_PRESETS),
                    help="reference: the reference recipe on every packaged persona (default); laptop: 2 epochs at "
-                        "lr 1e-4, shorter answers, for a 2-core CPU")
+                        "lr 1e-4, batch 8, 16-token answers, for a 2-core CPU")
     g = p.add_argument_group("overrides of the preset (defaults: the reference recipe's)")
     g.add_argument("--epochs", type=positive_int, default=None, help=f"default {ref.epochs}")
     g.add_argument("--lr", type=positive_float, default=None, help=f"default {ref.lr}")

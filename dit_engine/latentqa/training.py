@@ -84,10 +84,12 @@ EPOCHS_LOG = "epochs.jsonl"
 # `dit latentqa train --preset NAME`: the reference's recipe, and one sized for a 2-core CPU.
 PRESETS = {
     "reference": LatentQAConfig(),
-    # Estimated, not yet measured, from REFERENCES' throughput of the default model on 2 cores
-    # (fwd+bwd ~330 tokens/s): 115 x 2 dialogs x 4 QA = 920 rows of ~85 tokens a epoch, ~4 min each.
-    # lr 1e-4: a guess for 460 steps where the reference had far more data.
-    "laptop": LatentQAConfig(epochs=2, lr=1e-4, stimuli_per_persona=2, test_stimuli=2, max_answer_tokens=24),
+    # Estimated, not yet timed, from the default model's measured throughput on 2 cores (fwd+bwd
+    # ~330 tokens/s at batch 8+): 115 x 2 dialogs x 4 QA = 920 rows of ~80 tokens an epoch, ~4 min,
+    # plus ~1.5 min of dialogs, captures and per-epoch losses. lr 1e-4 (with batch 8): a guess for
+    # 230 steps where the reference had far more data.
+    "laptop": LatentQAConfig(epochs=2, lr=1e-4, batch_size=8, stimuli_per_persona=2, test_stimuli=2,
+                             max_answer_tokens=16),
 }
 
 
