@@ -10,9 +10,10 @@ inserted as ids between the encoded text before and after it, so no merge across
 the question's tokens.
 
 Write point (:data:`WRITE_POINT`, ``"hidden.1"``): the output of the decoder's block 0, where the
-reference writes (Activation Oracles inject at layer 1 too). Block 0 still sees the placeholder
-tokens themselves, so every later block reads the activations in place of a token the decoder
-knows, and no block sees a target activation as if it were a token embedding. Read point
+reference writes (Activation Oracles inject at layer 1 too), rather than over the embeddings
+(``"hidden.0"``, also accepted): block 0 processes the placeholders as ordinary tokens, and blocks
+1.. read the target's vectors, which are residual states from the middle of a model, in their
+place. Read point
 (:data:`READ_POINT`, ``"hidden.0.5"``): the residual at half depth, the reference's layer 15 of 32
 (the output of block 15 is ``hidden.16``, half of 32). Mode ``replace`` overwrites the placeholder
 positions (the reference); ``add_norm`` adds each vector rescaled to the norm of the activation it

@@ -8,6 +8,8 @@ read; captured once per dialog, no gradient), a decoder prompt of one placeholde
 vector and the question, the vectors written at ``write_point`` over the placeholders, and the
 cross-entropy of the answer and the end-of-turn token (:func:`dit_engine.train.batch_loss` with
 the patch; each row one loss group). See :mod:`.dialogs` and :mod:`.decoder` for the positions.
+The LIT adapter is the decoder's only slot: a target's diff rides the target's forward, never the
+decoder's.
 
 ``out_dir`` holds ``dialogs.json`` (the target's dialogs, made once, reused on resume and by
 reading), ``checkpoint/`` (written every ``save_every`` optimizer steps, every
