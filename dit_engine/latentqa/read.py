@@ -63,7 +63,7 @@ def answer(engine: Engine, slot: LoraSlot | None, values: Sequence[Tensor], ques
 @torch.no_grad()
 def score_candidates(engine: Engine, slot: LoraSlot | None, values: Sequence[Tensor], question: str,
                      candidates: Sequence[str], *, write_point: str, mode: PatchMode = "replace",
-                     batch_size: int = 256) -> Tensor:
+                     batch_size: int = 64) -> Tensor:
     """``[len(values), len(candidates)]`` fp32: the decoder's log-likelihood of each candidate
     answer and the end-of-turn token, given each target's activations and the question.
     ``batch_size``: candidate rows per forward (targets per forward = batch_size // candidates)."""
@@ -125,7 +125,7 @@ def evaluate(
     target: AdapterBatch | None = None,
     conditions: Sequence[str] = CONDITIONS,
     max_new_tokens: int = 24,
-    batch_size: int = 256,
+    batch_size: int = 64,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> dict:
