@@ -244,6 +244,69 @@ def test_evaluate(workdir, interpreted):
     assert {"dit", "diff", "diff+trigger", "base"} <= set(json.dumps(metrics).replace('"', " ").split())
 
 
+LATENTQA_TRAIN = "dit latentqa train --model default --preset laptop --out lqa/"
+# 3 + 3 personas, one message each, 3-token answers, one epoch: seconds on the tiny model.
+TINY_LATENTQA = ("--train-personas", "3", "--test-personas", "3", "--stimuli-per-persona", "1", "--test-stimuli", "1",
+                 "--max-answer-tokens", "3", "--epochs", "1")
+
+
+@pytest.fixture(scope="module")
+def latentqa_trained(workdir):
+    return type_(LATENTQA_TRAIN, *TINY_LATENTQA)
+
+
+@types(LATENTQA_TRAIN)
+def test_latentqa_train(workdir, latentqa_trained, monkeypatch):
+    from dit_engine.train import Trainer
+
+    assert ok(latentqa_trained).strip().splitlines()[-1] == "lqa"
+    run = workdir / "lqa"
+    meta = json.loads((run / "adapter.json").read_text())
+    assert meta["format"] == "dit-engine-lit-adapter/1" and meta["rank"] == 16 and meta["scale"] == 2.0
+    assert (meta["read_point"], meta["write_point"]) == ("hidden.0.5", "hidden.1")
+    cfg = meta["recipe"]["config"]
+    assert (cfg["lr"], cfg["epochs"], cfg["n_train_personas"]) == (1e-4, 1, 3)  # the preset, then the flags
+    assert meta["recipe"]["dialogs"] == {"train": 3, "test": 3}
+    (epoch,) = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert epoch["train_loss"] > 0 and epoch["held_out_loss"] > 0
+    # Rerunning the same command resumes: its dialogs and checkpoint are whole, so nothing trains again.
+    monkeypatch.setattr(Trainer, "backward", lambda *a: pytest.fail("trained again"))
+    ok(type_(LATENTQA_TRAIN, *TINY_LATENTQA))
+
+
+@types("dit latentqa read --adapter lqa/")
+def test_latentqa_read(workdir, latentqa_trained):
+    ok(latentqa_trained)
+    lines = ok(type_("dit latentqa read --adapter lqa/", "--max-new-tokens", "3")).splitlines()
+    assert [line.split()[0] for line in lines[:6]] == ["condition", "decoder", "zero", "shuffled", "untrained",
+                                                      "chance"]
+    assert lines[-1].startswith("generated answers naming the persona: ") and lines[-1].endswith("/3")
+
+
+@types("dit latentqa read --adapter lqa/ --json")
+def test_latentqa_read_json(workdir, latentqa_trained):
+    ok(latentqa_trained)
+    res = json.loads(ok(type_("dit latentqa read --adapter lqa/ --json", "--max-new-tokens", "3")))
+    assert set(res["conditions"]) == {"decoder", "zero", "shuffled", "untrained"}
+    assert res["n_personas"] == 3 and res["chance"]["retrieval@1"] == pytest.approx(1 / 3)
+    assert res["question"] == "Who is the assistant pretending to be?" and len(res["answers"]) == 3
+
+
+def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
+    code, _, err = type_("dit latentqa read --adapter nowhere/")
+    assert code == 1 and err.strip() == ("dit latentqa: error: nowhere: not a LatentQA adapter directory "
+                                         "(adapter.json missing)")
+    code, _, err = type_("dit latentqa train --out x/ --epochs 0")
+    assert code == 2 and err.strip() == ("dit latentqa train: error: argument --epochs: 0 is not a positive integer "
+                                         "(expected >= 1) (see 'dit latentqa train --help')")
+    code, _, err = type_("dit latentqa train --out bad/ --read-point hidden.7", *TINY_LATENTQA)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "outside this model's hidden.0 .. hidden.2" in err
+    ok(type_("dit latentqa train --out no-test/ --preset laptop", *TINY_LATENTQA, "--test-personas", "0"))
+    code, _, err = type_("dit latentqa read --adapter no-test/")
+    assert code == 1 and err.strip() == ("dit latentqa: error: no-test/dialogs.json: no held-out dialogs to read "
+                                         "(trained with --test-personas 0?)")
+
+
 def test_pipeline_with_the_shipped_adapter_skips_training(workdir, monkeypatch):
     """--set adapter=shipped: the held-out zoo is made and interpreted with the adapter the package
     ships (here: one trained by an earlier run on this base); no training zoo, no DIT training."""
@@ -392,7 +455,8 @@ def _leaf_parsers(parser, prefix=()):
 
 def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
-    assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and len(leaves) == 11
+    assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
+    assert len(leaves) == 13
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

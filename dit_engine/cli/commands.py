@@ -17,6 +17,9 @@ from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_pe
 from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
 from ..generate import SamplingParams
+from ..latentqa import PRESETS as LATENTQA_PRESETS
+from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
+from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
 from ..zoo import BaseIdentity, Zoo, ZooError, export_peft, import_dit_file, import_peft
@@ -246,4 +249,33 @@ def _pipeline(args) -> int:
         raise UsageError(f"--scaling {','.join(map(str, bad))}{given}: each point must be below the "
                          f"{cfg.n_train} training diffs (--n-train)")
     print(run_pipeline(_load_engine(args), args.out, cfg))
+    return 0
+
+
+@_command("latentqa")
+def _latentqa(args) -> int:
+    if args.latentqa_cmd == "train":
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LatentQAConfig)
+                 if getattr(args, f.name, None) is not None}
+        for name in ("personas_file", "stimuli_file"):
+            if name in given:
+                given[name] = str(given[name])
+        cfg = dataclasses.replace(LATENTQA_PRESETS[args.preset], **given)
+        train_decoder(_load_engine(args), args.out, cfg)
+        print(args.out)
+        return 0
+    eng = _load_engine(args)
+    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
+    adapter.check_base(BaseIdentity.from_model(eng.model))
+    if adapter.recipe.get("target_adapted"):
+        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; read it through the "
+                         "Python API (dit_engine.latentqa.evaluate with target=...)")
+    dialogs, personas, _ = load_dialogs(args.adapter / DIALOGS)
+    held_out = [d for d in dialogs if d.split == "test"]
+    if not held_out:
+        raise ValueError(f"{args.adapter / DIALOGS}: no held-out dialogs to read (trained with --test-personas 0?)")
+    question = args.question or adapter.recipe.get("config", {}).get("read_question") or LatentQAConfig.read_question
+    result = evaluate(eng, adapter, held_out, personas, question=question, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

@@ -9,6 +9,8 @@ from ..config import TARGET_MODULES
 from ..diffgen import DiffGenConfig
 from ..dit import DitTrainConfig
 from ..evaluate import METHODS
+from ..latentqa import PRESETS as LATENTQA_PRESETS
+from ..latentqa import LatentQAConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
 from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value, methods_arg,
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _zoo_parsers(sub)
     _dit_parsers(sub)
+    _latentqa_parsers(sub)
     return parser
 
 
@@ -252,3 +255,67 @@ def _dit_parsers(sub) -> None:
                    help="also train DIT on the first N training diffs for each N: a data-scaling curve")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=pipeline_setting,
                    dest="settings", help=f"override any preset setting (repeatable): {', '.join(PIPELINE_FIELDS)}")
+
+
+def _latentqa_parsers(sub) -> None:
+    lp = sub.add_parser("latentqa", help="LatentQA: a decoder that reads activations and answers questions about them",
+                        description="Train a LatentQA decoder (base + LIT adapter) on a target model's activations "
+                                    "over persona dialogs, and read held-out personas with it.")
+    ls = lp.add_subparsers(dest="latentqa_cmd", metavar="LATENTQA_COMMAND", required=True, parser_class=Parser)
+    ref = LATENTQA_PRESETS["reference"]
+    p = _leaf(ls, "train", help="train the LatentQA decoder on persona dialogs (resumable)",
+              description="The target (the base model) answers neutral messages under each persona's hidden "
+                          "system prompt; its residual at --read-point over the dialog (the system prompt masked) "
+                          "is written over placeholder tokens of the decoder (the base + a LIT adapter) at "
+                          "--write-point, which learns to answer questions about the persona. --preset reference "
+                          "is the reference recipe; --preset laptop is sized for a 2-core CPU. A flag overrides the "
+                          "preset's value. Rerunning the same command resumes.")
+    _model_args(p)
+    p.add_argument("--out", required=True, type=path_arg,
+                   help="decoder directory (dialogs and checkpoint inside; rerun resumes)")
+    p.add_argument("--preset", default="reference", choices=list(LATENTQA_PRESETS),
+                   help="reference: the reference recipe on every packaged persona (default); laptop: 2 epochs at "
+                        "lr 1e-4, batch 8, 16-token answers, for a 2-core CPU")
+    g = p.add_argument_group("overrides of the preset (defaults: the reference recipe's)")
+    g.add_argument("--epochs", type=positive_int, default=None, help=f"default {ref.epochs}")
+    g.add_argument("--lr", type=positive_float, default=None, help=f"default {ref.lr}")
+    g.add_argument("--rank", type=positive_int, default=None, help=f"LIT adapter rank, default {ref.rank}")
+    g.add_argument("--alpha", type=positive_float, default=None, help=f"scale = alpha / rank, default {ref.alpha}")
+    g.add_argument("--batch-size", type=positive_int, default=None, help=f"default {ref.batch_size}")
+    g.add_argument("--read-point", type=nonempty_text, default=None, metavar="POINT",
+                   help=f"where the target is read: hidden.K or a relative depth (default {ref.read_point})")
+    g.add_argument("--write-point", type=nonempty_text, default=None, metavar="POINT",
+                   help=f"where the decoder is written (default {ref.write_point}: the output of its block 0)")
+    g.add_argument("--patch-mode", default=None, choices=["replace", "add_norm"],
+                   help="replace the placeholders' activations (default) or add norm-matched")
+    g.add_argument("--stimuli-per-persona", type=positive_int, default=None,
+                   help=f"dialogs per train persona, default {ref.stimuli_per_persona}")
+    g.add_argument("--test-stimuli", type=positive_int, default=None,
+                   help=f"held-out messages every test persona answers, default {ref.test_stimuli}")
+    g.add_argument("--train-personas", dest="n_train_personas", type=nonnegative_int, default=None, metavar="N",
+                   help="train on the first N train personas only (default: all)")
+    g.add_argument("--test-personas", dest="n_test_personas", type=nonnegative_int, default=None, metavar="N",
+                   help="hold out the first N test personas only (default: all)")
+    g.add_argument("--max-answer-tokens", type=positive_int, default=None,
+                   help=f"length of the target's answers, default {ref.max_answer_tokens}")
+    g.add_argument("--personas", dest="personas_file", type=path_arg, default=None, metavar="FILE",
+                   help="personas JSON in the packaged format (default: the packaged personas)")
+    g.add_argument("--stimuli", dest="stimuli_file", type=path_arg, default=None, metavar="FILE",
+                   help="stimulus messages JSON in the packaged format (default: the packaged ones)")
+    g.add_argument("--seed", type=int_arg, default=None)
+    _checkpoint_arg(p, LatentQAConfig)
+
+    p = _leaf(ls, "read", help="read held-out personas with a trained decoder: retrieval and answers",
+              description="For the held-out dialogs of a 'dit latentqa train' directory, score every held-out "
+                          "persona's answer by the decoder's log-likelihood given the dialog's activations "
+                          "(retrieval@1, @5, MRR, with 95% bootstrap intervals), against the decoder given zero "
+                          "or another persona's activations and the untrained decoder; also generate the "
+                          "decoder's answers.")
+    _model_args(p)
+    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
+    p.add_argument("--question", default=None, type=nonempty_text,
+                   help="what the decoder is asked (default: the one it was trained to be read with)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="length of the generated answers")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="candidate rows per forward (each holds a copy of its prompt's KV cache)")
+    p.add_argument("--json", action="store_true", help="the metrics and answers as one JSON object")

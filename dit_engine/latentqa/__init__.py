@@ -1,13 +1,28 @@
 """LatentQA (Pan et al. 2024): a decoder model reads a target model's activations and answers
 questions about them, here about the persona (hidden system prompt) the target was given.
 
-What exists so far is the data (:mod:`.data`): the packaged personas with their question/answer
-pairs, the neutral stimulus messages the target answers under them, and a reader for the reference
-repository's own data files. Capturing and patching activations lives in :mod:`dit_engine.probes`.
+- :mod:`.data` — the packaged personas with their question/answer pairs, the neutral stimulus
+  messages, and a reader for the reference repository's own data files
+- :mod:`.dialogs` — the target's stimulus dialogs and the positions the decoder reads (the dialog
+  after the system turn, derived from the chat template), captured in one batched forward
+- :mod:`.decoder` — the decoder prompt (placeholder tokens, then the question), the patch, and the
+  LIT adapter's file format (:class:`LitAdapter`)
+- :mod:`.training` — :class:`LatentQAConfig`, :func:`train_decoder` (resumable, one trainer)
+- :mod:`.read` — answers about activations, candidate scoring by log-likelihood, retrieval with
+  its controls (:func:`evaluate`)
+
+Capturing and patching activations lives in :mod:`dit_engine.probes`.
 """
 
 from .data import (CATEGORIES, MIN_QA, QA, Persona, ReferenceDialog, ReferenceLabel, Stimulus, load_personas,
                    load_stimuli, read_reference)
+from .decoder import READ_POINT, WRITE_POINT, LitAdapter, decoder_prompt, placeholder_id
+from .dialogs import Dialog, LatentQAError, capture, load_dialogs, make_dialogs
+from .read import CONDITIONS, answer, evaluate, format_table, score_candidates
+from .training import PRESETS, READ_QUESTION, LatentQAConfig, train_decoder
 
-__all__ = ["CATEGORIES", "MIN_QA", "QA", "Persona", "ReferenceDialog", "ReferenceLabel", "Stimulus", "load_personas",
-           "load_stimuli", "read_reference"]
+__all__ = ["CATEGORIES", "CONDITIONS", "MIN_QA", "PRESETS", "QA", "READ_POINT", "READ_QUESTION", "WRITE_POINT",
+           "Dialog", "LatentQAConfig", "LatentQAError", "LitAdapter", "Persona", "ReferenceDialog", "ReferenceLabel",
+           "Stimulus", "answer", "capture", "decoder_prompt", "evaluate", "format_table", "load_dialogs",
+           "load_personas", "load_stimuli", "make_dialogs", "placeholder_id", "read_reference", "score_candidates",
+           "train_decoder"]
