@@ -294,7 +294,7 @@ def test_latentqa_read_json(workdir, latentqa_trained):
 
 def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
     code, _, err = type_("dit latentqa read --adapter nowhere/")
-    assert code == 1 and err.strip() == ("dit latentqa: error: nowhere: not a LatentQA adapter directory "
+    assert code == 1 and err.strip() == ("dit latentqa read: error: nowhere: not a LatentQA adapter directory "
                                          "(adapter.json missing)")
     code, _, err = type_("dit latentqa train --out x/ --epochs 0")
     assert code == 2 and err.strip() == ("dit latentqa train: error: argument --epochs: 0 is not a positive integer "
@@ -303,7 +303,7 @@ def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
     assert code == 1 and len(err.strip().splitlines()) == 1 and "outside this model's hidden.0 .. hidden.2" in err
     ok(type_("dit latentqa train --out no-test/ --preset laptop", *TINY_LATENTQA, "--test-personas", "0"))
     code, _, err = type_("dit latentqa read --adapter no-test/")
-    assert code == 1 and err.strip() == ("dit latentqa: error: no-test/dialogs.json: no held-out dialogs to read "
+    assert code == 1 and err.strip() == ("dit latentqa read: error: no-test/dialogs.json: no held-out dialogs to read "
                                          "(trained with --test-personas 0?)")
 
 

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 2
-    prog = " ".join(["dit", args.cmd] + ([args.zoo_cmd] if args.cmd == "zoo" else []))
+    sub = getattr(args, f"{args.cmd}_cmd", None)  # a command group's subcommand (zoo, latentqa)
+    prog = " ".join(["dit", args.cmd] + ([sub] if sub else []))
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return COMMANDS[args.cmd](args)
