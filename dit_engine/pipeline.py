@@ -77,14 +77,14 @@ PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model. With the shipped adapter for
     # this base, only the held-out zoo is made and read (no DIT training).
     "laptop": PipelineConfig(
-        n_train=16, n_test=8, n_train_eval=8, adapter=SHIPPED, rank=RECIPE_RANK,
+        n_train=16, n_test=16, n_train_eval=8, adapter=SHIPPED, rank=RECIPE_RANK,
         diffs=dataclasses.replace(HIDING_RECIPE, chunk_diffs=8),
         dit=DitTrainConfig(lr=1e-3, epochs=6, batch_size=8, val_fraction=0.0)),
-    # One background run of about 90 minutes on a 2-core CPU (measured: results/medium/): 160 + 64
+    # One background run of about 80 minutes on a 2-core CPU (measured: results/medium/): 128 + 64
     # diffs, 16 a chunk; 64 held-out topics; DIT early-stopped on held-out loss; a data-scaling curve.
     # The package's shipped adapter is this run's.
     "medium": PipelineConfig(
-        n_train=160, n_test=64, n_train_eval=32, scaling=(40, 80), interpret_batch_size=64, rank=RECIPE_RANK,
+        n_train=128, n_test=64, n_train_eval=32, scaling=(40, 80), interpret_batch_size=64, rank=RECIPE_RANK,
         diffs=HIDING_RECIPE,
         dit=DitTrainConfig(lr=5e-4, epochs=8, batch_size=16, val_fraction=0.1, patience=2, eval_diffs=32)),
     # The full-size run (a GPU): >= 2000 rank-1 diffs, >= 100 held-out topics, rank generalisation.

@@ -244,7 +244,7 @@ def _dit_parsers(sub) -> None:
     p = _leaf(sub, "pipeline", help="the whole loop: zoos -> DIT adapter -> interpretation -> report",
               description="Generate train and held-out zoos, train the DIT adapter, interpret with the "
                           "baselines and write the report. Every stage resumes. --preset laptop runs in "
-                          "about ten minutes on a 2-core CPU; --preset medium is one background run of about 90 "
+                          "about ten minutes on a 2-core CPU; --preset medium is one background run of about 80 "
                           "minutes there (the run behind the shipped adapter); --preset full is the GPU-size run.")
     _model_args(p)
     p.add_argument("--preset", default="laptop", choices=list(PRESETS))
