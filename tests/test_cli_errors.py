@@ -93,7 +93,7 @@ USAGE_ERRORS = [
     (["interpret", "--zoo", "z", "--methods", "dit,guess", "--out", "r"], "dit interpret",
      "argument --methods: 'dit,guess': expected a comma list of dit,diff+trigger,diff,base"),
     (["interpret", "--zoo", "z", "--methods", "diff"], "dit interpret", "--out RESULTS.jsonl is required with --zoo"),
-    (["interpret", "--zoo", "z", "--out", "r"], "dit interpret", "method 'dit' needs the trained DIT adapter"),
+    (["interpret", "--zoo", "z", "--out", "r"], "dit interpret", "method 'dit' needs the trained DIT adapter"),  # none shipped
     (["interpret", "--peft", "p", "--methods", "diff+trigger"], "dit interpret",
      "--methods diff+trigger needs a zoo row"),
     (["interpret", "--peft", "p", "--methods", "diff", "--out", "r"], "dit interpret", "--out, --split and --id go"),
@@ -120,12 +120,28 @@ USAGE_ERRORS = [
 
 
 @pytest.mark.parametrize("argv,prog,message", USAGE_ERRORS, ids=[" ".join(a) for a, _, _ in USAGE_ERRORS])
-def test_usage_errors_exit_2_with_one_line_naming_the_argument(argv, prog, message, capsys):
+def test_usage_errors_exit_2_with_one_line_naming_the_argument(argv, prog, message, capsys, monkeypatch, tmp_path):
+    import dit_engine.dit.adapter as adapter_mod
+
+    monkeypatch.setattr(adapter_mod, "SHIPPED_DIR", tmp_path / "none")  # an install that ships no adapter
     code, err = run(argv, capsys)
     assert code == 2
     line = one_error_line(err, prog)
     assert message in line
     assert "--help" in line  # where to read what is expected
+
+
+def test_interpret_without_adapter_uses_the_shipped_one(capsys, monkeypatch, tmp_path):
+    """With a shipped adapter (this checkout's), 'dit interpret' without --adapter takes it; what
+    fails then is the missing zoo, a run-time error naming it."""
+    import dit_engine.dit.adapter as adapter_mod
+
+    if not adapter_mod.shipped_available():
+        pytest.skip("this checkout ships no DIT adapter")
+    code, err = run(["interpret", "--zoo", str(tmp_path / "z"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 1
+    line = one_error_line(err, "dit interpret")
+    assert "needs the trained DIT adapter" not in line and str(tmp_path / "z") in line
 
 
 def test_non_utf8_bytes_from_the_os_are_a_usage_error(tmp_path):

@@ -4,13 +4,15 @@ The shipped adapter names the run it came from (``adapter.json``: its pipeline c
 and held-out scores); ``results/medium/`` holds that run's record. Here the first chunk of the
 run's held-out zoo is made again from the committed recipe (same ids, topics, triggers, seed and
 chunking), each diff's verification is compared with the committed index, and the shipped adapter's
-answers with the committed ``results-shipped.jsonl``.
+answers with the committed ``results-shipped.jsonl``. The run's base-answer pool (the KL rows'
+targets, written once per base model) is part of the record and is installed first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from dit_engine.diffgen import DiffGenConfig, generate_zoo
 from dit_engine.dit import DitAdapter, interpret
 from dit_engine.dit.adapter import SHIPPED, shipped_available
 from dit_engine.engine import Engine
-from dit_engine.model_store import default_model_dir
+from dit_engine.model_store import default_model_dir, engine_home
 from dit_engine.zoo import BaseIdentity, Zoo
 
 RECORD = Path(__file__).resolve().parents[1] / "results" / "medium"
@@ -42,6 +44,13 @@ def test_the_shipped_adapter_reproduces_its_committed_figures(tmp_path):
     assert json.loads((RECORD / "pipeline_config.json").read_text()) == run
     index = _jsonl(RECORD / "zoo-test-index.jsonl")
     committed = {r["id"]: r["answer"] for r in _jsonl(RECORD / "results-shipped.jsonl") if r["method"] == "dit"}
+    # the base-answer pool the run read (greedy answers of an earlier commit's decode numerics): the
+    # KL rows' targets, so the same diffs come out
+    pools = sorted(RECORD.glob("base-pool-*.json"))
+    assert pools, "results/medium holds the run's base-answer pool"
+    (engine_home() / "base-answers").mkdir(parents=True, exist_ok=True)
+    for f in pools:
+        shutil.copy(f, engine_home() / "base-answers" / f.name)
     fields = {f.name for f in dataclasses.fields(DiffGenConfig)}
     recipe = {k: (tuple(v) if isinstance(v, list) else v) for k, v in run["diffs"].items() if k in fields}
     n = recipe["chunk_diffs"]
