@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dit_kernels.multi_lora import Routing, RowRouting, build_lora_meta, multi_lora_sum
 
 from .config import TARGET_MODULES, ModelConfig
+from .files import write_atomically
 
 
 class AdapterError(ValueError):
@@ -216,3 +220,25 @@ class BoundAdapters:
         if not parts:
             return None
         return multi_lora_sum(x, [(s.A[name], s.B[name], s.scale, self.routing(k)) for k, s in parts], out=out)
+
+
+# ---- one adapter as a file (the DIT and LatentQA adapters' tensors) -----------------------------------
+def save_single(slot: LoraSlot, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Adapter 0 of ``slot`` as safetensors at ``path`` (atomically): per module ``{module}.lora_A``
+    [r, d_in] and ``{module}.lora_B`` [d_out, r], in ``dtype``."""
+    tensors = {}
+    for name in slot.A:
+        tensors[f"{name}.lora_A"] = slot.A[name][0].detach().contiguous().cpu().to(dtype)
+        tensors[f"{name}.lora_B"] = slot.B[name][0].detach().contiguous().cpu().to(dtype)
+    write_atomically(Path(path), lambda p: save_file(tensors, str(p)))
+
+
+def load_single(path: str | Path, modules: Iterable[str], scale: float, *, name: str, device="cpu",
+                dtype: torch.dtype = torch.float32) -> LoraSlot:
+    """The file :func:`save_single` wrote, as a one-adapter slot (index 0) for ``modules``; raises
+    whatever reading it raises (a missing file, corrupt safetensors, a missing module's tensor)."""
+    t = load_file(str(path))
+    A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in modules}
+    B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in modules}
+    return LoraSlot(A=A, B=B, scale=torch.tensor([float(scale)], device=device),
+                    index=torch.zeros(1, dtype=torch.int64, device=device), name=name)

@@ -136,18 +136,17 @@ class Probes:
 
     def _apply(self, spec: str, p: _Patch, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        mask = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device) if p.mask is None else \
-            self._mask(spec, p.mask, x).reshape(-1)
-        n = int(mask.sum()) if p.mask is not None else flat.shape[0]
+        mask = None if p.mask is None else self._mask(spec, p.mask, x).reshape(-1)
+        old = flat if mask is None else flat[mask]  # what the patch lands on
+        n = old.shape[0]
         if p.values.shape != (n, x.shape[-1]):
             raise ProbeError(f"patch at {spec}: {n} positions of width {x.shape[-1]} need values of shape "
                              f"({n}, {x.shape[-1]}), found {tuple(p.values.shape)}")
         v = p.values.to(device=x.device, dtype=x.dtype)
         if p.mode == "add_norm":
-            old = flat[mask]
             scale = old.float().norm(dim=-1, keepdim=True) / v.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
             v = old + v * scale.to(x.dtype)
-        return flat.index_put((mask,), v).view_as(x)
+        return v.view_as(x) if mask is None else flat.index_put((mask,), v).view_as(x)
 
     @staticmethod
     def _mask(spec: str, mask: Tensor, x: Tensor) -> Tensor:

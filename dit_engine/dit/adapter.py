@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..adapters import LoraSlot
-from ..files import write_atomically, write_json
+from ..adapters import LoraSlot, load_single, save_single
+from ..files import write_json
 from ..zoo import BaseIdentity, Diff, export_peft
 
 SHIPPED = "shipped"  # the name that loads the adapter this package ships (dit interpret --adapter shipped)
@@ -41,11 +40,7 @@ class DitAdapter:
     def save(self, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name in self.slot.A:
-            tensors[f"{name}.lora_A"] = self.slot.A[name][0].detach().contiguous().cpu().to(dtype)
-            tensors[f"{name}.lora_B"] = self.slot.B[name][0].detach().contiguous().cpu().to(dtype)
-        write_atomically(out / "adapter.safetensors", lambda p: save_file(tensors, str(p)))
+        save_single(self.slot, out / "adapter.safetensors", dtype)
         meta = {"format": "dit-engine-adapter/1", "rank": self.slot.rank, "scale": float(self.slot.scale[0]),
                 "question": self.question, "task": self.task, "base": self.base, "modules": sorted(self.slot.A),
                 "recipe": self.recipe}
@@ -64,15 +59,12 @@ class DitAdapter:
         path = Path(path)
         try:
             meta = json.loads((path / "adapter.json").read_text())
-            t = load_file(str(path / "adapter.safetensors"))
-            A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-            B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-            scale = torch.tensor([float(meta["scale"])], device=device)
+            slot = load_single(path / "adapter.safetensors", meta["modules"], meta["scale"], name="dit",
+                               device=device, dtype=dtype)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{path}: not a DIT adapter directory ({Path(e.filename).name} missing)") from None
         except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
             raise ValueError(f"{path}: unreadable DIT adapter ({type(e).__name__}: {e})") from None
-        slot = LoraSlot(A=A, B=B, scale=scale, index=torch.zeros(1, dtype=torch.int64, device=device), name="dit")
         return cls(slot, meta["question"], meta["task"], meta["base"], meta.get("recipe", {}))
 
     def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:

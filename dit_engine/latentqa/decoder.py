@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..adapters import LoraSlot
-from ..files import write_atomically, write_json
+from ..adapters import LoraSlot, load_single, save_single
+from ..files import write_json
 from ..probes import PatchMode, Probes, positions_mask
 from ..tokenizer import Tokenizer
 from ..train import Batch, Example, collate
@@ -119,11 +118,7 @@ class LitAdapter:
     def save(self, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name in self.slot.A:
-            tensors[f"{name}.lora_A"] = self.slot.A[name][0].detach().contiguous().cpu().to(dtype)
-            tensors[f"{name}.lora_B"] = self.slot.B[name][0].detach().contiguous().cpu().to(dtype)
-        write_atomically(out / "adapter.safetensors", lambda p: save_file(tensors, str(p)))
+        save_single(self.slot, out / "adapter.safetensors", dtype)
         meta = {"format": LIT_FORMAT, "rank": self.slot.rank, "scale": float(self.slot.scale[0]),
                 "read_point": self.read_point, "write_point": self.write_point, "patch_mode": self.patch_mode,
                 "placeholder": PLACEHOLDER_TEXT, "base": self.base, "modules": sorted(self.slot.A),
@@ -140,10 +135,8 @@ class LitAdapter:
             if meta.get("format") != LIT_FORMAT:
                 raise LatentQAError(f"{path}: adapter format {meta.get('format')!r}, expected {LIT_FORMAT!r} "
                                     "(a directory from 'dit latentqa train')")
-            t = load_file(str(path / "adapter.safetensors"))
-            A = {m: t[f"{m}.lora_A"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-            B = {m: t[f"{m}.lora_B"][None].to(device=device, dtype=dtype) for m in meta["modules"]}
-            scale = torch.tensor([float(meta["scale"])], device=device)
+            slot = load_single(path / "adapter.safetensors", meta["modules"], meta["scale"], name="lit",
+                               device=device, dtype=dtype)
             fields = (meta["read_point"], meta["write_point"], meta["patch_mode"], meta["base"])
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{path}: not a LatentQA adapter directory ({Path(e.filename).name} missing)") \
@@ -152,7 +145,6 @@ class LitAdapter:
             raise
         except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
             raise LatentQAError(f"{path}: unreadable LatentQA adapter ({type(e).__name__}: {e})") from None
-        slot = LoraSlot(A=A, B=B, scale=scale, index=torch.zeros(1, dtype=torch.int64, device=device), name="lit")
         return cls(slot, *fields, meta.get("recipe", {}))
 
     def check_base(self, base: BaseIdentity) -> None:
