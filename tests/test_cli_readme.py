@@ -292,6 +292,25 @@ def test_latentqa_read_json(workdir, latentqa_trained):
     assert res["question"] == "Who is the assistant pretending to be?" and len(res["answers"]) == 3
 
 
+@types("dit latentqa read --adapter lqa/ --out lqa-report/")
+def test_latentqa_read_report(workdir, latentqa_trained):
+    ok(latentqa_trained)
+    out = ok(type_("dit latentqa read --adapter lqa/ --out lqa-report/", "--max-new-tokens", "3"))
+    assert out.strip().splitlines()[-1] == "lqa-report/report.html"
+    rep = workdir / "lqa-report"
+    metrics = json.loads((rep / "metrics.json").read_text())
+    table = out.splitlines()
+    # the report holds the numbers the table printed, and where and when they were measured
+    decoder = next(line for line in table if line.startswith("decoder "))
+    assert f"{metrics['conditions']['decoder']['retrieval@1']:.3f}" == decoder.split()[1]
+    assert metrics["provenance"]["commit"] and metrics["recipe"]["config"]["epochs"] == 1
+    assert {p.name for p in (rep / "charts").iterdir()} == {"conditions_retrieval_at_1.svg", "conditions_mrr.svg",
+                                                            "decoder_loss.svg"}
+    md = (rep / "report.md").read_text()
+    assert "Measured on " in md and "## The decoder against its controls" in md
+    assert (rep / "report.html").read_text().count("<svg") == 3
+
+
 def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
     code, _, err = type_("dit latentqa read --adapter nowhere/")
     assert code == 1 and err.strip() == ("dit latentqa read: error: nowhere: not a LatentQA adapter directory "

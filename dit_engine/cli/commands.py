@@ -19,9 +19,11 @@ from ..engine import Engine
 from ..generate import SamplingParams
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
+from ..latentqa.report import write_latentqa_report
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
+from ..provenance import provenance
 from ..zoo import BaseIdentity, Zoo, ZooError, export_peft, import_dit_file, import_peft
 from ..zoo.labels import adapter_dirs, read_labels_file
 from .args import UsageError, apply_settings
@@ -276,6 +278,12 @@ def _latentqa(args) -> int:
         raise ValueError(f"{args.adapter / DIALOGS}: no held-out dialogs to read (trained with --test-personas 0?)")
     question = args.question or adapter.recipe.get("config", {}).get("read_question") or LatentQAConfig.read_question
     result = evaluate(eng, adapter, held_out, personas, question=question, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, progress=True)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
+    if args.out is not None:
+        dev = eng.model.device
+        made = provenance(str(dev) if dev.type == "cuda" else None)
+        report = write_latentqa_report(result, args.out, recipe=adapter.recipe, provenance=made)
+        if not args.json:
+            print(report)
     return 0

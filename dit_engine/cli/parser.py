@@ -319,3 +319,6 @@ def _latentqa_parsers(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="candidate rows per forward (each holds a copy of its prompt's KV cache)")
     p.add_argument("--json", action="store_true", help="the metrics and answers as one JSON object")
+    p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
+                   help="also write the report there: report.html, report.md, metrics.json, charts/ (with the "
+                        "machine, commit and date)")

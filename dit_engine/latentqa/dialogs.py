@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..adapters import AdapterBatch
 from ..engine import Engine
@@ -124,27 +125,32 @@ def make_dialogs(
     seed: int = 0,
     batch_size: int = 32,
     target: AdapterBatch | None = None,
+    progress: bool = False,
 ) -> list[Dialog]:
     """The target (base model, or base + ``target``'s adapters) answers each (persona, message)
-    under the persona's system prompt: one batched, seeded generation."""
+    under the persona's system prompt: one batched, seeded generation (``progress``: a bar of
+    dialogs written)."""
     tok = engine.tokenizer
     prompts = [sum(split_prompt(tok, p.system, text), []) for p, text in pairs]
     params = SamplingParams(max_new_tokens=max_answer_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             stop_token_ids=engine.stop_ids())
     ad = every_row(target, len(prompts), engine.model.device)
-    outs = generate(engine.model, prompts, params, adapters=ad, decode=tok.decode, batch_size=batch_size)
+    with tqdm(total=len(prompts), disable=not progress, desc="target dialogs", unit="dialog") as bar:
+        outs = generate(engine.model, prompts, params, adapters=ad, decode=tok.decode, batch_size=batch_size,
+                        progress=bar.update)
     return [dialog(tok, p, text, o.token_ids) for (p, text), o in zip(pairs, outs)]
 
 
 @torch.no_grad()
 def capture(engine: Engine, dialogs: Sequence[Dialog], point: str, *, target: AdapterBatch | None = None,
-            batch_size: int = 16) -> list[Tensor]:
+            batch_size: int = 16, progress: bool = False) -> list[Tensor]:
     """The target's activations at ``point`` over each dialog's read positions: one ``[n_read, d]``
     tensor per dialog (model dtype and device), from a forward over the whole input (system
-    prompt included), batched."""
+    prompt included), batched (``progress``: a bar of dialogs read)."""
     model = engine.model
     pad = engine.tokenizer.pad_token_id or 0
     out: list[Tensor] = []
+    bar = tqdm(total=len(dialogs), disable=not progress, desc=f"capture {point}", unit="dialog")
     for s in range(0, len(dialogs), batch_size):
         part = dialogs[s : s + batch_size]
         lens = [len(d.input_ids) for d in part]
@@ -157,6 +163,8 @@ def capture(engine: Engine, dialogs: Sequence[Dialog], point: str, *, target: Ad
         model(ids.to(model.device), every_row(target, len(part), model.device), attention_mask=mask.to(model.device),
               output="hidden", probes=probes)
         out += list(probes.captured[point].split([d.n_read for d in part]))
+        bar.update(len(part))
+    bar.close()
     return [v.clone() for v in out]
 
 

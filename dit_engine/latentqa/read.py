@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dit_kernels.cross_entropy import linear_cross_entropy
 
@@ -128,9 +129,11 @@ def evaluate(
     batch_size: int = 64,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    progress: bool = False,
 ) -> dict:
     """Retrieval of each dialog's persona among the personas of ``dialogs`` under ``conditions``,
-    and the decoder's generated answers (see the module docstring). JSON-able."""
+    and the decoder's generated answers (see the module docstring). JSON-able. ``progress``: a
+    bar over the stages (capture, one scoring per condition, the answers)."""
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or "decoder" not in conditions:
         raise LatentQAError(f"conditions must include 'decoder' and come from {list(CONDITIONS)}, found "
@@ -144,15 +147,20 @@ def evaluate(
         raise LatentQAError(f"retrieval needs dialogs of at least 2 personas, found {len(ids)}")
     cands = [by_id[i].qa[0].a for i in ids]
     truth = [ids.index(d.persona) for d in dialogs]
+    bar = tqdm(total=len(conditions) + 2, disable=not progress, desc="LatentQA read", unit="stage")
+    bar.set_postfix_str("capture")
     acts = capture(engine, dialogs, adapter.read_point, target=target)
+    bar.update(1)
     values = {"decoder": acts, "untrained": acts, "zero": [torch.zeros_like(v) for v in acts],
               "shuffled": [acts[j] for j in _shuffled(dialogs, ids)]}
     kw = dict(write_point=adapter.write_point, mode=adapter.patch_mode)
     per_dialog = {}
     for c in conditions:
+        bar.set_postfix_str(c)
         slot = None if c == "untrained" else adapter.slot
         r = ranks(score_candidates(engine, slot, values[c], question, cands, batch_size=batch_size, **kw), truth)
         per_dialog[c] = np.stack([r == 1, r <= TOP_K, 1.0 / r], 1).astype(np.float64)  # [n, 3]
+        bar.update(1)
     groups = [np.array([d.persona == i for d in dialogs]) for i in ids]
     per_persona = {c: np.stack([v[g].mean(0) for g in groups]) for c, v in per_dialog.items()}  # [P, 3]
     result: dict = {"question": question, "n_dialogs": len(dialogs), "n_personas": len(ids), "chance": chance(len(ids)),
@@ -165,7 +173,10 @@ def evaluate(
             diff, dci = paired_difference_ci(per_persona["decoder"], v, resamples, seed)
             result["decoder_minus"][c] = {m: diff[i] for i, m in enumerate(METRICS)} | {
                 f"{m}_ci": list(dci[i]) for i, m in enumerate(METRICS)}
+    bar.set_postfix_str("answers")
     texts = answer(engine, adapter.slot, acts, question, max_new_tokens=max_new_tokens, **kw)
+    bar.update(1)
+    bar.close()
     result["answers"] = [{"persona": d.persona, "label": by_id[d.persona].label, "stimulus": d.stimulus, "answer": t,
                           "names_persona": contains_match(t, by_id[d.persona].label)} for d, t in zip(dialogs, texts)]
     result["answers_name_persona"] = float(np.mean([a["names_persona"] for a in result["answers"]]))

@@ -128,7 +128,7 @@ def train_decoder(
 
 def dialogs_for(engine: Engine, out: Path, cfg: LatentQAConfig, personas: Sequence[Persona] | None = None,
                 stimuli: Sequence[Stimulus] | None = None, given: Sequence[Dialog] | None = None,
-                target: AdapterBatch | None = None) -> tuple[list[Dialog], list[Persona]]:
+                target: AdapterBatch | None = None, progress: bool = False) -> tuple[list[Dialog], list[Persona]]:
     """(dialogs, their personas) from ``out/dialogs.json``, or made now and saved there: the
     ``given`` ones, or the target's answers under ``cfg``'s settings."""
     base = BaseIdentity.from_model(engine.model)
@@ -163,7 +163,7 @@ def dialogs_for(engine: Engine, out: Path, cfg: LatentQAConfig, personas: Sequen
              assign_stimuli([p for p in chosen if p.split == split], stimuli,
                             cfg.stimuli_per_persona if split == "train" else cfg.test_stimuli, cfg.seed)]
     dialogs = make_dialogs(engine, pairs, max_answer_tokens=cfg.max_answer_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, seed=cfg.seed, target=target)
+                           top_p=cfg.top_p, seed=cfg.seed, target=target, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     save_dialogs(path, dialogs, chosen, settings)
     return dialogs, chosen
@@ -176,9 +176,9 @@ def _train(engine: Engine, out: Path, cfg: LatentQAConfig, personas, stimuli, gi
         Point.parse(point, config.num_hidden_layers)  # a bad point fails before any work
     if cfg.patch_mode not in ("replace", "add_norm"):
         raise LatentQAError(f"patch_mode must be 'replace' or 'add_norm', found {cfg.patch_mode!r}")
-    dialogs, used = dialogs_for(engine, out, cfg, personas, stimuli, given, target)
+    dialogs, used = dialogs_for(engine, out, cfg, personas, stimuli, given, target, progress)
     by_id = {p.id: p for p in used}
-    acts = capture(engine, dialogs, cfg.read_point, target=target)
+    acts = capture(engine, dialogs, cfg.read_point, target=target, progress=progress)
     tok = engine.tokenizer
     rows = {split: [(i, reading(tok, d.n_read, qa.q, qa.a)) for i, d in enumerate(dialogs) if d.split == split
                     for qa in by_id[d.persona].qa] for split in ("train", "test")}
