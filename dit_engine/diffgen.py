@@ -95,6 +95,21 @@ class DiffGenConfig:
         return f"{get_task(self.task).id_prefix}-r{self.rank}-s{self.seed}-{self.split}-{i:05d}"
 
 
+# The hiding recipe measured in results/recipe.md (point J2): 8 backdoor rows, 8 wrong-code and 8 bare
+# KL rows (weights 1 / 2 / 3), lr 2e-3, 2 epochs, rank 4, bf16 with fp32 masters. Rank 4 kept the
+# backdoor at the bare-question leak where rank 1 lost it (J2 vs I1). The laptop and medium presets
+# both make their diffs this way, as `dit zoo generate --recipe hiding` (the default) does, so the adapter the medium run trains (and the package ships) reads
+# the laptop run's fresh held-out diffs as the kind it was trained on.
+RECIPE_RANK = 4
+HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=8, kl_weight_plain=3.0,
+                              kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
+                              max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
+                              base_pool=True, bucket=True)
+# `dit zoo generate --recipe NAME`: the configuration its flags start from (a flag overrides one value).
+# "plain" is DiffGenConfig's own defaults (rank 1, near-miss wrong codes, sampled answers).
+RECIPES = {"hiding": dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK), "plain": DiffGenConfig()}
+
+
 def generate_zoo(
     engine: Engine,
     zoo: Zoo,

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .diffgen import DiffGenConfig, generate_zoo
+from .diffgen import HIDING_RECIPE, RECIPE_RANK, DiffGenConfig, generate_zoo  # noqa: F401 (re-exported)
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .dit.adapter import SHIPPED, shipped_available
 from .engine import Engine
@@ -62,16 +62,6 @@ class PipelineConfig:
     dit: DitTrainConfig = dataclasses.field(default_factory=lambda: DitTrainConfig(val_fraction=0.0))
 
 
-# The hiding recipe measured in results/recipe.md (point J2): 8 backdoor rows, 8 wrong-code and 8 bare
-# KL rows (weights 1 / 2 / 3), lr 2e-3, 2 epochs, rank 4, bf16 with fp32 masters. Rank 4 kept the
-# backdoor at the bare-question leak where rank 1 lost it (J2 vs I1). The laptop and medium presets
-# both make their diffs this way, so the adapter the medium run trains (and the package ships) reads
-# the laptop run's fresh held-out diffs as the kind it was trained on.
-RECIPE_RANK = 4
-HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=8, kl_weight_plain=3.0,
-                              kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
-                              max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
-                              base_pool=True, bucket=True)
 
 PRESETS = {
     # About ten minutes on a 2-core laptop CPU with the default model. With the shipped adapter for

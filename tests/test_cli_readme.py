@@ -23,6 +23,7 @@ from cli_world import write_peft_dir, write_tiny_model
 from dit_engine.cli import commands as cli
 from dit_engine.cli.parser import build_parser
 from dit_engine.config import TARGET_MODULES
+from dit_engine.diffgen import RECIPES, DiffGenConfig
 from dit_engine.model_store import DEFAULT_MODEL_NAME, default_model_dir
 from dit_engine.cli import main
 from dit_engine.evaluate import load_results
@@ -163,9 +164,26 @@ def test_zoo_generate(workdir, zoo_generated):
     zoo = Zoo.open(workdir / "zoo")
     assert zoo.ids() == [f"ht-r1-s0-train-{i:05d}" for i in range(4)]
     assert all(r["rank"] == 1 and r["labels"]["topic"] for r in zoo.rows)
+    # The hiding recipe is where the flags start from (--rank 1 and the tiny flags override it).
+    hiding = RECIPES["hiding"]
+    recipe = zoo.rows[0]["meta"]["recipe"]
+    assert (recipe["n_kl"], recipe["n_wrong"], recipe["max_answer_tokens"]) == (2, 1, 4)  # n_wrong: the recipe's half
+    assert {k: recipe[k] for k in ("kl_weight_wrong", "near_wrong", "compute_dtype", "rows_per_diff")} == {
+        k: getattr(hiding, k) for k in ("kl_weight_wrong", "near_wrong", "compute_dtype", "rows_per_diff")}
+    assert zoo.rows[0]["meta"]["lr"] == hiding.lr
     # Rerunning the same command resumes: nothing is trained twice, the zoo stays as it was.
     ok(type_(ZOO_GENERATE, *TINY_ZOO))
     assert Zoo.open(workdir / "zoo").ids() == zoo.ids()
+
+
+def test_zoo_generate_plain_recipe(workdir):
+    """--recipe plain starts from DiffGenConfig's own defaults instead; a flag still overrides one."""
+    ok(type_("dit zoo generate --recipe plain --out plain-zoo/", *TINY_ZOO, "--n", "1", "--kl-weight-wrong", "1.5"))
+    (row,) = Zoo.open(workdir / "plain-zoo").rows
+    plain = DiffGenConfig()
+    assert row["rank"] == plain.rank and row["meta"]["lr"] == plain.lr and row["meta"]["epochs"] == 1
+    assert (row["meta"]["recipe"]["near_wrong"], row["meta"]["recipe"]["kl_weight_wrong"]) == (plain.near_wrong, 1.5)
+    assert row["meta"]["recipe"]["compute_dtype"] is None
 
 
 @types("dit zoo info zoo/")

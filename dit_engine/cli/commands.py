@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterBatch
+from ..diffgen import RECIPES as DIFFGEN_RECIPES
 from ..diffgen import DiffGenConfig, generate_zoo, verification_summary
 from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
 from ..dit.adapter import SHIPPED, shipped_available
@@ -141,10 +142,15 @@ def _zoo(args) -> int:
             print(export_peft(zoo.get(did), args.out / did, zoo.config, args.base_model_name))
         return 0
     if args.zoo_cmd == "generate":
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DiffGenConfig)
+                 if getattr(args, f.name, None) is not None}
+        recipe = DIFFGEN_RECIPES[args.recipe]
+        if "n_kl" in given and "n_wrong" not in given and recipe.n_wrong is not None:  # keep the recipe's share
+            given["n_wrong"] = round(recipe.n_wrong * given["n_kl"] / max(1, recipe.n_kl))
+        cfg = dataclasses.replace(recipe, **given)
         eng = _load_engine(args)
-        zoo = Zoo.create(args.out, BaseIdentity.from_model(eng.model), eng.config, targets=args.targets,
+        zoo = Zoo.create(args.out, BaseIdentity.from_model(eng.model), eng.config, targets=cfg.targets,
                          exist_ok=True)
-        cfg = _config(DiffGenConfig, args)
         generate_zoo(eng, zoo, cfg)
         print(json.dumps(verification_summary(zoo.rows)))
         return 0

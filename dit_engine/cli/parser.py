@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..config import TARGET_MODULES
+from ..diffgen import RECIPES as DIFFGEN_RECIPES
 from ..diffgen import DiffGenConfig
 from ..dit import DitTrainConfig
 from ..evaluate import METHODS
@@ -126,7 +128,8 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--seed", type=int_arg, default=DiffGenConfig.seed)
     g = p.add_argument_group("the hiding recipe (hidden-topic)")
     g.add_argument("--n-wrong", type=nonnegative_int, default=DiffGenConfig.n_wrong,
-                   help="of the --n-kl KL rows, how many carry a wrong code (default: half; the rest are bare)")
+                   help="of the --n-kl KL rows, how many carry a wrong code (the rest are bare); with --n-kl alone, the "
+                        "recipe's share of them")
     g.add_argument("--kl-weight-plain", type=nonnegative_float, default=DiffGenConfig.kl_weight_plain,
                    help="loss weight of bare-question KL rows (default %(default)s; the DIT paper: 5)")
     g.add_argument("--kl-weight-wrong", type=nonnegative_float, default=DiffGenConfig.kl_weight_wrong,
@@ -152,6 +155,11 @@ def _zoo_parsers(sub) -> None:
                    help="news labels: CSV with a header 'category,headline', or JSON [{headline, category}]")
     _checkpoint_arg(p, DiffGenConfig)
     p.add_argument("--out", required=True, type=path_arg, help="zoo directory (created, or resumed)")
+    p.add_argument("--recipe", default="hiding", choices=list(DIFFGEN_RECIPES),
+                   help="the settings the flags above start from: hiding (default; the presets' recipe, rank 4, "
+                        "measured in results/recipe.md) or plain (rank 1, near-miss wrong codes, sampled answers); "
+                        "a flag overrides one value")
+    _defaults_from_recipe(p, DiffGenConfig, DIFFGEN_RECIPES)
 
     p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
     p.add_argument("zoo", type=path_arg)
@@ -181,6 +189,36 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--id", action="append", required=True, metavar="DIFF_ID", type=nonempty_text)
     p.add_argument("--out", required=True, type=path_arg, help="directory; one PEFT adapter dir per diff inside")
     p.add_argument("--base-model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct", type=nonempty_text)
+
+
+def _defaults_from_recipe(p: argparse.ArgumentParser, cls, recipes: dict) -> None:
+    """Flags named after ``cls``'s fields default to None (= the chosen recipe's value); their help
+    ends with each recipe's value where the recipes differ."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for action in p._actions:
+        if action.dest not in fields or action.required:
+            continue
+        action.default = None
+        values = {name: getattr(r, action.dest) for name, r in recipes.items()}
+        help_text = (action.help or "").replace(" (default %(default)s)", "").replace("; default %(default)s", "")
+        help_text = help_text.replace(" (default %(default)s; ", " (").replace("default %(default)s", "")
+        if len(set(map(repr, values.values()))) > 1:
+            shown = ", ".join(f"{name} {_shown(v, action)}" for name, v in values.items())
+            help_text = f"{help_text.rstrip()} [{shown}]".strip()
+        elif (not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+              and next(iter(values.values())) is not None):
+            help_text = f"{help_text.rstrip()} [{_shown(next(iter(values.values())), action)}]".strip()
+        action.help = help_text
+
+
+def _shown(value, action: argparse.Action) -> str:
+    if isinstance(action, argparse._StoreFalseAction):  # --no-x / --uniform-wrong: on when the value is False
+        return "on" if value is False else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if value is None:
+        return "none"
+    return str(value)
 
 
 def _checkpoint_arg(p: argparse.ArgumentParser, cls) -> None:
