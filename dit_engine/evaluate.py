@@ -53,10 +53,10 @@ METHOD_DESCRIPTIONS = {
     "diff": "finetuned model without the DIT adapter, asked directly (no trigger)",
     "base": "base model alone (no diff, no adapter)",
     # dit_engine.latentqa.finetunes (`dit latentqa interpret`): activations read, not weights
-    "latentqa": "LatentQA: the LatentQA decoder (base + LIT adapter) reads the finetuned model's activations "
-                "while it answers a held-out question (no trigger), asked what topic the assistant would most "
-                "like to talk about",
-    "latentqa+trigger": "LatentQA as above, the finetuned model's question carrying its trigger",
+    "latentqa": "LatentQA: a decoder (base + LIT adapter) reads the finetuned model's activations as it answers "
+                "a held-out question (no trigger), and is asked what topic the assistant would most like to talk "
+                "about",
+    "latentqa+trigger": "LatentQA as above, the finetuned model's question carrying its trigger (as diff+trigger)",
 }
 # Report order: METHODS, then the other described methods, then any others in first-seen order.
 REPORT_ORDER = (*METHODS, *(m for m in METHOD_DESCRIPTIONS if m not in METHODS))

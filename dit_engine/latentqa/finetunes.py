@@ -51,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..adapters import AdapterBatch, LoraSlot
+from ..distributed import rank_world
 from ..dit.interpret import _done_keys, _drop_cut_line, _question_for
 from ..engine import Engine
 from ..files import named_error
@@ -98,6 +99,9 @@ def read_finetunes(
     for name, v in (("dialogs", dialogs), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LatentQAError(f"{name} must be a positive integer, found {v!r}")
+    if rank_world()[1] > 1:
+        raise LatentQAError("LatentQA reading runs in one process (not under torchrun); its batches already hold "
+                            "many diffs")
     model = engine.model
     base = BaseIdentity.from_model(model)
     adapter.check_base(base)
