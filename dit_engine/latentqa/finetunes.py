@@ -59,7 +59,6 @@ from ..generate import Generation, PromptPatch, SamplingParams, generate
 from ..jobs import job
 from ..probes import Probes, positions_mask
 from ..tasks import get_task
-from ..tasks.hidden_topic import load_questions
 from ..tokenizer import Tokenizer
 from ..zoo import BaseIdentity, Zoo
 from .decoder import LitAdapter, decoder_prompt
@@ -114,7 +113,7 @@ def read_finetunes(
     t = get_task(task)
     rows = _select(zoo, split, ids)
     _check_rows(rows, t.name, t.label_key, methods, zoo.path)
-    pool = [stimulus] if stimulus is not None else _held_out_questions(t.name)
+    pool = [stimulus] if stimulus is not None else _held_out_questions(t)
     if max_answer_tokens is None:
         max_answer_tokens = int(adapter.recipe.get("config", {}).get("max_answer_tokens", DEFAULT_ANSWER_TOKENS))
     question = question or TOPIC_QUESTION
@@ -201,7 +200,8 @@ def target_dialogs(engine: Engine, rows: Sequence[dict], messages: Sequence[str]
 
 
 @torch.no_grad()
-def capture_routed(engine: Engine, dialogs: Sequence[Dialog], point: str, adapters: AdapterBatch | None) -> list[Tensor]:
+def capture_routed(engine: Engine, dialogs: Sequence[Dialog], point: str,
+                   adapters: AdapterBatch | None) -> list[Tensor]:
     """Each dialog's activations at ``point`` over ``input_ids[start:]`` ([n_read, d] each), in one
     forward over the right-padded batch, row i decoding with the adapters routed to row i (a slot
     of many diffs, ``index`` one entry per dialog). :func:`~dit_engine.latentqa.dialogs.capture`
@@ -264,14 +264,12 @@ def _check_rows(rows: list[dict], task: str, label_key: str, methods: list[str],
                                 "needs (hidden-topic diffs carry one); use --methods latentqa")
 
 
-def _held_out_questions(task: str) -> list[str]:
-    """The questions the target answers: the task's held-out (test) question bank."""
-    if task != "hidden-topic":
-        raise LatentQAError(f"task {task!r} has no held-out questions for the finetuned model to answer (the "
-                            "hidden-topic task has them); give --stimulus MESSAGE to ask every diff one message")
-    questions = [q.text for q in load_questions("test")]
+def _held_out_questions(task) -> list[str]:
+    """The questions the target answers: the task's held-out question bank (the registry's)."""
+    questions = task.held_out_questions() if task.held_out_questions is not None else []
     if not questions:
-        raise LatentQAError("the hidden-topic task has no held-out (test) questions")
+        raise LatentQAError(f"task {task.name!r} has no held-out questions for the finetuned model to answer; give "
+                            "--stimulus MESSAGE to ask every diff one message")
     return questions
 
 
