@@ -14,8 +14,8 @@ from ..latentqa import LatentQAConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
 from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value,
-                   latentqa_methods_arg, methods_arg, nonempty_text, nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float,
-                   positive_int, probability, say_error, targets_arg, text_arg)
+                   latentqa_methods_arg, methods_arg, nonempty_text, nonnegative_float, nonnegative_int, path_arg,
+                   pipeline_setting, positive_float, positive_int, probability, say_error, targets_arg, text_arg)
 
 
 class Parser(argparse.ArgumentParser):
