@@ -259,6 +259,8 @@ def test_bad_input_is_one_clear_error(world, tmp_path):
         read_finetunes(eng, adapter, zoo, tmp_path / "x.jsonl", ids=["nope"], progress=False)
     with pytest.raises(LatentQAError, match="no diffs of split 'train' to read"):
         read_finetunes(eng, adapter, zoo, tmp_path / "x.jsonl", split="train", progress=False)
+    with pytest.raises(LatentQAError, match="max_answer_tokens must be a positive integer, found 0"):
+        read_finetunes(eng, adapter, zoo, tmp_path / "x.jsonl", max_answer_tokens=0, progress=False)
     with pytest.raises(LatentQAError, match="trained on a target with adapters"):
         read_finetunes(eng, _decoder(eng, target_adapted=True), zoo, tmp_path / "x.jsonl", progress=False)
     assert not (tmp_path / "x.jsonl").exists()

@@ -34,7 +34,9 @@ whose prompts carry the activations in their prefill. Rows are those of ``dit in
 method, labels, label_key, answer, rank, split, n_tokens, time_s) plus what the target was asked
 and answered (``stimulus``, ``target_answer``) and how many positions were read (``n_read``),
 appended to a results JSONL, fsynced per chunk; a rerun skips (id, method) pairs already there,
-and SIGINT/SIGTERM stop after the chunk in progress (:mod:`dit_engine.jobs`).
+and SIGINT/SIGTERM stop after the chunk in progress (:mod:`dit_engine.jobs`). ``time_s`` is the
+chunk's wall time (target, capture and decoder) per diff. One process: under torchrun it refuses
+(a chunk of diffs already fills a forward).
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def read_finetunes(
     bad = [m for m in methods if m not in LATENTQA_METHODS]
     if bad or not methods:
         raise LatentQAError(f"unknown LatentQA method(s) {bad or methods}; choose from {list(LATENTQA_METHODS)}")
-    for name, v in (("dialogs", dialogs), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+    if max_answer_tokens is None:
+        max_answer_tokens = int(adapter.recipe.get("config", {}).get("max_answer_tokens", DEFAULT_ANSWER_TOKENS))
+    for name, v in (("dialogs", dialogs), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                    ("max_answer_tokens", max_answer_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LatentQAError(f"{name} must be a positive integer, found {v!r}")
     if rank_world()[1] > 1:
@@ -114,8 +119,6 @@ def read_finetunes(
     rows = _select(zoo, split, ids)
     _check_rows(rows, t.name, t.label_key, methods, zoo.path)
     pool = [stimulus] if stimulus is not None else _held_out_questions(t)
-    if max_answer_tokens is None:
-        max_answer_tokens = int(adapter.recipe.get("config", {}).get("max_answer_tokens", DEFAULT_ANSWER_TOKENS))
     question = question or TOPIC_QUESTION
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
