@@ -52,7 +52,14 @@ METHOD_DESCRIPTIONS = {
     "diff+trigger": "finetuned model without the DIT adapter, asked with its trigger in the prompt",
     "diff": "finetuned model without the DIT adapter, asked directly (no trigger)",
     "base": "base model alone (no diff, no adapter)",
+    # dit_engine.latentqa.finetunes (`dit latentqa interpret`): activations read, not weights
+    "latentqa": "LatentQA: a decoder (base + LIT adapter) reads the finetuned model's activations as it answers "
+                "a held-out question (no trigger), and is asked what topic the assistant would most like to talk "
+                "about",
+    "latentqa+trigger": "LatentQA as above, the finetuned model's question carrying its trigger (as diff+trigger)",
 }
+# Report order: METHODS, then the other described methods, then any others in first-seen order.
+REPORT_ORDER = (*METHODS, *(m for m in METHOD_DESCRIPTIONS if m not in METHODS))
 UNCATEGORIZED = "(none)"
 PRIMARY_METHOD = "dit"  # the method the paired comparisons subtract the others from
 
@@ -193,7 +200,7 @@ class Comparison:
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
-    methods: dict[str, MethodMetrics]  # report order: METHODS first, then first seen
+    methods: dict[str, MethodMetrics]  # report order: REPORT_ORDER first, then first seen
     rows: tuple[RowScore, ...]
     splits: tuple[str, ...]
     # other method -> PRIMARY_METHOD minus it (empty without the primary method or the bootstrap)
@@ -282,7 +289,7 @@ def evaluate_rows(
     indexes = _candidate_indexes(rows, candidates)
     scored = [_score_row(row, indexes[_index_key(row, candidates)]) for row in rows]
 
-    order = [m for m in METHODS if any(s.method == m for s in scored)]
+    order = [m for m in REPORT_ORDER if any(s.method == m for s in scored)]
     order += [m for m in dict.fromkeys(s.method for s in scored) if m not in order]
     methods = {}
     for method in order:

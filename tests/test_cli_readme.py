@@ -122,7 +122,7 @@ def trained(workdir, zoo_generated):
 def interpreted(workdir, trained):
     ok(trained)
     # test-zoo/ is the user's held-out zoo; the README does not show how it was made: like this.
-    ok(type_("dit zoo generate --split test --out test-zoo/", *TINY_ZOO[:2], "--n", "2", *TINY_ZOO[2:]))
+    ok(type_("dit zoo generate --split test --rank 1 --out test-zoo/", *TINY_ZOO[:2], "--n", "2", *TINY_ZOO[2:]))
     return type_(INTERPRET_ZOO, "--max-new-tokens", "3")
 
 
@@ -329,6 +329,37 @@ def test_latentqa_read_report(workdir, latentqa_trained):
     assert (rep / "report.html").read_text().count("<svg") == 3
 
 
+LATENTQA_INTERPRET = "dit latentqa interpret --adapter lqa/ --zoo test-zoo/ --out results.jsonl"
+
+
+@types(LATENTQA_INTERPRET)
+def test_latentqa_interpret_then_evaluate_lists_it_next_to_dit(workdir, interpreted, latentqa_trained):
+    ok(interpreted)
+    ok(latentqa_trained)
+    assert ok(type_(LATENTQA_INTERPRET, "--max-new-tokens", "3")).strip() == "results.jsonl"
+    rows = load_results(workdir / "results.jsonl")
+    ids = Zoo.open(workdir / "test-zoo").ids()
+    assert len(ids) == 2
+    lqa = sorted((r["id"], r["method"]) for r in rows if r["method"].startswith("latentqa"))
+    assert lqa == sorted((i, m) for i in ids for m in ("latentqa", "latentqa+trigger"))
+    # the same command again resumes: nothing new is written
+    before = (workdir / "results.jsonl").read_bytes()
+    ok(type_(LATENTQA_INTERPRET, "--max-new-tokens", "3"))
+    assert (workdir / "results.jsonl").read_bytes() == before
+    ok(type_("dit evaluate results.jsonl --out report-lqa/"))
+    metrics = json.loads((workdir / "report-lqa" / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["dit", "diff+trigger", "diff", "base", "latentqa", "latentqa+trigger"]
+    assert {"latentqa", "latentqa+trigger"} <= set(metrics["comparisons"])  # DIT minus each, paired
+    assert "**latentqa**: LatentQA: a decoder (base + LIT adapter) reads" in (workdir / "report-lqa" / "report.md").read_text()
+    code, _, err = type_(LATENTQA_INTERPRET, "--task", "news")
+    assert code == 1 and err.strip() == (f"dit latentqa interpret: error: test-zoo: diff '{ids[0]}' was made "
+                                         "for task 'hidden-topic', not 'news' (give --task hidden-topic)")
+    code, _, err = type_(LATENTQA_INTERPRET, "--methods", "dit")
+    assert code == 2 and "argument --methods: 'dit': expected a comma list of latentqa,latentqa+trigger" in err
+    code, _, err = type_("dit latentqa interpret --adapter dit/ --zoo test-zoo/ --out x.jsonl")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "dit: adapter format" in err
+
+
 def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
     code, _, err = type_("dit latentqa read --adapter nowhere/")
     assert code == 1 and err.strip() == ("dit latentqa read: error: nowhere: not a LatentQA adapter directory "
@@ -493,7 +524,7 @@ def _leaf_parsers(parser, prefix=()):
 def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
-    assert len(leaves) == 13
+    assert len(leaves) == 14
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

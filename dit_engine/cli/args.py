@@ -134,6 +134,16 @@ def methods_arg(s: str) -> tuple[str, ...]:
     return names
 
 
+def latentqa_methods_arg(s: str) -> tuple[str, ...]:
+    """A comma list of the LatentQA reading methods (``dit latentqa interpret --methods``)."""
+    from ..latentqa.finetunes import LATENTQA_METHODS
+
+    names = tuple(m.strip() for m in text_arg(s).split(",") if m.strip())
+    if not names or any(m not in LATENTQA_METHODS for m in names):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a comma list of {','.join(LATENTQA_METHODS)}")
+    return names
+
+
 def int_list(s: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text_arg(s).split(",") if p.strip()]
     try:

@@ -262,6 +262,8 @@ def _pipeline(args) -> int:
 
 @_command("latentqa")
 def _latentqa(args) -> int:
+    if args.latentqa_cmd == "interpret":
+        return _latentqa_interpret(args)
     if args.latentqa_cmd == "train":
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LatentQAConfig)
                  if getattr(args, f.name, None) is not None}
@@ -292,4 +294,18 @@ def _latentqa(args) -> int:
         report = write_latentqa_report(result, args.out, recipe=adapter.recipe, provenance=made)
         if not args.json:
             print(report)
+    return 0
+
+
+def _latentqa_interpret(args) -> int:
+    from ..latentqa.finetunes import read_finetunes
+
+    eng = _load_engine(args)
+    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
+    adapter.check_base(BaseIdentity.from_model(eng.model))
+    zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
+    print(read_finetunes(eng, adapter, zoo, args.out, methods=args.methods, split=args.split, ids=args.id,
+                         question=args.question, stimulus=args.stimulus, dialogs=args.dialogs, task=args.task,
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         max_answer_tokens=args.max_answer_tokens))
     return 0

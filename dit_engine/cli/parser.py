@@ -15,9 +15,9 @@ from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
-from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value, methods_arg,
-                   nonempty_text, nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float,
-                   positive_int, probability, say_error, targets_arg, text_arg)
+from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value,
+                   latentqa_methods_arg, methods_arg, nonempty_text, nonnegative_float, nonnegative_int, path_arg,
+                   pipeline_setting, positive_float, positive_int, probability, say_error, targets_arg, text_arg)
 
 
 class Parser(argparse.ArgumentParser):
@@ -360,3 +360,34 @@ def _latentqa_parsers(sub) -> None:
     p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
                    help="also write the report there: report.html, report.md, metrics.json, charts/ (with the "
                         "machine, commit and date)")
+    _latentqa_interpret_parser(ls)
+
+
+def _latentqa_interpret_parser(ls) -> None:
+    from ..latentqa.finetunes import LATENTQA_METHODS, TOPIC_QUESTION
+
+    p = _leaf(ls, "interpret", help="read every diff of a zoo with the decoder: results rows next to DIT's",
+              description="For every diff of a zoo, the finetuned model (base + diff) answers a held-out question "
+                          "of the task (latentqa; with its trigger: latentqa+trigger); its residual over that "
+                          "dialog (after the system turn) is read by the LatentQA decoder, which answers --question. "
+                          "Many diffs run in one batch. Rows in 'dit interpret' form go to --out (reruns resume), "
+                          "so 'dit evaluate' scores them next to DIT and the baselines.")
+    _model_args(p)
+    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
+    p.add_argument("--zoo", required=True, type=path_arg)
+    p.add_argument("--methods", default=LATENTQA_METHODS, type=latentqa_methods_arg,
+                   help=f"comma list of: {', '.join(LATENTQA_METHODS)} (default both)")
+    p.add_argument("--split", default=None, type=nonempty_text)
+    p.add_argument("--id", action="append", default=None, metavar="DIFF_ID", type=nonempty_text)
+    p.add_argument("--question", default=None, type=nonempty_text,
+                   help=f"what the decoder is asked (default {TOPIC_QUESTION!r})")
+    p.add_argument("--stimulus", default=None, type=nonempty_text, metavar="MESSAGE",
+                   help="what the finetuned model answers (default: a held-out question of the task per diff)")
+    p.add_argument("--dialogs", type=positive_int, default=1,
+                   help="dialogs per diff, their activations read together (default 1)")
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--max-new-tokens", type=positive_int, default=20, help="length of the decoder's answers")
+    p.add_argument("--max-answer-tokens", type=positive_int, default=None,
+                   help="length of the finetuned model's answer (default: what the decoder was trained on)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="diffs per batch")
+    p.add_argument("--out", required=True, type=path_arg, help="results JSONL (appended; reruns resume)")

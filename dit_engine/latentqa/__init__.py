@@ -10,6 +10,8 @@ questions about them, here about the persona (hidden system prompt) the target w
 - :mod:`.training` — :class:`LatentQAConfig`, :func:`train_decoder` (resumable, one trainer)
 - :mod:`.read` — answers about activations, candidate scoring by log-likelihood, retrieval with
   its controls (:func:`evaluate`)
+- :mod:`.finetunes` — the decoder reading the finetunes of a DIT zoo (base + each diff answering
+  held-out questions, many diffs per forward): results rows beside DIT's (:func:`read_finetunes`)
 
 Capturing and patching activations lives in :mod:`dit_engine.probes`.
 """
@@ -18,11 +20,12 @@ from .data import (CATEGORIES, MIN_QA, QA, Persona, ReferenceDialog, ReferenceLa
                    load_stimuli, read_reference)
 from .decoder import READ_POINT, WRITE_POINT, LitAdapter, decoder_prompt, placeholder_id
 from .dialogs import Dialog, LatentQAError, capture, load_dialogs, make_dialogs
+from .finetunes import LATENTQA_METHODS, TOPIC_QUESTION, read_finetunes
 from .read import CONDITIONS, answer, evaluate, format_table, score_candidates
 from .training import PRESETS, READ_QUESTION, LatentQAConfig, train_decoder
 
-__all__ = ["CATEGORIES", "CONDITIONS", "MIN_QA", "PRESETS", "QA", "READ_POINT", "READ_QUESTION", "WRITE_POINT",
-           "Dialog", "LatentQAConfig", "LatentQAError", "LitAdapter", "Persona", "ReferenceDialog", "ReferenceLabel",
-           "Stimulus", "answer", "capture", "decoder_prompt", "evaluate", "format_table", "load_dialogs",
-           "load_personas", "load_stimuli", "make_dialogs", "placeholder_id", "read_reference", "score_candidates",
-           "train_decoder"]
+__all__ = ["CATEGORIES", "CONDITIONS", "LATENTQA_METHODS", "MIN_QA", "PRESETS", "QA", "READ_POINT", "READ_QUESTION",
+           "TOPIC_QUESTION", "WRITE_POINT", "Dialog", "LatentQAConfig", "LatentQAError", "LitAdapter", "Persona",
+           "ReferenceDialog", "ReferenceLabel", "Stimulus", "answer", "capture", "decoder_prompt", "evaluate",
+           "format_table", "load_dialogs", "load_personas", "load_stimuli", "make_dialogs", "placeholder_id",
+           "read_finetunes", "read_reference", "score_candidates", "train_decoder"]

@@ -13,7 +13,9 @@ Each task is described by a :class:`Task` in :data:`TASKS`, the one place the re
 * for diff generation: ``id_prefix`` of its diff ids, ``load_items(cfg)`` (the items diffs are made
   from: the packaged data or the user's file named in the config, of ``cfg.split``),
   ``build_specs(engine, cfg, chunk, pool)`` (:mod:`.specs`) and whether its KL rows reuse the base
-  model's answer pool (``uses_base_pool``).
+  model's answer pool (``uses_base_pool``);
+* ``held_out_questions()``: the held-out user questions a finetuned model of this task can be
+  asked (LatentQA reads its activations as it answers one), or None when the task has none.
 
 The builders themselves live in the task modules (:mod:`.hidden_topic`, :mod:`.news`); they are
 pure Python and take the engine's batched generation as an ``answer_fn`` (see :mod:`.samples`).
@@ -42,6 +44,7 @@ class Task:
     load_items: Callable[[Any], list]
     build_specs: Callable[..., list]
     uses_base_pool: bool
+    held_out_questions: Callable[[], list[str]] | None = None
 
 
 def get_task(name: str) -> Task:
@@ -66,6 +69,10 @@ def _hidden_topic_items(cfg) -> list:
     return hidden_topic.load_topics(cfg.split)
 
 
+def _hidden_topic_held_out_questions() -> list[str]:
+    return [q.text for q in hidden_topic.load_questions("test")]
+
+
 def _news_items(cfg) -> list:
     if cfg.headlines_file:
         return [news.Headline(r["headline"], r["category"], cfg.split)
@@ -76,7 +83,8 @@ def _news_items(cfg) -> list:
 TASKS: dict[str, Task] = {
     "hidden-topic": Task("hidden-topic", hidden_topic.INTERPRETATION_QUESTION, "topic", _hidden_topic_labels,
                          diff_rank=1, answer_tokens=20, id_prefix="ht", load_items=_hidden_topic_items,
-                         build_specs=specs.build_hidden_topic_specs, uses_base_pool=True),
+                         build_specs=specs.build_hidden_topic_specs, uses_base_pool=True,
+                         held_out_questions=_hidden_topic_held_out_questions),
     "news": Task("news", news.INTERPRETATION_QUESTION, "headline", _news_labels, diff_rank=8, answer_tokens=200,
                  id_prefix="news", load_items=_news_items, build_specs=specs.build_news_specs, uses_base_pool=False),
 }
