@@ -26,7 +26,7 @@ from dit_engine.latentqa.data import QA, Stimulus, load_personas
 from dit_engine.latentqa.decoder import LitAdapter, decoder_batch, reading
 from dit_engine.latentqa.dialogs import LatentQAError, split_prompt
 from dit_engine.latentqa.steer import (PROMPTS, RESULT, SteerAdapter, SteerConfig, format_table, persona_lift,
-                                       persona_words, shows_persona, steer, steering_slot, target_prompt)
+                                       persona_words, shows_persona, steering_slot, target_prompt, train_steering)
 from dit_engine.latentqa.training import train_decoder
 from dit_engine.probes import Probes, positions_mask
 from dit_engine.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def decoder(tmp_path_factory):
 
 
 def _steer(eng, adapter, out, cfg=SCFG, log=None):
-    return steer(eng, adapter, out, cfg, personas=STEER_PERSONAS, stimuli=STIMULI, question=QUESTION, progress=False,
+    return train_steering(eng, adapter, out, cfg, personas=STEER_PERSONAS, stimuli=STIMULI, question=QUESTION, progress=False,
                  log=log)
 
 
@@ -262,7 +262,7 @@ def test_bad_input_fails_with_one_clear_error(decoder, tmp_path):
     with pytest.raises(LatentQAError, match="LatentQA adapter was trained on base"):
         _steer(other, adapter, tmp_path / "c")
     with pytest.raises(LatentQAError, match="no test stimuli"):
-        steer(eng, adapter, tmp_path / "d", SCFG, personas=personas(), stimuli=STIMULI[:6], progress=False)
+        train_steering(eng, adapter, tmp_path / "d", SCFG, personas=personas(), stimuli=STIMULI[:6], progress=False)
     assert not any((tmp_path / d).exists() for d in "abcd")
     with pytest.raises(LatentQAError, match="not found"):
         SteerAdapter.load(tmp_path)

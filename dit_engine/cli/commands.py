@@ -19,6 +19,8 @@ from ..engine import Engine
 from ..generate import SamplingParams
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
+from ..latentqa.steer import SteerConfig, decoder_personas, train_steering
+from ..latentqa.steer import format_table as steer_table
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
@@ -254,6 +256,8 @@ def _pipeline(args) -> int:
 
 @_command("latentqa")
 def _latentqa(args) -> int:
+    if args.latentqa_cmd == "steer":
+        return _latentqa_steer(args)
     if args.latentqa_cmd == "train":
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LatentQAConfig)
                  if getattr(args, f.name, None) is not None}
@@ -278,4 +282,18 @@ def _latentqa(args) -> int:
     result = evaluate(eng, adapter, held_out, personas, question=question, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def _latentqa_steer(args) -> int:
+    eng = _load_engine(args)
+    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
+    adapter.check_base(BaseIdentity.from_model(eng.model))
+    if adapter.recipe.get("target_adapted"):
+        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; steer it through the "
+                         "Python API (dit_engine.latentqa.train_steering)")
+    recipe = adapter.recipe.get("config", {})
+    cfg = dataclasses.replace(_config(SteerConfig, args), stimuli_file=recipe.get("stimuli_file"))
+    result = train_steering(eng, adapter, args.out, cfg, personas=decoder_personas(args.adapter, adapter))
+    print(json.dumps(result, indent=1) if args.json else steer_table(result))
     return 0

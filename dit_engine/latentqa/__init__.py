@@ -10,6 +10,8 @@ questions about them, here about the persona (hidden system prompt) the target w
 - :mod:`.training` — :class:`LatentQAConfig`, :func:`train_decoder` (resumable, one trainer)
 - :mod:`.read` — answers about activations, candidate scoring by log-likelihood, retrieval with
   its controls (:func:`evaluate`)
+- :mod:`.steer` — :class:`SteerConfig`, :func:`train_steering`: a LoRA on the target trained through the
+  frozen decoder toward a persona, and what it changes in the target's generations
 
 Capturing and patching activations lives in :mod:`dit_engine.probes`.
 """
@@ -19,10 +21,11 @@ from .data import (CATEGORIES, MIN_QA, QA, Persona, ReferenceDialog, ReferenceLa
 from .decoder import READ_POINT, WRITE_POINT, LitAdapter, decoder_prompt, placeholder_id
 from .dialogs import Dialog, LatentQAError, capture, load_dialogs, make_dialogs
 from .read import CONDITIONS, answer, evaluate, format_table, score_candidates
+from .steer import SteerAdapter, SteerConfig, train_steering
 from .training import PRESETS, READ_QUESTION, LatentQAConfig, train_decoder
 
 __all__ = ["CATEGORIES", "CONDITIONS", "MIN_QA", "PRESETS", "QA", "READ_POINT", "READ_QUESTION", "WRITE_POINT",
            "Dialog", "LatentQAConfig", "LatentQAError", "LitAdapter", "Persona", "ReferenceDialog", "ReferenceLabel",
-           "Stimulus", "answer", "capture", "decoder_prompt", "evaluate", "format_table", "load_dialogs",
-           "load_personas", "load_stimuli", "make_dialogs", "placeholder_id", "read_reference", "score_candidates",
-           "train_decoder"]
+           "SteerAdapter", "SteerConfig", "Stimulus", "answer", "capture", "decoder_prompt", "evaluate", "format_table",
+           "load_dialogs", "load_personas", "load_stimuli", "make_dialogs", "placeholder_id", "read_reference",
+           "score_candidates", "train_decoder", "train_steering"]

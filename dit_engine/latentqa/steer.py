@@ -1,7 +1,7 @@
 """LatentQA steering: train a LoRA on the target so that the frozen decoder reads a chosen persona
 off the target's activations, then measure how the target's own generations change.
 
-Training (:func:`steer`). The target is the base model + the steering LoRA (one slot, rank
+Training (:func:`train_steering`). The target is the base model + the steering LoRA (one slot, rank
 ``rank``, scale ``alpha / rank``, A Kaiming-uniform and B zero, so before the first step the
 target *is* the base). Its prompts are the train stimuli as a plain user turn with the
 generation prompt and **no persona system prompt**: the chat template renders them as in
@@ -44,6 +44,9 @@ Output directory: ``adapter.safetensors`` + ``adapter.json`` (:class:`SteerAdapt
 ``save_every`` steps, every ``checkpoint_every_s`` seconds, on SIGINT/SIGTERM and at the end; a
 rerun resumes, and a rerun of a finished run trains nothing and measures again) and ``steer.json``
 (metrics, intervals, examples, the per-step losses).
+
+Size: one room over 500 lines, the steering job and its measurement: they share the target's
+prompts (:func:`target_prompt`), the config and the output directory.
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ from ..text_match import normalize
 from ..tokenizer import Tokenizer
 from ..train import Trainer, batch_loss, resume_slot_state, save_slot_state
 from ..zoo import BaseIdentity
-from .data import Persona, Stimulus, load_stimuli
+from .data import Persona, Stimulus, load_personas, load_stimuli
 from .decoder import LitAdapter, decoder_batch, reading
-from .dialogs import Dialog, LatentQAError, capture, split_prompt
+from .dialogs import Dialog, LatentQAError, capture, load_dialogs, split_prompt
 from .read import ranks, score_candidates
+from .training import DIALOGS
 
 STEER_FORMAT = "dit-engine-steer-lora/1"
 PROMPTS_FORMAT = "dit-engine-steer-prompts/1"
@@ -167,6 +171,17 @@ class SteerAdapter:
         return _on_rows(self.slot, rows)
 
 
+def decoder_personas(decoder_dir: str | Path, adapter: LitAdapter) -> list[Persona]:
+    """The personas a decoder run knows, what ``dit latentqa steer --persona`` accepts and the
+    candidates its decoder reading ranks: those of the run's ``dialogs.json`` (the ones it was
+    trained and tested on), then the rest of the personas file it was trained with (the packaged
+    personas unless its recipe names one); an id in both is the ``dialogs.json`` record."""
+    _, used, _ = load_dialogs(Path(decoder_dir) / DIALOGS)
+    seen = {p.id for p in used}
+    more = load_personas(path=adapter.recipe.get("config", {}).get("personas_file"))
+    return list(used) + [p for p in more if p.id not in seen]
+
+
 # ---- the target's prompts ------------------------------------------------------------------------------
 def target_prompt(tokenizer: Tokenizer, user: str) -> tuple[list[int], int]:
     """(ids, start) of ``user`` as the target sees it without a persona: the chat template's user
@@ -223,7 +238,7 @@ def steering_slot(config: ModelConfig, cfg: SteerConfig, read_point: str) -> Lor
     return dataclasses.replace(slot, A={m: slot.A[m] for m in keep}, B={m: slot.B[m] for m in keep})
 
 
-def steer(
+def train_steering(
     engine: Engine,
     adapter: LitAdapter,
     out_dir: str | Path,
@@ -486,7 +501,7 @@ def measure(engine: Engine, adapter: LitAdapter, slot: LoraSlot, persona: Person
 
 
 def format_table(result: dict) -> str:
-    """:func:`steer`'s result as a plain-text table: each metric unsteered, steered and the difference."""
+    """:func:`train_steering`'s result as a plain-text table: each metric unsteered, steered and the difference."""
     rows = [("metric", "unsteered", "steered", "steered - unsteered")]
     for name in METRICS:
         m = result["metrics"][name]
