@@ -54,8 +54,8 @@ def decoder(tmp_path_factory):
 
 
 def _steer(eng, adapter, out, cfg=SCFG, log=None):
-    return train_steering(eng, adapter, out, cfg, personas=STEER_PERSONAS, stimuli=STIMULI, question=QUESTION, progress=False,
-                 log=log)
+    return train_steering(eng, adapter, out, cfg, personas=STEER_PERSONAS, stimuli=STIMULI, question=QUESTION,
+                          progress=False, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,8 @@ def test_before_its_first_step_the_steered_target_is_the_base(decoder, steered):
     losses = []
     for p in doc["prompts"]:
         n = len(p["input_ids"]) - p["start"]
-        probes = Probes().capture("hidden.1", positions_mask([len(p["input_ids"])], [list(range(p["start"], len(p["input_ids"])))]))
+        read = positions_mask([len(p["input_ids"])], [list(range(p["start"], len(p["input_ids"])))])
+        probes = Probes().capture("hidden.1", read)
         with torch.no_grad():
             eng.model(torch.tensor([p["input_ids"]]), probes=probes)
             for qa in STEER_PERSONAS[0].qa:
@@ -161,7 +162,8 @@ def test_on_held_out_prompts_the_decoder_reads_the_persona_off_the_steered_targe
     assert m["shows_persona"]["unsteered"] == 0.0 and m["shows_persona"]["difference_ci"][0] > 0.25
     for side in ("steered", "unsteered"):
         shows = [float(shows_persona(t, result["persona_words"])) for t in per[side]["text"]]
-        assert per[side]["shows_persona"] == shows and m["shows_persona"][side] == pytest.approx(sum(shows) / len(shows))
+        assert per[side]["shows_persona"] == shows
+        assert m["shows_persona"][side] == pytest.approx(sum(shows) / len(shows))
         assert per[side]["decoder_rr"] == [1 / r for r in per[side]["decoder_rank"]]
     for name, m in result["metrics"].items():
         assert m["difference"] == pytest.approx(m["steered"] - m["unsteered"], abs=1e-12), name

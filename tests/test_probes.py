@@ -181,7 +181,8 @@ def test_a_forward_that_stops_after_the_deepest_point_captures_what_a_full_forwa
     mask = torch.rand(ids.shape, generator=g) < 0.5
     slot = LoraSlot.create(cfg, 3, 4, init="random", generator=g, index=torch.arange(3), scale=0.5, trainable=True)
     ran = []
-    hooks = [layer.register_forward_hook(lambda mod, i, o, k=k: ran.append(k)) for k, layer in enumerate(m.model.layers)]
+    hooks = [layer.register_forward_hook(lambda mod, i, o, k=k: ran.append(k))
+             for k, layer in enumerate(m.model.layers)]
 
     def run(output):
         ran.clear()

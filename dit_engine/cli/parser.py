@@ -325,7 +325,7 @@ def _latentqa_parsers(sub) -> None:
 
 def _latentqa_steer_parser(ls) -> None:
     d = SteerConfig()
-    p = _leaf(ls, "steer", help="steer the target toward a persona through a trained decoder and measure it (resumable)",
+    p = _leaf(ls, "steer", help="steer the target toward a persona through a trained decoder, and measure it",
               description="Train a LoRA on the target (the base model, no system prompt) by back-propagating through "
                           "the frozen LatentQA decoder of --adapter so that the decoder reads --persona off the "
                           "target's activations over the train stimuli; then, on the held-out stimuli, compare the "

@@ -79,7 +79,7 @@ from .data import Persona, Stimulus, load_personas, load_stimuli
 from .decoder import LitAdapter, decoder_batch, reading
 from .dialogs import Dialog, LatentQAError, capture, load_dialogs, split_prompt
 from .read import ranks, score_candidates
-from .training import DIALOGS
+from .training import DIALOGS, READ_QUESTION
 
 STEER_FORMAT = "dit-engine-steer-lora/1"
 PROMPTS_FORMAT = "dit-engine-steer-prompts/1"
@@ -298,7 +298,7 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
     held_out = [s.text for s in stimuli if s.split == "test"][: cfg.n_eval_prompts]
     if not held_out:
         raise LatentQAError("no test stimuli to measure the steering on")
-    question = question or adapter.recipe.get("config", {}).get("read_question") or "Who is the assistant pretending to be?"
+    question = question or adapter.recipe.get("config", {}).get("read_question") or READ_QUESTION
     lit = dataclasses.replace(adapter.slot.to(dev, model.dtype, trainable=False), name="lit")
     slot = steering_slot(engine.config, cfg, adapter.read_point).to(dev, model.dtype, trainable=True)
     prompts = _train_prompts(engine, out, cfg, stimuli)
@@ -308,8 +308,8 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
     trainer = Trainer(slot.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps,
                       master_fp32=model.dtype != torch.float32)
     ckpt = out / "checkpoint"
-    identity = {"base": dataclasses.asdict(BaseIdentity.from_model(model)),
-                "decoder": weights_fingerprint({k: v for m in lit.A for k, v in ((m + ".A", lit.A[m]), (m + ".B", lit.B[m]))}),
+    lit_tensors = {f"{m}.A": lit.A[m] for m in lit.A} | {f"{m}.B": lit.B[m] for m in lit.B}
+    identity = {"base": dataclasses.asdict(BaseIdentity.from_model(model)), "decoder": weights_fingerprint(lit_tensors),
                 "read_point": adapter.read_point, "write_point": adapter.write_point, "patch_mode": adapter.patch_mode,
                 "persona_qa": [[qa.q, qa.a] for qa in persona.qa]}
     trained = _trained_settings(cfg)
@@ -334,7 +334,7 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
     bar = tqdm(disable=not progress, total=cfg.steps, initial=done, desc="LatentQA steering", unit="step")
     try:
         for step in range(done, cfg.steps):
-            part = [rows[k % len(rows)] for k in _row_order(step, cfg, len(rows))]
+            part = [rows[k] for k in _row_order(step, cfg, len(rows))]
             loss = steering_loss(engine, slot, lit, adapter, [prompts[i] for i, _ in part],
                                  [readings[r] for r in part], pad_id=pad)
             loss_val = float(loss.detach())
@@ -402,13 +402,16 @@ def target_activations(model, slot: LoraSlot | None, dialogs: Sequence[Dialog], 
 
 
 def _row_order(step: int, cfg: SteerConfig, n_rows: int) -> list[int]:
-    """Row indices of optimizer step ``step``: consecutive slices of seeded per-epoch shuffles."""
+    """Row indices of optimizer step ``step``: consecutive slices of seeded per-epoch shuffles
+    (a function of the step alone, so a resumed run sees the rows an uninterrupted one does)."""
+    orders: dict[int, list[int]] = {}
     out = []
     for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
         epoch, pos = divmod(k, n_rows)
-        order = list(range(n_rows))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        out.append(order[pos])
+        if epoch not in orders:
+            orders[epoch] = list(range(n_rows))
+            random.Random(cfg.seed * 1000 + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][pos])
     return out
 
 
