@@ -28,7 +28,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .probes import Probes
 
-Output = Literal["logits", "last", "hidden"]
+Output = Literal["logits", "last", "hidden", "probes"]
 
 
 class AdaptedLinear(nn.Linear):
@@ -203,7 +203,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         output: Output = "logits",
         probes: Probes | None = None,
-    ) -> Tensor:  # logits [B, T, V] | last-position logits [B, V] | final hidden [B, T, h]
+    ) -> Tensor | None:  # logits [B, T, V] | last-position logits [B, V] | final hidden [B, T, h] | None
         """Run the model on a block of new tokens.
 
         Without a cache, ``input_ids`` is the whole sequence. With a cache, it is the next block
@@ -211,7 +211,17 @@ class Transformer(nn.Module):
         so rows of different lengths share one cache. ``adapters`` bound per forward: the routing
         metadata is built once here and reused by every layer. ``probes`` captures and patches
         activations at named points of this forward (:mod:`dit_engine.probes`).
+
+        ``output="probes"``: run only the blocks up to the deepest point ``probes`` names
+        (:meth:`Probes.blocks_needed`) and return None: the captures are the whole result (a
+        target read at half depth costs half a forward). Refused with a KV cache, which would be
+        left filled for some layers only, and without probes.
         """
+        if output == "probes" and probes is None:
+            raise ValueError('output="probes" runs the blocks up to the deepest probe point: give probes')
+        if output == "probes" and cache is not None:
+            raise ValueError('output="probes" stops before the last block, which would leave the KV cache filled '
+                             "for some layers only; run a full forward with a cache")
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
@@ -234,13 +244,18 @@ class Transformer(nn.Module):
         cos, sin = self._rope(positions)
 
         x = self.model.embed_tokens(input_ids)
+        layers = self.model.layers
         if probes is not None:
-            probes.bind(len(self.model.layers))
+            probes.bind(len(layers))
+            if output == "probes":
+                layers = layers[: probes.blocks_needed()]
             x = probes.at("hidden", 0, x)
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(layers):
             x = layer(x, cos, sin, mask, bound, cache, probes)
             if probes is not None:
                 x = probes.at("hidden", i + 1, x)
+        if output == "probes":
+            return None
         if cache is not None:
             cache.advance(attention_mask)
         if output == "last":

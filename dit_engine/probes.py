@@ -121,6 +121,14 @@ class Probes:
         self.captured = {}
         return self
 
+    def blocks_needed(self) -> int:
+        """After :meth:`bind`: how many blocks a forward must run to pass every point this Probes
+        names (``hidden.K``: K blocks; ``mlp.I``: I + 1, the block holding it). What
+        ``Transformer.forward(..., output="probes")`` runs."""
+        if self._bound is None:
+            raise ProbeError("Probes.blocks_needed: bind the probes to a model first")
+        return max((index + (kind == "mlp") for kind, index in self._bound), default=0)
+
     def at(self, kind: str, index: int, x: Tensor) -> Tensor:
         """Called by the model at every point: x ``[B, T, d]`` -> x patched; records captures."""
         hit = self._bound.get((kind, index)) if self._bound is not None else None

@@ -375,6 +375,83 @@ def test_latentqa_bad_input_is_one_error_line(workdir, latentqa_trained):
                                          "(trained with --test-personas 0?)")
 
 
+LATENTQA_STEER = "dit latentqa steer --adapter lqa/ --persona sea-captain --out steer/"
+# 3 steps of 2 rows over 2 train prompts, 3 held-out prompts, 3-token generations.
+TINY_STEER = ("--steps", "3", "--batch-size", "2", "--train-prompts", "2", "--eval-prompts", "3", "--answer-tokens",
+              "3", "--max-new-tokens", "3")
+
+
+@pytest.fixture(scope="module")
+def latentqa_steered(workdir, latentqa_trained):
+    ok(latentqa_trained)
+    return type_(LATENTQA_STEER, *TINY_STEER)
+
+
+@types(LATENTQA_STEER)
+def test_latentqa_steer(workdir, latentqa_steered):
+    from dit_engine.latentqa import load_personas
+    from dit_engine.latentqa.steer import SteerAdapter
+
+    lines = ok(latentqa_steered).splitlines()
+    assert [line.split("  ")[0] for line in lines[:5]] == [
+        "metric", "persona likelihood lift (nats/token)", "generations showing the persona",
+        "decoder reads the persona first", "decoder reciprocal rank"]
+    assert lines[5].startswith("steered toward sea-captain (a retired sea captain); 3 held-out prompts")
+    assert lines[5].endswith(f"among {len(load_personas())} personas")  # the run's 6, then the other packaged ones
+    run = workdir / "steer"
+    res = json.loads((run / "steer.json").read_text())
+    cfg = res["config"]
+    assert (cfg["persona"], cfg["steps"], cfg["lr"], cfg["rank"], cfg["n_train_prompts"]) == ("sea-captain", 3, 5e-4,
+                                                                                            8, 2)
+    assert len(res["training"]["losses"]) == 3 and res["n_prompts"] == 3
+    steer_lora = SteerAdapter.load(run)
+    assert steer_lora.persona == {"id": "sea-captain", "label": "a retired sea captain"} and steer_lora.slot.rank == 8
+    assert all(m.startswith("model.layers.0.") for m in steer_lora.slot.A)  # read at hidden.1 of 2 blocks
+
+
+@types(LATENTQA_STEER + " --json")
+def test_latentqa_steer_json(workdir, latentqa_steered, monkeypatch):
+    from dit_engine.train import Trainer
+
+    ok(latentqa_steered)
+    before = json.loads((workdir / "steer" / "steer.json").read_text())
+    # The same run again: its checkpoint is finished, so nothing trains; it measures again, the same way.
+    monkeypatch.setattr(Trainer, "backward", lambda *a: pytest.fail("trained again"))
+    res = json.loads(ok(type_(LATENTQA_STEER + " --json", *TINY_STEER)))
+    assert res == before
+    assert set(res["metrics"]) == {"persona_lift", "shows_persona", "decoder_top1", "decoder_rr"}
+    for m in res["metrics"].values():
+        assert m["difference_ci"][0] <= m["difference"] <= m["difference_ci"][1]
+    assert len(res["examples"]) == 3 and {"prompt", "steered", "unsteered"} <= set(res["examples"][0])
+
+
+def test_latentqa_steer_bad_input_is_one_error_line(workdir, latentqa_trained, tmp_path):
+    ok(latentqa_trained)
+    from dit_engine.latentqa import load_personas
+
+    code, _, err = type_("dit latentqa steer --adapter lqa/ --persona sea-cat --out s1/", *TINY_STEER)
+    # The ids the decoder run knows: its dialogs' 3 train and 3 test personas first, then the packaged rest.
+    first = [p.id for p in load_personas("train")[:3] + load_personas("test")[:2]]
+    assert code == 1 and err.strip() == (f"dit latentqa steer: error: unknown persona 'sea-cat'; known ids include "
+                                         f"{', '.join(first)}, ... ({len(load_personas())} in all)")
+    assert not (workdir / "s1").exists()
+    code, _, err = type_("dit latentqa steer --adapter lqa/ --persona sea-captain --out s2/ --steps 0")
+    assert code == 2 and err.strip() == ("dit latentqa steer: error: argument --steps: 0 is not a positive integer "
+                                         "(expected >= 1) (see 'dit latentqa steer --help')")
+    other = tmp_path / "other-base"
+    other.mkdir()
+    meta = json.loads((workdir / "lqa" / "adapter.json").read_text())
+    meta["base"]["weights_fingerprint"] = "0" * 16
+    (other / "adapter.json").write_text(json.dumps(meta))
+    (other / "adapter.safetensors").write_bytes((workdir / "lqa" / "adapter.safetensors").read_bytes())
+    code, _, err = type_(f"dit latentqa steer --adapter {other} --persona sea-captain --out s3/", *TINY_STEER)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("dit latentqa steer: error: LatentQA adapter was trained on base ") and "this model is" in err
+    code, _, err = type_("dit latentqa steer --adapter nowhere/ --persona sea-captain --out s4/")
+    assert code == 1 and err.strip() == ("dit latentqa steer: error: nowhere: not a LatentQA adapter directory "
+                                         "(adapter.json missing)")
+
+
 def test_pipeline_with_the_shipped_adapter_skips_training(workdir, monkeypatch):
     """--set adapter=shipped: the held-out zoo is made and interpreted with the adapter the package
     ships (here: one trained by an earlier run on this base); no training zoo, no DIT training."""
@@ -524,7 +601,7 @@ def _leaf_parsers(parser, prefix=()):
 def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
-    assert len(leaves) == 14
+    assert len(leaves) == 15
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

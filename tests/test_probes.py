@@ -166,3 +166,57 @@ def test_training_loss_through_a_patch_reaches_the_patched_values():
     assert abs(float(loss) - float(ref)) < 1e-6
     loss.backward()
     assert v.grad is not None and float(v.grad.abs().sum()) > 0
+
+
+
+@pytest.mark.parametrize("points, blocks", [(("hidden.1",), 1), (("mlp.0",), 1), (("hidden.0", "mlp.1"), 2),
+                                            (("hidden.2", "hidden.0.5"), 2), (("hidden.0",), 0)])
+def test_a_forward_that_stops_after_the_deepest_point_captures_what_a_full_forward_does(points, blocks):
+    """output="probes": the same captures (values, and gradients into a trainable adapter) as a full
+    forward, from only the blocks up to the deepest point (counted with forward hooks)."""
+    cfg = tiny_config("llama", tie_word_embeddings=False, num_hidden_layers=3)
+    m = Transformer.random(cfg, seed=1)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, cfg.vocab_size, (3, 7), generator=g)
+    mask = torch.rand(ids.shape, generator=g) < 0.5
+    slot = LoraSlot.create(cfg, 3, 4, init="random", generator=g, index=torch.arange(3), scale=0.5, trainable=True)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda mod, i, o, k=k: ran.append(k))
+             for k, layer in enumerate(m.model.layers)]
+
+    def run(output):
+        ran.clear()
+        pr = Probes()
+        for p in points:
+            pr.capture(p, mask)
+        out = m(ids, AdapterBatch(slot), output=output, probes=pr)
+        loss = sum((v.double() ** 2).sum() for v in pr.captured.values())
+        grads = torch.autograd.grad(loss, slot.parameters(), allow_unused=True) if blocks else ()
+        return out, pr.captured, list(ran), grads
+
+    out, early, ran_early, g_early = run("probes")
+    _, full, ran_full, g_full = run("hidden")
+    for h in hooks:
+        h.remove()
+    assert out is None and ran_early == list(range(blocks)) and ran_full == [0, 1, 2]
+    assert set(early) == set(points)
+    for p in points:
+        assert torch.equal(early[p], full[p]), p
+    for a, b in zip(g_early, g_full, strict=True):  # blocks past the deepest point get no gradient either way
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(a is not None for a in g_early) == (blocks > 0)
+
+
+def test_the_early_stopping_forward_refuses_a_cache_and_a_missing_probes():
+    from dit_engine.cache import KVCache
+
+    cfg, m, ids, _ = _setup()
+    with pytest.raises(ValueError, match="give probes"):
+        m(ids, output="probes")
+    cache = KVCache(cfg, ids.shape[0], ids.shape[1], dtype=m.dtype)
+    with pytest.raises(ValueError, match="KV cache filled for some layers only"):
+        m(ids, cache=cache, output="probes", probes=Probes().capture("hidden.1"))
+    assert cache.pos == 0  # refused before anything was written

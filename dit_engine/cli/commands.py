@@ -21,6 +21,8 @@ from ..generate import SamplingParams
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
 from ..latentqa.report import write_latentqa_report
+from ..latentqa.steer import SteerConfig, decoder_personas, train_steering
+from ..latentqa.steer import format_table as steer_table
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
@@ -264,6 +266,8 @@ def _pipeline(args) -> int:
 def _latentqa(args) -> int:
     if args.latentqa_cmd == "interpret":
         return _latentqa_interpret(args)
+    if args.latentqa_cmd == "steer":
+        return _latentqa_steer(args)
     if args.latentqa_cmd == "train":
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LatentQAConfig)
                  if getattr(args, f.name, None) is not None}
@@ -308,4 +312,18 @@ def _latentqa_interpret(args) -> int:
                          question=args.question, stimulus=args.stimulus, dialogs=args.dialogs, task=args.task,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                          max_answer_tokens=args.max_answer_tokens))
+    return 0
+
+
+def _latentqa_steer(args) -> int:
+    eng = _load_engine(args)
+    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
+    adapter.check_base(BaseIdentity.from_model(eng.model))
+    if adapter.recipe.get("target_adapted"):
+        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; steer it through the "
+                         "Python API (dit_engine.latentqa.train_steering)")
+    recipe = adapter.recipe.get("config", {})
+    cfg = dataclasses.replace(_config(SteerConfig, args), stimuli_file=recipe.get("stimuli_file"))
+    result = train_steering(eng, adapter, args.out, cfg, personas=decoder_personas(args.adapter, adapter))
+    print(json.dumps(result, indent=1) if args.json else steer_table(result))
     return 0

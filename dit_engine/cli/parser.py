@@ -13,6 +13,7 @@ from ..dit import DitTrainConfig
 from ..evaluate import METHODS
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
+from ..latentqa.steer import SteerConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
 from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value,
@@ -361,6 +362,7 @@ def _latentqa_parsers(sub) -> None:
                    help="also write the report there: report.html, report.md, metrics.json, charts/ (with the "
                         "machine, commit and date)")
     _latentqa_interpret_parser(ls)
+    _latentqa_steer_parser(ls)
 
 
 def _latentqa_interpret_parser(ls) -> None:
@@ -391,3 +393,42 @@ def _latentqa_interpret_parser(ls) -> None:
                    help="length of the finetuned model's answer (default: what the decoder was trained on)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="diffs per batch")
     p.add_argument("--out", required=True, type=path_arg, help="results JSONL (appended; reruns resume)")
+
+
+def _latentqa_steer_parser(ls) -> None:
+    d = SteerConfig()
+    p = _leaf(ls, "steer", help="steer the target toward a persona through a trained decoder, and measure it",
+              description="Train a LoRA on the target (the base model, no system prompt) by back-propagating through "
+                          "the frozen LatentQA decoder of --adapter so that the decoder reads --persona off the "
+                          "target's activations over the train stimuli; then, on the held-out stimuli, compare the "
+                          "steered and the unsteered target's generations (one sampling seed): the base model's "
+                          "likelihood lift of each generation under the persona's system prompt, how many use the "
+                          "persona's words, and the decoder's retrieval of the persona, each with 95% bootstrap "
+                          "intervals. Persona ids: those of the decoder run's dialogs.json, or of the personas it "
+                          "was trained with (the packaged ones by default). Rerunning the same command resumes.")
+    _model_args(p)
+    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
+    p.add_argument("--persona", required=True, type=nonempty_text, metavar="ID", help="the persona to steer toward")
+    p.add_argument("--out", required=True, type=path_arg,
+                   help="steering directory (LoRA, steer.json, checkpoint inside; rerun resumes)")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="default %(default)s (a default, not tuned)")
+    p.add_argument("--rank", type=positive_int, default=d.rank, help="steering LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=positive_float, default=d.alpha, help="scale = alpha / rank (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="decoder rows (prompt, QA pair) per step (default %(default)s)")
+    p.add_argument("--train-prompts", dest="n_train_prompts", type=positive_int, default=None, metavar="N",
+                   help="steer on N train stimuli of a seeded shuffle (default: all)")
+    p.add_argument("--eval-prompts", dest="n_eval_prompts", type=positive_int, default=None, metavar="N",
+                   help="measure on the first N held-out stimuli (default: all)")
+    p.add_argument("--no-answers", dest="with_answers", action="store_false",
+                   help="read the train prompts alone, without the base model's greedy answers appended")
+    p.add_argument("--answer-tokens", type=positive_int, default=d.answer_tokens,
+                   help="length of the base's answers appended to the train prompts (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
+                   help="length of the held-out generations (default %(default)s)")
+    p.add_argument("--seed", type=int_arg, default=d.seed, help="LoRA init, prompt choice, row order")
+    p.add_argument("--sample-seed", type=int_arg, default=d.sample_seed,
+                   help="the sampling seed of both the steered and the unsteered generations")
+    _checkpoint_arg(p, SteerConfig)
+    p.add_argument("--json", action="store_true", help="steer.json's metrics, examples and losses as one JSON object")

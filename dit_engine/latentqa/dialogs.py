@@ -161,7 +161,7 @@ def capture(engine: Engine, dialogs: Sequence[Dialog], point: str, *, target: Ad
         read = positions_mask(lens, [list(range(d.start, len(d.input_ids))) for d in part])
         probes = Probes().capture(point, read)
         model(ids.to(model.device), every_row(target, len(part), model.device), attention_mask=mask.to(model.device),
-              output="hidden", probes=probes)
+              output="probes", probes=probes)
         out += list(probes.captured[point].split([d.n_read for d in part]))
         bar.update(len(part))
     bar.close()
