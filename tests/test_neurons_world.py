@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from conftest import tiny_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
@@ -68,3 +69,23 @@ def test_the_world_has_single_token_numbers():
     ids = number_token_ids(tok)
     assert len(ids) == 11 and len(set(ids)) == 11
     assert [tok.decode([i]) for i in ids] == NUMBERS
+
+
+PLANTED = {3: ("cat", "dog"), 7: ("bird", "fish"), 11: ("tree", "river"), 15: ("stone", "house"),
+           19: ("sees", "likes"), 22: ("jumps", "sleeps")}  # layer-0 neuron -> the tokens it fires on
+
+
+def plant_neurons(eng: Engine, planted: dict[int, tuple[str, ...]] = PLANTED, strength: float = 0.5) -> Engine:
+    """Give layer-0 neuron n of ``planted`` a known behaviour: it fires on its tokens. Each set gets
+    its own embedding axis (the tokens' embeddings move along it) and the neuron's gate and up rows
+    read that axis only, so after the RMSNorm the SwiGLU product is ~30 on those tokens, ~1 elsewhere."""
+    with torch.no_grad():
+        emb = eng.model.model.embed_tokens.weight
+        mlp = eng.model.model.layers[0].mlp
+        for axis, (n, words) in enumerate(planted.items()):
+            for w in words:
+                emb[eng.tokenizer.token_to_id(w), axis] += strength
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[n].zero_()
+                proj.weight[n, axis] = 1.0
+    return eng
