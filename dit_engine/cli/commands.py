@@ -23,6 +23,11 @@ from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_
 from ..latentqa.report import write_latentqa_report
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
+from ..neurons import RecordConfig, build_corpus, parse_layers, record_neurons
+from ..neurons.explain import LMExplainer, TokenExplainer
+from ..neurons.run import explain_run, read_rows, score_run, simulate_run
+from ..neurons.simulate import KeywordSimulator, LMSimulator
+from ..neurons.viewer import write_viewer
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
 from ..provenance import provenance
 from ..zoo import BaseIdentity, Zoo, ZooError, export_peft, import_dit_file, import_peft
@@ -292,4 +297,56 @@ def _latentqa(args) -> int:
         report = write_latentqa_report(result, args.out, recipe=adapter.recipe, provenance=made)
         if not args.json:
             print(report)
+    return 0
+
+
+@_command("neurons")
+def _neurons(args) -> int:
+    cmd = args.neurons_cmd
+    if cmd == "record":
+        eng = _load_engine(args)
+        cfg = RecordConfig(layers=parse_layers(args.layers, eng.config.num_hidden_layers), top_k=args.top_k,
+                           sample_k=args.sample_k, batch_size=args.batch_size, seed=args.seed,
+                           checkpoint_every_s=args.checkpoint_every_s)
+        corpus = build_corpus(eng.tokenizer, args.corpus, context=args.context, max_windows=args.max_windows)
+        desc = record_neurons(eng.model, corpus, args.out, cfg).describe()
+        print(json.dumps(desc, indent=1) if args.json else f"recorded {len(desc['layers'])} layers x "
+              f"{desc['neurons_per_layer']} neurons over {desc['windows']} windows into {args.out}")
+        return 0
+    if cmd == "explain":
+        explainer = (TokenExplainer() if args.explainer == "tokens" else
+                     LMExplainer(_load_engine(args), n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed))
+        path = explain_run(args.run, explainer, per_layer=args.per_layer, seed=args.seed,
+                           batch_neurons=args.batch_size, checkpoint_every_s=args.checkpoint_every_s)
+        n = sum(r["explainer"] == explainer.name for r in read_rows(path))
+        print(json.dumps({"explanations": str(path), "explainer": explainer.name, "neurons": n}) if args.json
+              else f"{n} neurons explained by {explainer.name} in {path}")
+        return 0
+    if cmd == "simulate":
+        if args.simulator == "keyword":
+            sim = KeywordSimulator()
+        else:
+            eng = _load_engine(args)
+            sim = LMSimulator(eng.model, eng.tokenizer, batch_tokens=args.batch_tokens)
+        names = [x.strip() for x in args.explainers.split(",") if x.strip()] if args.explainers else None
+        path = simulate_run(args.run, sim, explainers=names, batch_neurons=args.batch_size,
+                            checkpoint_every_s=args.checkpoint_every_s)
+        n = sum(r["simulator"] == sim.name for r in read_rows(path))
+        print(json.dumps({"simulations": str(path), "simulator": sim.name, "rows": n}) if args.json
+              else f"{n} explanation sets simulated by {sim.name} in {path}")
+        return 0
+    if cmd == "score":
+        summary = score_run(args.run)
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"{'explainer / simulator':32} {'neurons':>7} {'corr':>7} {'R2':>7} {'absdev':>7}  per layer (corr)")
+            for name, g in summary.items():
+                layers = " ".join(f"{k}:{v['correlation']:.3f}" for k, v in g["layers"].items())
+                print(f"{name:32} {g['neurons']:7d} {g['correlation']:7.3f} {g['r2']:7.3f} "
+                      f"{g['abs_dev_explained']:7.3f}  {layers}")
+        return 0
+    path = write_viewer(args.run, per_layer=args.per_layer)
+    print(json.dumps({"viewer": str(path)}) if args.json else path)
     return 0

@@ -13,6 +13,7 @@ from ..dit import DitTrainConfig
 from ..evaluate import METHODS
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
+from ..neurons import PACKAGED, RecordConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
 from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value, methods_arg,
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _zoo_parsers(sub)
     _dit_parsers(sub)
     _latentqa_parsers(sub)
+    _neurons_parsers(sub)
     return parser
 
 
@@ -360,3 +362,68 @@ def _latentqa_parsers(sub) -> None:
     p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
                    help="also write the report there: report.html, report.md, metrics.json, charts/ (with the "
                         "machine, commit and date)")
+
+
+def _neurons_parsers(sub) -> None:
+    np_ = sub.add_parser("neurons", help="explain MLP neurons: record, explain, simulate, score, view",
+                         description="Neuron explanations (Bills et al. 2023), offline: record every MLP neuron over "
+                                     "a corpus, explain each from its top records, simulate its activations from the "
+                                     "explanation alone (all positions in one forward), score, and view. Every stage "
+                                     "works in one run directory and resumes when rerun.")
+    ns = np_.add_subparsers(dest="neurons_cmd", metavar="NEURONS_COMMAND", required=True, parser_class=Parser)
+    p = _leaf(ns, "record", help="record every neuron of the chosen layers over a corpus (resumable)",
+              description="One batched forward per batch of windows captures every MLP neuron (mlp.I) of the chosen "
+                          "layers; per neuron the top-k windows and a uniform random sample are kept.")
+    _model_args(p)
+    p.add_argument("--out", required=True, type=path_arg, help="run directory (created, or resumed)")
+    p.add_argument("--corpus", default=PACKAGED, type=nonempty_text, metavar="FILE",
+                   help=f"'{PACKAGED}' (default: the English prose this package ships) or a text file (documents "
+                        "separated by blank lines) or a .jsonl with a \"text\" field")
+    p.add_argument("--context", type=positive_int, default=64, help="tokens per record window (default 64)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="record at most this many windows")
+    p.add_argument("--layers", default="all", type=nonempty_text, help="'all' (default), 0,3,5 or 0-3")
+    p.add_argument("--top-k", type=positive_int, default=RecordConfig.top_k)
+    p.add_argument("--sample-k", type=positive_int, default=RecordConfig.sample_k, help="random records per neuron")
+    p.add_argument("--batch-size", type=positive_int, default=RecordConfig.batch_size, help="windows per forward")
+    p.add_argument("--seed", type=int_arg, default=RecordConfig.seed)
+    _checkpoint_arg(p, RecordConfig)
+    p.add_argument("--json", action="store_true", help="the run's description as JSON")
+
+    p = _leaf(ns, "explain", help="explain the recorded neurons (resumable)",
+              description="Explain each neuron from its top records: --explainer tokens (no model: the tokens that "
+                          "carry the activation) or lm (a local model samples --n-samples explanations in the "
+                          "paper's prompt format). Each explainer's random-explanation baseline is written too.")
+    _model_args(p)
+    p.add_argument("--run", required=True, type=path_arg, help="a 'dit neurons record' directory")
+    p.add_argument("--explainer", default="tokens", choices=["tokens", "lm"])
+    p.add_argument("--per-layer", type=positive_int, default=None, help="explain N neurons per layer (seeded; default all)")
+    p.add_argument("--n-samples", type=positive_int, default=5, help="explanations per neuron (lm; default 5)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=60, help="(lm; default 60)")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="(lm; default 1.0)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="neurons per batch")
+    p.add_argument("--seed", type=int_arg, default=0)
+    _checkpoint_arg(p, RecordConfig)
+    p.add_argument("--json", action="store_true")
+
+    p = _leaf(ns, "simulate", help="simulate every explanation on its neuron's held-out records (resumable)",
+              description="--simulator lm: a local model reads P('0'..'10') before every token's 'unknown', all "
+                          "positions in one forward; --simulator keyword: 10 on the explanation's quoted tokens.")
+    _model_args(p)
+    p.add_argument("--run", required=True, type=path_arg)
+    p.add_argument("--simulator", default="lm", choices=["lm", "keyword"])
+    p.add_argument("--explainers", default=None, type=nonempty_text, metavar="NAME,...",
+                   help="simulate these explainers' explanations only (default: all, baselines included)")
+    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="prompt tokens per forward")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="neurons per batch")
+    _checkpoint_arg(p, RecordConfig)
+    p.add_argument("--json", action="store_true")
+
+    p = _leaf(ns, "score", help="score the simulations: pooled correlation, R^2, absolute deviation explained",
+              description="Writes scores.jsonl (per neuron) and scores.json (per layer, with the best neurons).")
+    p.add_argument("--run", required=True, type=path_arg)
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+
+    p = _leaf(ns, "view", help="write the run's neuron viewer (viewer.html)")
+    p.add_argument("--run", required=True, type=path_arg)
+    p.add_argument("--per-layer", type=positive_int, default=20, help="neurons shown per layer (default 20)")
+    p.add_argument("--json", action="store_true")

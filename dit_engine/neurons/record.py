@@ -316,9 +316,9 @@ class NeuronRecords:
                 "density": (self.t["pos_count"][j].double() / n_pos).numpy()}
 
     def describe(self) -> dict:
-        return {"run": str(self.run), "model": self.meta["model"]["name"], "layers": self.layers,
-                "neurons_per_layer": self.neurons_per_layer, "windows": self.meta["windows"],
-                "windows_done": self.windows_done, "context": self.meta["context"], **self.meta["config"]}
+        return {**self.meta["config"], "run": str(self.run), "model": self.meta["model"]["name"],
+                "layers": self.layers, "neurons_per_layer": self.neurons_per_layer, "windows": self.meta["windows"],
+                "windows_done": self.windows_done, "context": self.meta["context"]}
 
 
 def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
