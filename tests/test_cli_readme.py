@@ -461,7 +461,7 @@ def test_pipeline_full(workdir, monkeypatch):
     assert {r["method"] for r in load_results(run / "results.jsonl")} == {"dit", "diff", "diff+trigger", "base"}
 
 
-NEURONS_RECORD = "dit neurons record --model default --max-windows 2000 --out neurons/"
+NEURONS_RECORD = "dit neurons record --model default --out neurons/"
 TINY_NEURONS = ("--max-windows", "24", "--context", "16", "--top-k", "6", "--sample-k", "6")
 
 

@@ -116,3 +116,49 @@ def test_lm_stages_on_the_tiny_model_resume_after_a_cut_line(planted_run, tmp_pa
     again = read_rows(mine / SIMULATIONS)
     assert len(again) == 4 and (mine / SIMULATIONS).read_bytes() == data
     assert set(score_run(mine)) == {"lm / lm"}
+
+
+# ---- the default model as the simulator (slow) ----------------------------------------------------
+# Synthetic neurons over the packaged corpus with SmolLM2's tokens: (what it fires on, explanation).
+_REAL_PLANTED = {
+    "the": (lambda t: t.strip().lower() == "the", 'the word "the".'),
+    "punct": (lambda t: t.strip() in {".", ",", "?", "!"}, "punctuation marks: periods, commas and question marks."),
+    "newline": (lambda t: t == "\n", "line breaks at the end of a sentence or a title."),
+    "you": (lambda t: t.strip().lower() in {"you", "your"}, 'the words "you" and "your", addressing the reader.'),
+    "and": (lambda t: t.strip().lower() in {"and", "or"}, 'the conjunctions "and" and "or".'),
+}
+
+
+@pytest.mark.slow
+def test_true_explanations_beat_random_ones_with_the_default_model():
+    """A language-model simulator (SmolLM2-135M-Instruct) tells a planted neuron's true explanation
+    from another neuron's: pooled correlation on 3 records where it fires and 1 random one."""
+    from dit_engine.engine import Engine
+    from dit_engine.neurons import PACKAGED
+
+    eng = Engine.load("default")
+    corpus = build_corpus(eng.tokenizer, PACKAGED, context=32)
+    sim = LMSimulator(eng.model, eng.tokenizer)
+    rng = random.Random(0)
+    names = list(_REAL_PLANTED)
+    cases, items = [], []
+    for name, (fires, true_expl) in _REAL_PLANTED.items():
+        acts = [np.array([1.0 if fires(t) else 0.0 for t in toks]) for toks in corpus.tokens]
+        firing = [i for i, a in enumerate(acts) if a.sum() > 0]
+        windows = rng.sample(firing, 3) + [rng.randrange(corpus.n_windows)]
+        others = [n for n in names if n != name]
+        for expl in [true_expl] + [_REAL_PLANTED[o][1] for o in rng.sample(others, 3)]:
+            cases.append((name, expl == true_expl, [acts[w] for w in windows]))
+            items += [(expl, corpus.tokens[w]) for w in windows]
+    sims = sim.simulate(items)
+    score = {}
+    for c, (name, is_true, real) in enumerate(cases):
+        score.setdefault(name, {"true": None, "random": []})
+        s = correlation(real, sims[4 * c:4 * c + 4])
+        if is_true:
+            score[name]["true"] = s
+        else:
+            score[name]["random"].append(s)
+    wins = [s["true"] > r for s in score.values() for r in s["random"]]
+    print({k: (round(v["true"], 3), [round(r, 3) for r in v["random"]]) for k, v in score.items()})
+    assert sum(wins) / len(wins) >= 0.9, score

@@ -6,8 +6,8 @@ Sources (:func:`documents`):
 * ``"packaged"`` (the default): English prose that ships inside this package and so exists on
   every install, offline: the invented news headlines and the everyday questions of the task
   registry's data files, and the LatentQA personas' system prompts, their question/answer pairs
-  and the stimulus messages. About 30k tokens of varied, hand-written text (no web crawl, no
-  download, nothing a test has to fetch).
+  and the stimulus messages: about 1,500 documents, 24k tokens with SmolLM2's tokenizer (382
+  windows of 64), of varied hand-written text (no web crawl, no download, nothing to fetch).
 * a path: any UTF-8 text file a user gives. Documents are separated by blank lines (a file with
   one document per line and no blank lines is one document per line); a ``.jsonl`` file holds one
   JSON object per line with a ``"text"`` field.
