@@ -559,6 +559,26 @@ def test_neurons_view(workdir, neurons_simulated):
     assert html.count('class="neuron"') == 40 and "<script" not in html  # 20 per layer
 
 
+NEURONS_DIFF = "dit neurons diff --model default --peft my_lora_dir/ --out neurons-ft/ --top 20"
+
+
+@types(NEURONS_DIFF)
+def test_neurons_diff(workdir):
+    out = ok(type_(NEURONS_DIFF, "--max-windows", "12", "--context", "16", "--top-k", "4", "--sample-k", "4"))
+    lines = out.strip().splitlines()
+    assert lines[-1] == "20 moved neurons in neurons-ft/moved.json; records of base + my_lora_dir in neurons-ft"
+    moved = json.loads((workdir / "neurons-ft" / "moved.json").read_text())["neurons"]
+    assert len(moved) == 20 and lines[0].startswith(f"{moved[0]['layer']}/{moved[0]['neuron']}\tmean |shift| ")
+
+
+@types("dit neurons explain --run neurons-ft/ --moved")
+def test_neurons_explain_moved(workdir):
+    if not (workdir / "neurons-ft" / "moved.json").is_file():
+        ok(type_(NEURONS_DIFF, "--max-windows", "12", "--context", "16", "--top-k", "4", "--sample-k", "4"))
+    out = ok(type_("dit neurons explain --run neurons-ft/ --moved"))
+    assert out.strip() == "20 neurons explained by tokens in neurons-ft/explanations.jsonl"
+
+
 # ---- the README itself ---------------------------------------------------------------------------
 def test_every_readme_command_is_typed_by_a_test():
     commands = readme_commands()
@@ -591,8 +611,8 @@ def _leaf_parsers(parser, prefix=()):
 def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
-    assert ("neurons", "view") in leaves
-    assert len(leaves) == 18
+    assert ("neurons", "view") in leaves and ("neurons", "diff") in leaves
+    assert len(leaves) == 19
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

@@ -24,6 +24,7 @@ from ..latentqa.report import write_latentqa_report
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..neurons import RecordConfig, build_corpus, parse_layers, record_neurons
+from ..neurons.diff import moved_run, read_moved
 from ..neurons.explain import LMExplainer, TokenExplainer
 from ..neurons.run import explain_run, read_rows, score_run, simulate_run
 from ..neurons.simulate import KeywordSimulator, LMSimulator
@@ -303,12 +304,26 @@ def _latentqa(args) -> int:
 @_command("neurons")
 def _neurons(args) -> int:
     cmd = args.neurons_cmd
-    if cmd == "record":
+    if cmd in ("record", "diff"):
+        if cmd == "diff" and (args.zoo is None) != (args.id is None):
+            raise UsageError("--zoo and --id go together (or give --peft DIR)")
         eng = _load_engine(args)
         cfg = RecordConfig(layers=parse_layers(args.layers, eng.config.num_hidden_layers), top_k=args.top_k,
                            sample_k=args.sample_k, batch_size=args.batch_size, seed=args.seed,
                            checkpoint_every_s=args.checkpoint_every_s)
         corpus = build_corpus(eng.tokenizer, args.corpus, context=args.context, max_windows=args.max_windows)
+        if cmd == "diff":
+            diff = (import_peft(args.peft, eng.config) if args.peft else
+                    Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config).get(args.id))
+            moved_run(eng.model, diff, corpus, args.out, cfg, top=args.top)
+            moved = read_moved(args.out)
+            if args.json:
+                print(json.dumps(moved, indent=1))
+            else:
+                for m in moved[:10]:
+                    print(f"{m['layer']}/{m['neuron']}\tmean |shift| {m['abs_shift']:.4g}\tmean shift {m['shift']:+.4g}")
+                print(f"{len(moved)} moved neurons in {args.out / 'moved.json'}; records of base + {diff.id} in {args.out}")
+            return 0
         desc = record_neurons(eng.model, corpus, args.out, cfg).describe()
         print(json.dumps(desc, indent=1) if args.json else f"recorded {len(desc['layers'])} layers x "
               f"{desc['neurons_per_layer']} neurons over {desc['windows']} windows into {args.out}")
@@ -317,7 +332,12 @@ def _neurons(args) -> int:
         explainer = (TokenExplainer() if args.explainer == "tokens" else
                      LMExplainer(_load_engine(args), n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, seed=args.seed))
-        path = explain_run(args.run, explainer, per_layer=args.per_layer, seed=args.seed,
+        neurons = None
+        if args.moved:
+            neurons = [(m["layer"], m["neuron"]) for m in read_moved(args.run)]
+            if not neurons:
+                raise ValueError(f"{args.run}: no moved.json (make the run with 'dit neurons diff')")
+        path = explain_run(args.run, explainer, per_layer=args.per_layer, seed=args.seed, neurons=neurons,
                            batch_neurons=args.batch_size, checkpoint_every_s=args.checkpoint_every_s)
         n = sum(r["explainer"] == explainer.name for r in read_rows(path))
         print(json.dumps({"explanations": str(path), "explainer": explainer.name, "neurons": n}) if args.json

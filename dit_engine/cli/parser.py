@@ -389,6 +389,28 @@ def _neurons_parsers(sub) -> None:
     _checkpoint_arg(p, RecordConfig)
     p.add_argument("--json", action="store_true", help="the run's description as JSON")
 
+    p = _leaf(ns, "diff", help="the neurons a finetune moved: base vs base + a LoRA diff on neutral text (resumable)",
+              description="Rank every neuron by its mean |activation shift| between the base and base + the diff "
+                          "(a PEFT LoRA dir, or a diff of a zoo) over the corpus; write the --top of them to "
+                          "moved.json and record the finetuned model into --out, ready for 'explain --moved'.")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--peft", type=path_arg, metavar="DIR", help="a PEFT LoRA adapter directory")
+    src.add_argument("--zoo", type=path_arg, help="a zoo (with --id)")
+    p.add_argument("--id", default=None, metavar="DIFF_ID", type=nonempty_text, help="the zoo's diff")
+    p.add_argument("--out", required=True, type=path_arg, help="run directory")
+    p.add_argument("--top", type=positive_int, default=50, help="moved neurons kept (default 50)")
+    p.add_argument("--corpus", default=PACKAGED, type=nonempty_text, metavar="FILE", help="the neutral text")
+    p.add_argument("--context", type=positive_int, default=64)
+    p.add_argument("--max-windows", type=positive_int, default=None)
+    p.add_argument("--layers", default="all", type=nonempty_text)
+    p.add_argument("--top-k", type=positive_int, default=RecordConfig.top_k)
+    p.add_argument("--sample-k", type=positive_int, default=RecordConfig.sample_k)
+    p.add_argument("--batch-size", type=positive_int, default=RecordConfig.batch_size)
+    p.add_argument("--seed", type=int_arg, default=RecordConfig.seed)
+    _checkpoint_arg(p, RecordConfig)
+    p.add_argument("--json", action="store_true", help="the moved neurons as JSON")
+
     p = _leaf(ns, "explain", help="explain the recorded neurons (resumable)",
               description="Explain each neuron from its top records: --explainer tokens (no model: the tokens that "
                           "carry the activation) or lm (a local model samples --n-samples explanations in the "
@@ -401,6 +423,8 @@ def _neurons_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=60, help="(lm; default 60)")
     p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="(lm; default 1.0)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="neurons per batch")
+    p.add_argument("--moved", action="store_true",
+                   help="explain the neurons of the run's moved.json only (a 'dit neurons diff' run)")
     p.add_argument("--seed", type=int_arg, default=0)
     _checkpoint_arg(p, RecordConfig)
     p.add_argument("--json", action="store_true")

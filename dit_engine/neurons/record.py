@@ -39,11 +39,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..adapters import AdapterBatch, LoraSlot
 from ..checkpoint import weights_fingerprint
 from ..files import read_json, write_atomically, write_json
 from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, job
 from ..model import Transformer
 from ..probes import Probes
+from ..zoo.format import Diff
 from .corpus import Corpus, check_windows
 
 RECORDS_FORMAT = "dit-engine-neuron-records/1"
@@ -85,18 +87,19 @@ class Record:
         return float(self.acts.max())
 
 
-def mlp_activations(model: Transformer, ids: Tensor, layers: Sequence[int], *, via: str = "probes") -> dict[int, Tensor]:
+def mlp_activations(model: Transformer, ids: Tensor, layers: Sequence[int], *, via: str = "probes",
+                    adapters: AdapterBatch | None = None) -> dict[int, Tensor]:
     """Every neuron of ``mlp.L`` for each L in ``layers`` over ``ids`` [B, T]: {L: [B, T, F]}.
 
     ``via="probes"`` captures through the runtime's probes; ``via="hooks"`` through plain forward
     pre-hooks on each ``down_proj`` (the usual way, kept as the bench's comparison and a test's
-    independent reference)."""
+    independent reference). ``adapters``: the forward runs with them (a finetune's diff)."""
     b, t = ids.shape
     if via == "probes":
         probes = Probes()
         for layer in layers:
             probes.capture(f"mlp.{layer}")
-        model(ids, output="hidden", probes=probes)
+        model(ids, adapters, output="hidden", probes=probes)
         return {layer: probes.captured[f"mlp.{layer}"].view(b, t, -1) for layer in layers}
     if via != "hooks":
         raise ValueError(f"via must be 'probes' or 'hooks', found {via!r}")
@@ -104,7 +107,7 @@ def mlp_activations(model: Transformer, ids: Tensor, layers: Sequence[int], *, v
     handles = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
         lambda mod, args, layer=layer: got.__setitem__(layer, args[0].detach())) for layer in layers]
     try:
-        model(ids, output="hidden")
+        model(ids, adapters, output="hidden")
     finally:
         for h in handles:
             h.remove()
@@ -180,8 +183,9 @@ class Recorder:
 
 
 def record_neurons(model: Transformer, corpus: Corpus, run: str | Path, cfg: RecordConfig | None = None, *,
-                   progress: bool = True) -> "NeuronRecords":
-    """Record every neuron of the chosen layers over ``corpus`` into ``run`` (resuming a run there)."""
+                   diff: Diff | None = None, progress: bool = True) -> "NeuronRecords":
+    """Record every neuron of the chosen layers over ``corpus`` into ``run`` (resuming a run there);
+    with ``diff``, of the model with that LoRA weight diff applied (base + diff)."""
     cfg = cfg or RecordConfig()
     run = Path(run)
     n_layers, f = model.config.num_hidden_layers, model.config.intermediate_size
@@ -196,12 +200,13 @@ def record_neurons(model: Transformer, corpus: Corpus, run: str | Path, cfg: Rec
     meta = {"format": RECORDS_FORMAT, "model": {"name": model.config.name, "config_hash": model.config.config_hash,
                                                 "weights_fingerprint": weights_fingerprint(model.state_dict())},
             "config": cfg.identity(), "layers": layers, "neurons_per_layer": f, "corpus": corpus.info["sha256"],
-            "windows": corpus.n_windows, "context": corpus.context}
+            "windows": corpus.n_windows, "context": corpus.context,
+            "diff": None if diff is None else {"id": diff.id, "fingerprint": diff_fingerprint(diff)}}
     rec = Recorder(layers, f, corpus.context, cfg)
     state = run / "records.safetensors"
     if (run / "records.json").is_file():
         old = read_json(run / "records.json", "a neuron record run", kind=dict, error=RecordError)
-        mismatch = [k for k in ("format", "model", "config", "layers", "corpus", "context")
+        mismatch = [k for k in ("format", "model", "config", "layers", "corpus", "context", "diff")
                     if old.get(k) != meta[k]]
         if mismatch:
             raise RecordError(f"{run}: holds a record run with other {', '.join(mismatch)}; record into another "
@@ -216,8 +221,9 @@ def record_neurons(model: Transformer, corpus: Corpus, run: str | Path, cfg: Rec
                  unit="window") as bar:
         for start in range(rec.windows_done, corpus.n_windows, cfg.batch_size):
             ids = corpus.ids[start:start + cfg.batch_size].to(dev)
+            ad = None if diff is None else diff_adapters(diff, ids.shape[0], model)
             with torch.no_grad():
-                rec.update(mlp_activations(model, ids, layers), start)
+                rec.update(mlp_activations(model, ids, layers, adapters=ad), start)
             bar.update(ids.shape[0])
             if j.should_checkpoint():
                 _checkpoint(rec, run, meta)
@@ -225,6 +231,20 @@ def record_neurons(model: Transformer, corpus: Corpus, run: str | Path, cfg: Rec
                 j.stop_if_requested(run)
         _checkpoint(rec, run, meta)
     return NeuronRecords.load(run)
+
+
+def diff_adapters(diff: Diff, rows: int, model: Transformer) -> AdapterBatch:
+    """``diff`` applied to every one of ``rows`` sequences (one adapter in slot 0)."""
+    dev, dt = model.device, model.dtype
+    return AdapterBatch(LoraSlot(A={m: a[None].to(dev, dt) for m, a in diff.A.items()},
+                                 B={m: b[None].to(dev, dt) for m, b in diff.B.items()},
+                                 scale=torch.tensor([float(diff.scale)], device=dev),
+                                 index=torch.zeros(rows, dtype=torch.int64, device=dev), name=diff.id))
+
+
+def diff_fingerprint(diff: Diff) -> str:
+    return weights_fingerprint({f"{m}.A": a for m, a in diff.A.items()} | {f"{m}.B": b for m, b in diff.B.items()}
+                               | {"scale": torch.tensor([float(diff.scale)])})
 
 
 def _checkpoint(rec: Recorder, run: Path, meta: dict) -> None:

@@ -91,14 +91,18 @@ def _append(path: Path, rows: Sequence[dict]) -> None:
 
 
 def explain_run(run: str | Path, explainer, *, per_layer: int | None = None, seed: int = 0, split: Split = Split(),
-                batch_neurons: int = 32, checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S,
-                progress: bool = True) -> Path:
-    """Explain the chosen neurons with ``explainer`` (``.name``, ``.explain``), then its random baseline."""
+                neurons: Sequence[tuple[int, int]] | None = None, batch_neurons: int = 32,
+                checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S, progress: bool = True) -> Path:
+    """Explain the chosen neurons (``neurons``, else ``per_layer`` per layer, else all) with
+    ``explainer`` (``.name``, ``.explain``), then its random baseline."""
     run = Path(run)
     rec = NeuronRecords.load(run)
     path = run / EXPLANATIONS
     done = {(r["layer"], r["neuron"], r["explainer"]) for r in read_rows(path)}
-    todo = [n for n in select_neurons(rec, per_layer, seed) if (*n, explainer.name) not in done]
+    chosen = select_neurons(rec, per_layer, seed) if neurons is None else [tuple(n) for n in neurons]
+    for n in chosen:
+        rec.top(*n)  # a neuron the run does not hold is an error here, before any work
+    todo = [n for n in chosen if (*n, explainer.name) not in done]
     with job("neuron explanation", checkpoint_every_s) as j, \
             tqdm(total=len(todo), disable=not progress, desc=f"explain ({explainer.name})", unit="neuron") as bar:
         for s in range(0, len(todo), batch_neurons):

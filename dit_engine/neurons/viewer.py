@@ -6,6 +6,9 @@ best-explained first (or, before anything is scored, the strongest by max activa
 its explanations and scores, and its top records with every token shaded by its activation (the
 shade is ``relu(x) / max``; hovering shows the value), then a few random records.
 
+A run made by ``dit neurons diff`` also lists the neurons the finetune moved most (their mean
+shift), and shows them first in their layers.
+
 Every element a reader (or a test) needs carries a data attribute: ``section.neuron`` has
 ``data-layer``, ``data-neuron``, ``data-max``; ``span.tok`` has ``data-act``; score cells have
 ``data-score``.
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from ..charts import esc
 from ..files import write_text
+from .diff import read_moved
 from .record import NeuronRecords, Record
 from .run import EXPLANATIONS, SCORES, SUMMARY, read_rows
 
@@ -61,8 +65,12 @@ def render(rec: NeuronRecords, *, per_layer: int = 20, n_top: int = 5, n_random:
             f'{rec.neurons_per_layer} neurons each; top {d["top_k"]} and {d["sample_k"]} random records per neuron.</p>']
     if summary:
         body += ["<h2>Scores</h2>", _summary_table(summary)]
+    moved = read_moved(run)
+    if moved:
+        body += ["<h2>Neurons the finetune moved</h2>", _moved_table(moved, rec)]
     for layer in rec.layers:
-        chosen = _chosen(rec, layer, scored, per_layer)
+        first = [m["neuron"] for m in moved if m["layer"] == layer]
+        chosen = first + [n for n in _chosen(rec, layer, scored, per_layer) if n not in first]
         body.append(f'<h2 id="layer-{layer}">Layer {layer}</h2>')
         if not chosen:
             body.append('<p class="note">no neuron of this layer fired on the corpus.</p>')
@@ -88,6 +96,17 @@ def _chosen(rec: NeuronRecords, layer: int, scored: dict, per_layer: int) -> lis
     mx = rec.stats(layer)["max"]
     order = sorted(range(len(mx)), key=lambda n: (-float(mx[n]), n))
     return [n for n in order if mx[n] > 0][:per_layer]
+
+
+def _moved_table(moved: list[dict], rec: NeuronRecords) -> str:
+    rows = "".join(f'<tr class="moved" data-layer="{m["layer"]}" data-neuron="{m["neuron"]}">'
+                   f'<td><a href="#n-{m["layer"]}-{m["neuron"]}">{m["layer"]}/{m["neuron"]}</a></td>'
+                   f'{_num(m["abs_shift"])}{_num(m.get("shift", 0.0))}{_num(m.get("base_abs", 0.0))}</tr>\n'
+                   for m in moved)
+    return ("<table><tr><th>neuron</th><th>mean |shift|</th><th>mean shift</th><th>base mean |a|</th></tr>\n"
+            f"{rows}</table><p class=\"note\">shift: activation with the diff minus without, per position of the "
+            f"corpus, averaged; the records and explanations below are of the finetuned model "
+            f"({esc(str((rec.meta.get('diff') or {}).get('id', '')))}).</p>")
 
 
 def _summary_table(summary: dict) -> str:
