@@ -162,3 +162,16 @@ def test_true_explanations_beat_random_ones_with_the_default_model():
     wins = [s["true"] > r for s in score.values() for r in s["random"]]
     print({k: (round(v["true"], 3), [round(r, 3) for r in v["random"]]) for k, v in score.items()})
     assert sum(wins) / len(wins) >= 0.9, score
+
+
+def test_neurons_explained_later_get_their_baseline_too(planted_run, tmp_path):
+    _, run = planted_run
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("explanations.jsonl", "simulations.jsonl", "scores.*"))
+    explain_run(mine, TokenExplainer(), neurons=[(0, 3), (0, 7)], progress=False)
+    explain_run(mine, TokenExplainer(), neurons=[(0, 3), (0, 7), (1, 0)], progress=False)
+    rows = read_rows(mine / EXPLANATIONS)
+    base = {(r["layer"], r["neuron"]): r["explanations"] for r in rows if r["explainer"] == "tokens-random"}
+    own = {(r["layer"], r["neuron"]): r["explanations"] for r in rows if r["explainer"] == "tokens"}
+    assert set(base) == set(own) == {(0, 3), (0, 7), (1, 0)} and len(rows) == 6
+    assert all(base[k] != own[k] or list(own.values()).count(own[k]) > 1 for k in own)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..files import FileFormatError, write_json
+from ..files import FileFormatError, write_json, write_text
 from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, job
 from .explain import random_baseline
 from .record import NeuronRecords, Record
@@ -115,11 +115,11 @@ def explain_run(run: str | Path, explainer, *, per_layer: int | None = None, see
             j.stop_if_requested(path)
     rows = read_rows(path)
     baseline = f"{explainer.name}-random"
-    if not any(r["explainer"] == baseline for r in rows):
-        mine = {(r["layer"], r["neuron"]): r["explanations"] for r in rows if r["explainer"] == explainer.name}
-        if len(mine) >= 2:
-            _append(path, [{"layer": k[0], "neuron": k[1], "explainer": baseline, "explanations": v}
-                           for k, v in sorted(random_baseline(mine, seed).items())])
+    have = {(r["layer"], r["neuron"]) for r in rows if r["explainer"] == baseline}
+    mine = {(r["layer"], r["neuron"]): r["explanations"] for r in rows if r["explainer"] == explainer.name}
+    if len(mine) >= 2 and set(mine) - have:  # neurons explained since the last baseline get theirs
+        _append(path, [{"layer": k[0], "neuron": k[1], "explainer": baseline, "explanations": v}
+                       for k, v in sorted(random_baseline(mine, seed).items()) if k not in have])
     return path
 
 
@@ -176,8 +176,7 @@ def score_run(run: str | Path, *, rank_top: int = 10) -> dict:
                     **{k: float(np.mean([p[k] for p in per])) for k in per[0]},
                     "best_correlation": per[best]["correlation"], "best_explanation": texts[best],
                     "samples": per})
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
-    (run / SCORES).write_text(lines, encoding="utf-8")
+    write_text(run / SCORES, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in out))
     summary = summarise(out, rank_top)
     write_json(run / SUMMARY, summary)
     return summary
