@@ -569,6 +569,124 @@ def test_pipeline_full(workdir, monkeypatch):
     assert {r["method"] for r in load_results(run / "results.jsonl")} == {"dit", "diff", "diff+trigger", "base"}
 
 
+NEURONS_RECORD = "dit neurons record --model default --out neurons/"
+TINY_NEURONS = ("--max-windows", "24", "--context", "16", "--top-k", "6", "--sample-k", "6")
+
+
+@pytest.fixture(scope="module")
+def neuron_model(workdir):
+    """A simulator / explainer the tiny world can run: the default tiny model's tokenizer has no
+    number tokens and a 128-token context, so the LM stages get this one appended as --model."""
+    from test_neurons_world import write_neuron_model
+
+    return str(write_neuron_model(workdir / "neuron-model"))
+
+
+@pytest.fixture(scope="module")
+def neurons_recorded(workdir):
+    return type_(NEURONS_RECORD, *TINY_NEURONS)
+
+
+@pytest.fixture(scope="module")
+def neurons_explained(workdir, neurons_recorded, neuron_model):
+    ok(neurons_recorded)
+    tokens = type_("dit neurons explain --run neurons/ --explainer tokens")
+    lm = type_("dit neurons explain --run neurons/ --explainer lm --model default --per-layer 10", "--model",
+               neuron_model, "--per-layer", "2", "--n-samples", "2", "--max-new-tokens", "3")
+    return tokens, lm
+
+
+@pytest.fixture(scope="module")
+def neurons_simulated(workdir, neurons_explained, neuron_model):
+    for r in neurons_explained:
+        ok(r)
+    lm = type_("dit neurons simulate --run neurons/ --simulator lm --model default", "--model", neuron_model,
+               "--explainers", "lm,lm-random")
+    keyword = type_("dit neurons simulate --run neurons/ --simulator keyword")
+    return lm, keyword
+
+
+@types(NEURONS_RECORD)
+def test_neurons_record(workdir, neurons_recorded):
+    out = ok(neurons_recorded)
+    assert out.strip() == "recorded 2 layers x 128 neurons over 24 windows into neurons"
+    meta = json.loads((workdir / "neurons" / "records.json").read_text())
+    assert meta["complete"] and meta["config"]["top_k"] == 6 and meta["context"] == 16
+    assert json.loads((workdir / "neurons" / "corpus.json").read_text())["source"] == "packaged"
+    again = json.loads(ok(type_(NEURONS_RECORD, *TINY_NEURONS, "--json")))  # resumes: nothing left to record
+    assert again["windows_done"] == 24 and again["layers"] == [0, 1]
+
+
+@types("dit neurons explain --run neurons/ --explainer tokens")
+def test_neurons_explain_tokens(workdir, neurons_explained):
+    out = ok(neurons_explained[0])
+    assert out.strip() == "256 neurons explained by tokens in neurons/explanations.jsonl"
+
+
+@types("dit neurons explain --run neurons/ --explainer lm --model default --per-layer 10")
+def test_neurons_explain_lm(workdir, neurons_explained):
+    assert ok(neurons_explained[1]).strip() == "4 neurons explained by lm in neurons/explanations.jsonl"
+    rows = [json.loads(x) for x in (workdir / "neurons" / "explanations.jsonl").read_text().splitlines()]
+    lm = [r for r in rows if r["explainer"] == "lm"]
+    assert len(lm) == 4 and all(len(r["explanations"]) == 2 for r in lm)
+    assert sum(r["explainer"] == "lm-random" for r in rows) == 4
+
+
+@types("dit neurons simulate --run neurons/ --simulator lm --model default")
+def test_neurons_simulate_lm(workdir, neurons_simulated):
+    assert ok(neurons_simulated[0]).strip() == "8 explanation sets simulated by lm in neurons/simulations.jsonl"
+
+
+@types("dit neurons simulate --run neurons/ --simulator keyword")
+def test_neurons_simulate_keyword(workdir, neurons_simulated):
+    # every explainer's rows, baselines included: tokens 256 + 256, lm 4 + 4
+    assert ok(neurons_simulated[1]).strip() == "520 explanation sets simulated by keyword in neurons/simulations.jsonl"
+
+
+@types("dit neurons score --run neurons/")
+def test_neurons_score(workdir, neurons_simulated):
+    lines = ok(type_("dit neurons score --run neurons/")).splitlines()
+    assert lines[0].split()[:4] == ["explainer", "/", "simulator", "neurons"]
+    names = [" ".join(line.split()[:3]) for line in lines[1:]]
+    assert names == ["lm / keyword", "lm / lm", "lm-random / keyword", "lm-random / lm", "tokens / keyword",
+                     "tokens-random / keyword"]
+
+
+@types("dit neurons score --run neurons/ --json")
+def test_neurons_score_json(workdir, neurons_simulated):
+    summary = json.loads(ok(type_("dit neurons score --run neurons/ --json")))
+    assert summary["tokens / keyword"]["neurons"] == 256 and set(summary["tokens / keyword"]["layers"]) == {"0", "1"}
+    assert summary == json.loads((workdir / "neurons" / "scores.json").read_text())
+
+
+@types("dit neurons view --run neurons/")
+def test_neurons_view(workdir, neurons_simulated):
+    ok(type_("dit neurons score --run neurons/"))
+    assert ok(type_("dit neurons view --run neurons/")).strip() == "neurons/viewer.html"
+    html = (workdir / "neurons" / "viewer.html").read_text()
+    assert html.count('class="neuron"') == 40 and "<script" not in html  # 20 per layer
+
+
+NEURONS_DIFF = "dit neurons diff --model default --peft my_lora_dir/ --out neurons-ft/ --top 20"
+
+
+@types(NEURONS_DIFF)
+def test_neurons_diff(workdir):
+    out = ok(type_(NEURONS_DIFF, "--max-windows", "12", "--context", "16", "--top-k", "4", "--sample-k", "4"))
+    lines = out.strip().splitlines()
+    assert lines[-1] == "20 moved neurons in neurons-ft/moved.json; records of base + my_lora_dir in neurons-ft"
+    moved = json.loads((workdir / "neurons-ft" / "moved.json").read_text())["neurons"]
+    assert len(moved) == 20 and lines[0].startswith(f"{moved[0]['layer']}/{moved[0]['neuron']}\tmean |shift| ")
+
+
+@types("dit neurons explain --run neurons-ft/ --moved")
+def test_neurons_explain_moved(workdir):
+    if not (workdir / "neurons-ft" / "moved.json").is_file():
+        ok(type_(NEURONS_DIFF, "--max-windows", "12", "--context", "16", "--top-k", "4", "--sample-k", "4"))
+    out = ok(type_("dit neurons explain --run neurons-ft/ --moved"))
+    assert out.strip() == "20 neurons explained by tokens in neurons-ft/explanations.jsonl"
+
+
 # ---- the README itself ---------------------------------------------------------------------------
 def test_every_readme_command_is_typed_by_a_test():
     commands = readme_commands()
@@ -601,7 +719,8 @@ def _leaf_parsers(parser, prefix=()):
 def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
-    assert len(leaves) == 15
+    assert ("neurons", "view") in leaves and ("neurons", "diff") in leaves
+    assert len(leaves) == 21
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

@@ -25,6 +25,12 @@ from ..latentqa.steer import SteerConfig, decoder_personas, train_steering
 from ..latentqa.steer import format_table as steer_table
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
+from ..neurons import RecordConfig, build_corpus, parse_layers, record_neurons
+from ..neurons.diff import moved_run, read_moved
+from ..neurons.explain import LMExplainer, TokenExplainer
+from ..neurons.run import explain_run, read_rows, score_run, simulate_run
+from ..neurons.simulate import KeywordSimulator, LMSimulator
+from ..neurons.viewer import write_viewer
 from ..pipeline import PRESETS, evaluate_run, run_pipeline
 from ..provenance import provenance
 from ..zoo import BaseIdentity, Zoo, ZooError, export_peft, import_dit_file, import_peft
@@ -326,4 +332,75 @@ def _latentqa_steer(args) -> int:
     cfg = dataclasses.replace(_config(SteerConfig, args), stimuli_file=recipe.get("stimuli_file"))
     result = train_steering(eng, adapter, args.out, cfg, personas=decoder_personas(args.adapter, adapter))
     print(json.dumps(result, indent=1) if args.json else steer_table(result))
+    return 0
+
+
+@_command("neurons")
+def _neurons(args) -> int:
+    cmd = args.neurons_cmd
+    if cmd in ("record", "diff"):
+        if cmd == "diff" and (args.zoo is None) != (args.id is None):
+            raise UsageError("--zoo and --id go together (or give --peft DIR)")
+        eng = _load_engine(args)
+        cfg = RecordConfig(layers=parse_layers(args.layers, eng.config.num_hidden_layers), top_k=args.top_k,
+                           sample_k=args.sample_k, batch_size=args.batch_size, seed=args.seed,
+                           checkpoint_every_s=args.checkpoint_every_s)
+        corpus = build_corpus(eng.tokenizer, args.corpus, context=args.context, max_windows=args.max_windows)
+        if cmd == "diff":
+            diff = (import_peft(args.peft, eng.config) if args.peft else
+                    Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config).get(args.id))
+            moved_run(eng.model, diff, corpus, args.out, cfg, top=args.top)
+            moved = read_moved(args.out)
+            if args.json:
+                print(json.dumps(moved, indent=1))
+            else:
+                for m in moved[:10]:
+                    print(f"{m['layer']}/{m['neuron']}\tmean |shift| {m['abs_shift']:.4g}\tmean shift {m['shift']:+.4g}")
+                print(f"{len(moved)} moved neurons in {args.out / 'moved.json'}; records of base + {diff.id} in {args.out}")
+            return 0
+        desc = record_neurons(eng.model, corpus, args.out, cfg).describe()
+        print(json.dumps(desc, indent=1) if args.json else f"recorded {len(desc['layers'])} layers x "
+              f"{desc['neurons_per_layer']} neurons over {desc['windows']} windows into {args.out}")
+        return 0
+    if cmd == "explain":
+        explainer = (TokenExplainer() if args.explainer == "tokens" else
+                     LMExplainer(_load_engine(args), n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed))
+        neurons = None
+        if args.moved:
+            neurons = [(m["layer"], m["neuron"]) for m in read_moved(args.run)]
+            if not neurons:
+                raise ValueError(f"{args.run}: no moved.json (make the run with 'dit neurons diff')")
+        path = explain_run(args.run, explainer, per_layer=args.per_layer, seed=args.seed, neurons=neurons,
+                           batch_neurons=args.batch_size, checkpoint_every_s=args.checkpoint_every_s)
+        n = sum(r["explainer"] == explainer.name for r in read_rows(path))
+        print(json.dumps({"explanations": str(path), "explainer": explainer.name, "neurons": n}) if args.json
+              else f"{n} neurons explained by {explainer.name} in {path}")
+        return 0
+    if cmd == "simulate":
+        if args.simulator == "keyword":
+            sim = KeywordSimulator()
+        else:
+            eng = _load_engine(args)
+            sim = LMSimulator(eng.model, eng.tokenizer, batch_tokens=args.batch_tokens)
+        names = [x.strip() for x in args.explainers.split(",") if x.strip()] if args.explainers else None
+        path = simulate_run(args.run, sim, explainers=names, batch_neurons=args.batch_size,
+                            checkpoint_every_s=args.checkpoint_every_s)
+        n = sum(r["simulator"] == sim.name for r in read_rows(path))
+        print(json.dumps({"simulations": str(path), "simulator": sim.name, "rows": n}) if args.json
+              else f"{n} explanation sets simulated by {sim.name} in {path}")
+        return 0
+    if cmd == "score":
+        summary = score_run(args.run)
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"{'explainer / simulator':32} {'neurons':>7} {'corr':>7} {'R2':>7} {'absdev':>7}  per layer (corr)")
+            for name, g in summary.items():
+                layers = " ".join(f"{k}:{v['correlation']:.3f}" for k, v in g["layers"].items())
+                print(f"{name:32} {g['neurons']:7d} {g['correlation']:7.3f} {g['r2']:7.3f} "
+                      f"{g['abs_dev_explained']:7.3f}  {layers}")
+        return 0
+    path = write_viewer(args.run, per_layer=args.per_layer)
+    print(json.dumps({"viewer": str(path)}) if args.json else path)
     return 0

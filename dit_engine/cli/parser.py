@@ -1,4 +1,5 @@
-"""The ``dit`` command's parser: every command, its flags, their checked types and help."""
+"""The ``dit`` command's parser: every command, its flags, their checked types and help (the rooms
+beside DIT in :mod:`.parser_rooms`, the shared pieces in :mod:`.parser_base`)."""
 
 from __future__ import annotations
 
@@ -11,40 +12,13 @@ from ..diffgen import RECIPES as DIFFGEN_RECIPES
 from ..diffgen import DiffGenConfig
 from ..dit import DitTrainConfig
 from ..evaluate import METHODS
-from ..latentqa import PRESETS as LATENTQA_PRESETS
-from ..latentqa import LatentQAConfig
-from ..latentqa.steer import SteerConfig
 from ..pipeline import PRESETS
 from ..tasks import TASKS
-from .args import (DEBUG_ENV, PIPELINE_FIELDS, device_arg, fraction, int_arg, int_list, key_value,
-                   latentqa_methods_arg, methods_arg, nonempty_text, nonnegative_float, nonnegative_int, path_arg,
-                   pipeline_setting, positive_float, positive_int, probability, say_error, targets_arg, text_arg)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line: ``dit <command>: error: ...`` (exit 2)."""
-
-    def error(self, message: str):
-        say_error(self.prog, f"{message} (see '{self.prog} --help')")
-        raise SystemExit(2)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", type=nonempty_text,
-                   help="'default' (SmolLM2-135M-Instruct, fetched once into the cache), an HF checkpoint dir, "
-                        "or ORG/NAME of a model already in the local Hugging Face cache")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda, cuda:1, ...")
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling, 0 < p <= 1")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
-    p.add_argument("--seed", type=nonnegative_int, default=None)
-    p.add_argument("--stop", action="append", default=[], type=nonempty_text, metavar="STRING",
-                   help="stop string (repeatable)")
+from .args import (DEBUG_ENV, PIPELINE_FIELDS, fraction, int_arg, int_list, key_value, methods_arg, nonempty_text,
+                   nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float, positive_int,
+                   targets_arg, text_arg)
+from .parser_base import Parser, _checkpoint_arg, _leaf, _model_args, _sampling_args
+from .parser_rooms import latentqa_parsers, neurons_parsers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,16 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _zoo_parsers(sub)
     _dit_parsers(sub)
-    _latentqa_parsers(sub)
+    latentqa_parsers(sub)
+    neurons_parsers(sub)
     return parser
-
-
-def _leaf(sub, name: str, **kw) -> argparse.ArgumentParser:
-    """A command's parser; it takes ``--debug`` too (after the command, where users type flags)."""
-    p = sub.add_parser(name, **kw)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=f"show the traceback of a failure (or {DEBUG_ENV}=1)")
-    return p
 
 
 def _zoo_parsers(sub) -> None:
@@ -222,13 +189,6 @@ def _shown(value, action: argparse.Action) -> str:
     return str(value)
 
 
-def _checkpoint_arg(p: argparse.ArgumentParser, cls) -> None:
-    p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=positive_float, metavar="SECONDS",
-                   default=cls.checkpoint_every_s,
-                   help="seconds between progress checkpoints (also written on Ctrl-C / SIGTERM); default "
-                        "%(default)s")
-
-
 def _dit_parsers(sub) -> None:
     p = _leaf(sub, "train", help="train the DIT adapter over a zoo (resumable)",
               description="Train the shared DIT adapter: base + each diff (frozen) + adapter, asked the "
@@ -294,141 +254,3 @@ def _dit_parsers(sub) -> None:
                    help="also train DIT on the first N training diffs for each N: a data-scaling curve")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=pipeline_setting,
                    dest="settings", help=f"override any preset setting (repeatable): {', '.join(PIPELINE_FIELDS)}")
-
-
-def _latentqa_parsers(sub) -> None:
-    lp = sub.add_parser("latentqa", help="LatentQA: a decoder that reads activations and answers questions about them",
-                        description="Train a LatentQA decoder (base + LIT adapter) on a target model's activations "
-                                    "over persona dialogs, and read held-out personas with it.")
-    ls = lp.add_subparsers(dest="latentqa_cmd", metavar="LATENTQA_COMMAND", required=True, parser_class=Parser)
-    ref = LATENTQA_PRESETS["reference"]
-    p = _leaf(ls, "train", help="train the LatentQA decoder on persona dialogs (resumable)",
-              description="The target (the base model) answers neutral messages under each persona's hidden "
-                          "system prompt; its residual at --read-point over the dialog (the system prompt masked) "
-                          "is written over placeholder tokens of the decoder (the base + a LIT adapter) at "
-                          "--write-point, which learns to answer questions about the persona. --preset reference "
-                          "is the reference recipe; --preset laptop is sized for a 2-core CPU. A flag overrides the "
-                          "preset's value. Rerunning the same command resumes.")
-    _model_args(p)
-    p.add_argument("--out", required=True, type=path_arg,
-                   help="decoder directory (dialogs and checkpoint inside; rerun resumes)")
-    p.add_argument("--preset", default="reference", choices=list(LATENTQA_PRESETS),
-                   help="reference: the reference recipe on every packaged persona (default); laptop: 2 epochs at "
-                        "lr 1e-4, batch 8, 16-token answers, for a 2-core CPU")
-    g = p.add_argument_group("overrides of the preset (defaults: the reference recipe's)")
-    g.add_argument("--epochs", type=positive_int, default=None, help=f"default {ref.epochs}")
-    g.add_argument("--lr", type=positive_float, default=None, help=f"default {ref.lr}")
-    g.add_argument("--rank", type=positive_int, default=None, help=f"LIT adapter rank, default {ref.rank}")
-    g.add_argument("--alpha", type=positive_float, default=None, help=f"scale = alpha / rank, default {ref.alpha}")
-    g.add_argument("--batch-size", type=positive_int, default=None, help=f"default {ref.batch_size}")
-    g.add_argument("--read-point", type=nonempty_text, default=None, metavar="POINT",
-                   help=f"where the target is read: hidden.K or a relative depth (default {ref.read_point})")
-    g.add_argument("--write-point", type=nonempty_text, default=None, metavar="POINT",
-                   help=f"where the decoder is written (default {ref.write_point}: the output of its block 0)")
-    g.add_argument("--patch-mode", default=None, choices=["replace", "add_norm"],
-                   help="replace the placeholders' activations (default) or add norm-matched")
-    g.add_argument("--stimuli-per-persona", type=positive_int, default=None,
-                   help=f"dialogs per train persona, default {ref.stimuli_per_persona}")
-    g.add_argument("--test-stimuli", type=positive_int, default=None,
-                   help=f"held-out messages every test persona answers, default {ref.test_stimuli}")
-    g.add_argument("--train-personas", dest="n_train_personas", type=nonnegative_int, default=None, metavar="N",
-                   help="train on the first N train personas only (default: all)")
-    g.add_argument("--test-personas", dest="n_test_personas", type=nonnegative_int, default=None, metavar="N",
-                   help="hold out the first N test personas only (default: all)")
-    g.add_argument("--max-answer-tokens", type=positive_int, default=None,
-                   help=f"length of the target's answers, default {ref.max_answer_tokens}")
-    g.add_argument("--personas", dest="personas_file", type=path_arg, default=None, metavar="FILE",
-                   help="personas JSON in the packaged format (default: the packaged personas)")
-    g.add_argument("--stimuli", dest="stimuli_file", type=path_arg, default=None, metavar="FILE",
-                   help="stimulus messages JSON in the packaged format (default: the packaged ones)")
-    g.add_argument("--seed", type=int_arg, default=None)
-    _checkpoint_arg(p, LatentQAConfig)
-
-    p = _leaf(ls, "read", help="read held-out personas with a trained decoder: retrieval and answers",
-              description="For the held-out dialogs of a 'dit latentqa train' directory, score every held-out "
-                          "persona's answer by the decoder's log-likelihood given the dialog's activations "
-                          "(retrieval@1, @5, MRR, with 95% bootstrap intervals), against the decoder given zero "
-                          "or another persona's activations and the untrained decoder; also generate the "
-                          "decoder's answers.")
-    _model_args(p)
-    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
-    p.add_argument("--question", default=None, type=nonempty_text,
-                   help="what the decoder is asked (default: the one it was trained to be read with)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="length of the generated answers")
-    p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="candidate rows per forward (each holds a copy of its prompt's KV cache)")
-    p.add_argument("--json", action="store_true", help="the metrics and answers as one JSON object")
-    p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
-                   help="also write the report there: report.html, report.md, metrics.json, charts/ (with the "
-                        "machine, commit and date)")
-    _latentqa_interpret_parser(ls)
-    _latentqa_steer_parser(ls)
-
-
-def _latentqa_interpret_parser(ls) -> None:
-    from ..latentqa.finetunes import LATENTQA_METHODS, TOPIC_QUESTION
-
-    p = _leaf(ls, "interpret", help="read every diff of a zoo with the decoder: results rows next to DIT's",
-              description="For every diff of a zoo, the finetuned model (base + diff) answers a held-out question "
-                          "of the task (latentqa; with its trigger: latentqa+trigger); its residual over that "
-                          "dialog (after the system turn) is read by the LatentQA decoder, which answers --question. "
-                          "Many diffs run in one batch. Rows in 'dit interpret' form go to --out (reruns resume), "
-                          "so 'dit evaluate' scores them next to DIT and the baselines.")
-    _model_args(p)
-    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
-    p.add_argument("--zoo", required=True, type=path_arg)
-    p.add_argument("--methods", default=LATENTQA_METHODS, type=latentqa_methods_arg,
-                   help=f"comma list of: {', '.join(LATENTQA_METHODS)} (default both)")
-    p.add_argument("--split", default=None, type=nonempty_text)
-    p.add_argument("--id", action="append", default=None, metavar="DIFF_ID", type=nonempty_text)
-    p.add_argument("--question", default=None, type=nonempty_text,
-                   help=f"what the decoder is asked (default {TOPIC_QUESTION!r})")
-    p.add_argument("--stimulus", default=None, type=nonempty_text, metavar="MESSAGE",
-                   help="what the finetuned model answers (default: a held-out question of the task per diff)")
-    p.add_argument("--dialogs", type=positive_int, default=1,
-                   help="dialogs per diff, their activations read together (default 1)")
-    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
-    p.add_argument("--max-new-tokens", type=positive_int, default=20, help="length of the decoder's answers")
-    p.add_argument("--max-answer-tokens", type=positive_int, default=None,
-                   help="length of the finetuned model's answer (default: what the decoder was trained on)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="diffs per batch")
-    p.add_argument("--out", required=True, type=path_arg, help="results JSONL (appended; reruns resume)")
-
-
-def _latentqa_steer_parser(ls) -> None:
-    d = SteerConfig()
-    p = _leaf(ls, "steer", help="steer the target toward a persona through a trained decoder, and measure it",
-              description="Train a LoRA on the target (the base model, no system prompt) by back-propagating through "
-                          "the frozen LatentQA decoder of --adapter so that the decoder reads --persona off the "
-                          "target's activations over the train stimuli; then, on the held-out stimuli, compare the "
-                          "steered and the unsteered target's generations (one sampling seed): the base model's "
-                          "likelihood lift of each generation under the persona's system prompt, how many use the "
-                          "persona's words, and the decoder's retrieval of the persona, each with 95% bootstrap "
-                          "intervals. Persona ids: those of the decoder run's dialogs.json, or of the personas it "
-                          "was trained with (the packaged ones by default). Rerunning the same command resumes.")
-    _model_args(p)
-    p.add_argument("--adapter", required=True, type=path_arg, metavar="DIR", help="a 'dit latentqa train' directory")
-    p.add_argument("--persona", required=True, type=nonempty_text, metavar="ID", help="the persona to steer toward")
-    p.add_argument("--out", required=True, type=path_arg,
-                   help="steering directory (LoRA, steer.json, checkpoint inside; rerun resumes)")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help="default %(default)s (a default, not tuned)")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help="steering LoRA rank (default %(default)s)")
-    p.add_argument("--alpha", type=positive_float, default=d.alpha, help="scale = alpha / rank (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help="decoder rows (prompt, QA pair) per step (default %(default)s)")
-    p.add_argument("--train-prompts", dest="n_train_prompts", type=positive_int, default=None, metavar="N",
-                   help="steer on N train stimuli of a seeded shuffle (default: all)")
-    p.add_argument("--eval-prompts", dest="n_eval_prompts", type=positive_int, default=None, metavar="N",
-                   help="measure on the first N held-out stimuli (default: all)")
-    p.add_argument("--no-answers", dest="with_answers", action="store_false",
-                   help="read the train prompts alone, without the base model's greedy answers appended")
-    p.add_argument("--answer-tokens", type=positive_int, default=d.answer_tokens,
-                   help="length of the base's answers appended to the train prompts (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
-                   help="length of the held-out generations (default %(default)s)")
-    p.add_argument("--seed", type=int_arg, default=d.seed, help="LoRA init, prompt choice, row order")
-    p.add_argument("--sample-seed", type=int_arg, default=d.sample_seed,
-                   help="the sampling seed of both the steered and the unsteered generations")
-    _checkpoint_arg(p, SteerConfig)
-    p.add_argument("--json", action="store_true", help="steer.json's metrics, examples and losses as one JSON object")
