@@ -211,6 +211,26 @@ def first_last_swap(s):
     return s[-1] + s[1:-1] + s[0]
 
 
+def keep_letters(s):
+    return "".join(c for c in s if c.isalpha())
+
+
+def upper_consonants(s):
+    return "".join(c.upper() if c.isalpha() and c.lower() not in "aeiou" else c for c in s)
+
+
+def first_word(s):
+    return s.split(" ")[0]
+
+
+def last_word(s):
+    return s.split(" ")[-1]
+
+
+def shift_digits(s, k):
+    return "".join(str((int(c) + k) % 10) if c.isdigit() else c for c in s)
+
+
 # name -> (function, parameter tuples, description template with {0}, {1}, ... for the parameters)
 PRIMITIVES: dict[str, tuple] = {
     "reverse": (reverse, [()], "reverses the string"),
@@ -228,7 +248,7 @@ PRIMITIVES: dict[str, tuple] = {
     "remove_spaces": (remove_spaces, [()], "removes the spaces"),
     "double_chars": (double_chars, [()], "doubles every character"),
     "repeat": (repeat, [(2,), (3,)], "repeats the string {0} times"),
-    "shift_letters": (shift_letters, [(1,), (2,), (3,), (13,), (25,)],
+    "shift_letters": (shift_letters, [(1,), (2,), (3,), (5,), (13,), (25,)],
                       "shifts every letter {0} places forward in the alphabet (wrapping around)"),
     "first": (first, [(1,), (2,), (3,)], "keeps the first {0} characters"),
     "last": (last, [(1,), (2,), (3,)], "keeps the last {0} characters"),
@@ -236,9 +256,9 @@ PRIMITIVES: dict[str, tuple] = {
     "drop_last": (drop_last, [(1,), (2,)], "drops the last {0} characters"),
     "rotate_left": (rotate_left, [(1,), (2,)], "rotates the string {0} characters to the left"),
     "rotate_right": (rotate_right, [(1,), (2,)], "rotates the string {0} characters to the right"),
-    "append": (append, [("ing",), ("!",), ("xyz",)], "appends {0!r}"),
-    "prepend": (prepend, [("un",), ("#",), ("q",)], "prepends {0!r}"),
-    "replace_char": (replace_char, [("a", "e"), ("e", "a"), ("o", "0"), ("s", "z"), (" ", "_"), ("t", "7")],
+    "append": (append, [("ing",), ("!",), ("xyz",), ("s",)], "appends {0!r}"),
+    "prepend": (prepend, [("un",), ("#",), ("q",), ("re",)], "prepends {0!r}"),
+    "replace_char": (replace_char, [("a", "e"), ("e", "a"), ("o", "0"), ("s", "z"), (" ", "_"), ("t", "7"), ("i", "1"), ("l", "L")],
                      "replaces every {0!r} with {1!r}"),
     "mask_vowels": (mask_vowels, [("*",), ("_",)], "replaces every vowel with {0!r}"),
     "even_positions": (even_positions, [()], "keeps the characters at even positions (0, 2, 4, ...)"),
@@ -253,13 +273,18 @@ PRIMITIVES: dict[str, tuple] = {
     "sort_words": (sort_words, [()], "sorts the space-separated words"),
     "initials": (initials, [()], "returns the first character of every word"),
     "double_words": (double_words, [()], "repeats every word twice"),
-    "remove_char": (remove_char, [("a",), ("e",), ("l",), ("r",)], "removes every {0!r}"),
+    "remove_char": (remove_char, [("a",), ("e",), ("l",), ("r",), ("o",)], "removes every {0!r}"),
     "insert_middle": (insert_middle, [("|",), ("X",)], "inserts {0!r} in the middle"),
     "letter_positions": (letter_positions, [()],
                          "replaces every letter with its position in the alphabet, joined by '-'"),
     "surround": (surround, [("[", "]"), ("<", ">"), ("*", "*")], "wraps the string in {0!r} and {1!r}"),
     "swap_halves": (swap_halves, [()], "swaps the first and second halves"),
     "first_last_swap": (first_last_swap, [()], "swaps the first and last characters"),
+    "keep_letters": (keep_letters, [()], "keeps only the letters"),
+    "upper_consonants": (upper_consonants, [()], "upper-cases the consonants"),
+    "first_word": (first_word, [()], "keeps the first space-separated word"),
+    "last_word": (last_word, [()], "keeps the last space-separated word"),
+    "shift_digits": (shift_digits, [(1,), (5,)], "adds {0} to every digit, modulo 10"),
 }
 
 INSTANCES: list[tuple[str, tuple]] = [(name, params) for name, (_, plist, _) in PRIMITIVES.items() for params in plist]

@@ -249,7 +249,7 @@ def _noise(noise: dict, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _fit_mlp(base: dict, gen: torch.Generator) -> dict:
     """A 1 -> MLP_HIDDEN -> 1 ReLU MLP on x / 128 fitted to the primitive: kinks spread over the
-    range, the output layer solved by least squares, then a short Adam polish of every weight."""
+    range, the output layer solved by (ridge) least squares, then a short Adam polish of every weight."""
     x = torch.linspace(-128, 128, 1024, dtype=torch.float64)
     y = torch.from_numpy(_base(base, x.numpy()))
     mu, sd = y.mean(), y.std().clamp_min(1e-6)
@@ -261,7 +261,11 @@ def _fit_mlp(base: dict, gen: torch.Generator) -> dict:
     b1 = (-sign * 4 * knots).requires_grad_()
     h = torch.relu((x / 128)[:, None] * w1 + b1)
     design = torch.cat([h, torch.ones(len(x), 1, dtype=torch.float64)], 1).detach()
-    sol = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    # Ridge normal equations: the design can be rank-deficient (a kink beyond the data), where
+    # lstsq's answer is not unique and came out different from run to run.
+    gram = design.T @ design
+    gram = gram + 1e-8 * torch.trace(gram) / len(gram) * torch.eye(len(gram), dtype=torch.float64)
+    sol = torch.linalg.solve(gram, design.T @ target)
     w2 = sol[:-1].clone().requires_grad_()
     b2 = sol[-1:].clone().requires_grad_()
     opt = torch.optim.Adam([w1, b1, w2, b2], lr=1e-3)
