@@ -31,6 +31,9 @@ _STRING_TASK = ("You are probing a hidden function f that takes a string and ret
                 "one line\nCALL: \"word one\", \"word two\"\n(at most {k} quoted strings). You have {rounds} turns "
                 "of calls. When you know f, reply with\nDESCRIPTION: what f does\nDOMAIN: all strings\nCODE:\n"
                 "```python\ndef f(s):\n    return ...\n```")
+_MODEL_TASK = ("{task} To see f, reply with one line\nCALL: \"first prompt\", \"second prompt\"\n(at most {k} quoted "
+               "strings). You have {rounds} turns of calls. When you know, reply with\nDESCRIPTION: your answer in "
+               "a few words")
 _FINAL = "No more calls. Write your final answer now: DESCRIPTION:, DOMAIN: and CODE: as described."
 _NO_CALL = "I found no CALL line. Reply with CALL: followed by inputs, or with your final answer."
 
@@ -82,7 +85,12 @@ class LMAgent:
         return out
 
     def _task(self, box: BlackBox) -> str:
-        return (_NUMERIC_TASK if box.kind == "numeric" else _STRING_TASK).format(k=self.k, rounds=self.rounds)
+        if box.kind == "numeric":
+            return _NUMERIC_TASK.format(k=self.k, rounds=self.rounds)
+        if box.kind == "string":
+            return _STRING_TASK.format(k=self.k, rounds=self.rounds)
+        # A model-backed box (.model_backed) says what it is; it takes quoted strings like a string function.
+        return _MODEL_TASK.format(task=box.task, k=self.k, rounds=self.rounds)
 
     def _answer_calls(self, box: BlackBox, text: str) -> str:
         inputs = parse_calls(text, box.kind)[: self.k]
