@@ -93,8 +93,7 @@ def best_model(x: np.ndarray, y: np.ndarray) -> Model:
         err, params = _search([], fam, _grid(fam), x, y, train, val)
         singles.append((err, Basis(fam, params)))
     singles.sort(key=lambda s: s[0])
-    best_err, best = singles[0][0], [singles[0][1]]
-    best = [_refine(best[0], x, y, train, val)]
+    best = [_refine(singles[0][1], x, y, train, val)]
     best_err = _fit_grid([], best[0].columns(x)[None], y, train, val)[0][0]
     if best_err > PAIR_WHEN:
         for _, a in [s for s in singles if s[1].family != "constant"][:4]:

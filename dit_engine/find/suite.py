@@ -209,7 +209,7 @@ def _numeric(i: int, cat: str, rng: random.Random, gen: torch.Generator) -> Func
             spec["base"], expr, desc = base, _expression(base), _description(base)
         else:
             raise RuntimeError(f"function {i}: no MLP fit below nMSE {MLP_FIT} in 20 draws")
-        desc += f" (computed by a small ReLU MLP trained to approximate it)"
+        desc += " (computed by a small ReLU MLP trained to approximate it)"
     code_lines.append(f"    return {expr}")
     return Function(id=f"num-{i:04d}", kind="numeric", category=cat, description=desc, domain=domain,
                     code="\n".join(code_lines) + "\n", spec=spec)
