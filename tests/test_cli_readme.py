@@ -494,7 +494,7 @@ def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
     assert ("find", "generate") in leaves and ("find", "report") in leaves
-    assert len(leaves) == 17
+    assert len(leaves) == 18
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
@@ -626,3 +626,18 @@ def test_find_report(workdir, find_search, find_lm):
     assert "Transcripts: search" in html and "Transcripts: lm" in html and "<svg" in html
     md = (workdir / "find-report" / "report.md").read_text()
     assert "| overall | 10 |" in md
+
+
+FIND_DIFFS = "dit find diffs --zoo test-zoo/ --agent ask --dit-results results.jsonl --out find-diffs/"
+
+
+@types(FIND_DIFFS)
+def test_find_diffs(workdir, interpreted):
+    ok(interpreted)
+    out = ok(type_(FIND_DIFFS, "--max-new-tokens", "3"))
+    assert out.splitlines()[0].split()[:2] == ["who", "n"] and "dit (from results.jsonl)" in out
+    result = json.loads((workdir / "find-diffs" / "diffs.json").read_text())
+    ask, *methods = result["scores"]
+    assert ask["agent"] == "ask" and ask["n"] == result["n"] == len(Zoo.open(workdir / "test-zoo").ids())
+    assert {m["agent"].split()[0] for m in methods} == {"dit", "diff", "diff+trigger", "base"}
+    assert result["mean_calls"] == 3.0

@@ -18,7 +18,7 @@ from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_pe
 from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
 from ..find import Limits as FindLimits
-from ..find import build_suite, run_agent, save_suite, score_run, write_report
+from ..find import build_suite, describe_diffs, format_diff_table, run_agent, save_suite, score_run, write_report
 from ..generate import SamplingParams
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
@@ -328,6 +328,12 @@ def _find(args) -> int:
         else:
             for cat, s in summary["summary"].items():
                 print(f"{cat:20s} n={s['n']:4d}  accuracy {s['accuracy']:.3f}  mean calls {s['mean_calls']:.1f}")
+        return 0
+    if args.find_cmd == "diffs":
+        result = describe_diffs(_load_engine(args), args.zoo, args.agent, args.out, task=args.task, split=args.split,
+                                limit=args.limit, mode=args.mode, rounds=args.rounds,
+                                max_new_tokens=args.max_new_tokens, dit_results=args.dit_results)
+        print(json.dumps(result) if args.json else format_diff_table(result))
         return 0
     path = write_report(args.suite, args.run, args.out)
     print(json.dumps(json.loads((args.out / "report.json").read_text())) if args.json else path)

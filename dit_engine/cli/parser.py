@@ -12,6 +12,7 @@ from ..diffgen import DiffGenConfig
 from ..dit import DitTrainConfig
 from ..evaluate import METHODS
 from ..find import AGENTS as FIND_AGENTS
+from ..find import DIFF_AGENTS as FIND_DIFF_AGENTS
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
 from ..pipeline import PRESETS
@@ -409,3 +410,23 @@ def _find_parsers(sub) -> None:
     p.add_argument("--run", action="append", required=True, type=path_arg, help="a scored run directory (repeatable)")
     p.add_argument("--out", required=True, type=path_arg, help="report directory")
     p.add_argument("--json", action="store_true", help="print every run's summary as JSON")
+
+    p = _leaf(fs, "diffs", help="describe a zoo's weight diffs by probing them; scored by label retrieval next to DIT",
+              description="Each diff is a black box f(prompt) -> the adapted model's answer (or, --mode kl, how far "
+                          "it moves the base's next token). Agents: ask (fixed questions to the diff), lm (the "
+                          "call-and-describe loop on --model). Descriptions are scored by retrieval of the diff's "
+                          "label among the task's labels; --dit-results adds each method of a 'dit interpret' "
+                          "results file on the same diffs.")
+    p.add_argument("--zoo", required=True, type=path_arg)
+    p.add_argument("--agent", required=True, choices=FIND_DIFF_AGENTS)
+    p.add_argument("--out", required=True, type=path_arg, help="output directory (answers.jsonl, diffs.json)")
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--split", default=None, type=nonempty_text, help="only this split of the zoo (e.g. test)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N diffs")
+    p.add_argument("--mode", default="text", choices=["text", "kl"], help="what the lm agent's calls return")
+    p.add_argument("--rounds", type=nonnegative_int, default=3, help="lm agent: rounds of calls")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per answer of the diffed model")
+    p.add_argument("--dit-results", type=path_arg, default=None, metavar="RESULTS_JSONL",
+                   help="a 'dit interpret' results file: its methods scored on the same diffs")
+    _model_args(p)
+    p.add_argument("--json", action="store_true")
