@@ -69,3 +69,9 @@ def test_strings_and_a_small_suite():
 def test_too_few_probes_are_refused():
     with pytest.raises(ValueError, match="n_probes must be >= 20"):
         SearchAgent(n_probes=5)
+
+
+def test_a_constant_is_told_as_a_constant_not_a_flat_box():
+    x = np.linspace(-127, 127, 200)
+    model = fitting.best_model(x, np.full(200, 35.28))
+    assert [b.family for b in model.bases] == ["constant"] and model.describe().startswith("a constant")

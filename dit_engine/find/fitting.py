@@ -24,6 +24,7 @@ _P = np.linspace(0, 2 * math.pi, 24, endpoint=False)
 PAIR_WHEN = 0.03  # try pairs of families when the best single family leaves more held-out error
 PAIR_GAIN = 0.7  # and keep a pair only when it cuts that error by at least this factor
 MAX_PAIR_GRID = 600
+SIMPLER_WITHIN = 0.05  # a simpler family wins when its held-out error is within 5% of the best
 
 
 @dataclasses.dataclass
@@ -92,8 +93,12 @@ def best_model(x: np.ndarray, y: np.ndarray) -> Model:
     for fam in FAMILIES:
         err, params = _search([], fam, _grid(fam), x, y, train, val)
         singles.append((err, Basis(fam, params)))
+    # The simplest family (FAMILIES runs from simple to complex) within a whisker of the best error:
+    # a constant fits as a box of height ~0 too, and should be told as a constant.
+    floor = min(s[0] for s in singles)
+    simplest = next(s for s in singles if s[0] <= floor * (1 + SIMPLER_WITHIN) + 1e-12)
     singles.sort(key=lambda s: s[0])
-    best = [_refine(singles[0][1], x, y, train, val)]
+    best = [_refine(simplest[1], x, y, train, val)]
     best_err = _fit_grid([], best[0].columns(x)[None], y, train, val)[0][0]
     if best_err > PAIR_WHEN:
         for _, a in [s for s in singles if s[1].family != "constant"][:4]:
@@ -268,7 +273,10 @@ def _fit_grid(fixed: list[np.ndarray], cand: np.ndarray, y: np.ndarray, train, v
     rhs = dt @ y[train]
     coef = np.linalg.solve(gram, rhs[..., None])[..., 0]
     pred = np.einsum("kc,kcn->kn", coef, design[:, :, val])
-    err = np.mean((pred - y[val]) ** 2, axis=1) / (np.var(y[val]) + 1e-12)
+    # Normalised as primitives.nmse: by the variance, or by the mean square when the outputs are flat.
+    var, power = float(np.var(y[val])), float(np.mean(y[val] ** 2))
+    denom = var if var > 1e-12 * max(power, 1.0) else max(power, 1e-12)
+    err = np.mean((pred - y[val]) ** 2, axis=1) / denom
     err[bad | ~np.isfinite(err)] = np.inf
     return err, coef
 
