@@ -547,7 +547,7 @@ def test_generate_on_the_real_default_model(monkeypatch):
 FIND_GENERATE = "dit find generate --seed 0 --out suite.jsonl"
 FIND_RUN_SEARCH = "dit find run --suite suite.jsonl --agent search --out find-search/"
 FIND_SCORE_SEARCH = "dit find score --suite suite.jsonl --run find-search/"
-FIND_RUN_LM = "dit find run --suite suite.jsonl --agent lm --model default --limit 20 --out find-lm/"
+FIND_RUN_LM = "dit find run --suite suite.jsonl --agent lm --model default --limit 5 --rounds 3 --out find-lm/"
 FIND_SCORE_LM = "dit find score --suite suite.jsonl --run find-lm/ --json"
 FIND_REPORT = "dit find report --suite suite.jsonl --run find-search/ --run find-lm/ --out find-report/"
 

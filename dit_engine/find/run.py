@@ -44,8 +44,10 @@ def select(functions: Sequence[Function], limit: int | None) -> list[Function]:
 
 
 def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: dict | None = None, engine=None,
-              limit: int | None = None, chunk: int = 16, progress: bool = True) -> dict:
-    """Answer every (selected) function of the suite with ``agent``; returns the run's header."""
+              limit: int | None = None, chunk: int | None = None, progress: bool = True) -> dict:
+    """Answer every (selected) function of the suite with ``agent``; returns the run's header.
+    Answers are saved every ``chunk`` functions (default: the lm agent's batch, so a round's
+    generation is one batch over the chunk; 16 otherwise)."""
     if agent not in AGENTS:
         raise ValueError(f"unknown agent {agent!r}; use one of {', '.join(AGENTS)}")
     settings = dict(settings or {})
@@ -65,6 +67,7 @@ def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: 
     done = load_answers(out, repair=True)
     todo = [f for f in functions if f.id not in done]
     runner = _agent(agent, settings, engine)
+    chunk = chunk or (runner.gen["batch_size"] if isinstance(runner, LMAgent) else 16)
     bar = tqdm(total=len(functions), initial=len(functions) - len(todo), desc=f"find run ({agent})", unit="fn",
                disable=not progress, leave=False)
     with job("dit find run") as j, open(out / ANSWERS, "a", encoding="utf-8") as fh:
