@@ -720,7 +720,8 @@ def test_every_command_has_help_and_every_readme_command_exists(capsys):
     leaves = list(_leaf_parsers(build_parser()))
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
     assert ("neurons", "view") in leaves and ("neurons", "diff") in leaves
-    assert len(leaves) == 21
+    assert ("find", "generate") in leaves and ("find", "report") in leaves
+    assert len(leaves) == 26
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
@@ -767,3 +768,105 @@ def test_generate_on_the_real_default_model(monkeypatch):
     monkeypatch.delenv("DIT_ENGINE_HOME", raising=False)
     out = ok(type_('dit generate --model default --chat "What is the capital of France?"', "--max-new-tokens", "12"))
     assert "Paris" in out
+
+
+# ---- FIND ----------------------------------------------------------------------------------------
+FIND_GENERATE = "dit find generate --seed 0 --out suite.jsonl"
+FIND_RUN_SEARCH = "dit find run --suite suite.jsonl --agent search --out find-search/"
+FIND_SCORE_SEARCH = "dit find score --suite suite.jsonl --run find-search/"
+FIND_RUN_LM = "dit find run --suite suite.jsonl --agent lm --model default --limit 5 --rounds 3 --out find-lm/"
+FIND_SCORE_LM = "dit find score --suite suite.jsonl --run find-lm/ --json"
+FIND_REPORT = "dit find report --suite suite.jsonl --run find-search/ --run find-lm/ --out find-report/"
+
+
+@pytest.fixture(scope="module")
+def find_suite(workdir):
+    return type_(FIND_GENERATE, "--n-numeric", "6", "--n-string", "4")
+
+
+@pytest.fixture(scope="module")
+def find_search(workdir, find_suite):
+    ok(find_suite)
+    return type_(FIND_RUN_SEARCH)
+
+
+@pytest.fixture(scope="module")
+def find_lm(workdir, find_suite):
+    ok(find_suite)
+    # The tiny default model's context (128) cannot hold the task prompt: a tiny model with room.
+    from tiny_world import tiny_engine
+    from dit_engine.checkpoint import save_checkpoint
+    eng = tiny_engine(max_position_embeddings=1024)
+    model = default_model_dir(workdir / ".dit-home")
+    wide = workdir / "wide-model"
+    save_checkpoint(eng.model.state_dict(), eng.config, wide)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (wide / name).write_text((model / name).read_text())
+    return type_(FIND_RUN_LM, "--model", str(wide), "--limit", "1", "--rounds", "1", "--max-new-tokens", "4")
+
+
+@types(FIND_GENERATE)
+def test_find_generate(workdir, find_suite):
+    assert ok(find_suite).strip() == "suite.jsonl"
+    lines = (workdir / "suite.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["format"] == "dit-find-suite" and len(lines) == 11
+
+
+@types(FIND_RUN_SEARCH)
+def test_find_run_search_resumes(workdir, find_search):
+    assert ok(find_search).strip() == "find-search"
+    answers = (workdir / "find-search" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 10
+    assert ok(type_(FIND_RUN_SEARCH)).strip() == "find-search"  # nothing left: a rerun adds nothing
+    assert (workdir / "find-search" / "answers.jsonl").read_text().splitlines() == answers
+
+
+@types(FIND_SCORE_SEARCH)
+def test_find_score_search(workdir, find_search):
+    ok(find_search)
+    out = ok(type_(FIND_SCORE_SEARCH))
+    assert out.splitlines()[0].startswith("overall") and "string/depth2" in out
+    rows = [json.loads(r) for r in (workdir / "find-search" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and sum(r["correct"] for r in rows) >= 8
+
+
+@types(FIND_RUN_LM)
+def test_find_run_lm(workdir, find_lm):
+    assert ok(find_lm).strip() == "find-lm"
+    answers = [json.loads(r) for r in (workdir / "find-lm" / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"][:3] for a in answers] == ["num", "str"] and all(a["rounds"] >= 1 for a in answers)
+
+
+@types(FIND_SCORE_LM)
+def test_find_score_lm_json(workdir, find_lm):
+    ok(find_lm)
+    summary = json.loads(ok(type_(FIND_SCORE_LM)))
+    assert summary["overall"]["n"] == 2 and set(summary) >= {"numeric", "string"}
+
+
+@types(FIND_REPORT)
+def test_find_report(workdir, find_search, find_lm):
+    ok(type_(FIND_SCORE_SEARCH))
+    ok(type_(FIND_SCORE_LM))
+    assert ok(type_(FIND_REPORT)).strip() == str(Path("find-report") / "report.html")
+    html = (workdir / "find-report" / "report.html").read_text()
+    assert "Transcripts: search" in html and "Transcripts: lm" in html and "<svg" in html
+    md = (workdir / "find-report" / "report.md").read_text()
+    assert "| overall | 10 |" in md
+
+
+FIND_DIFFS = "dit find diffs --zoo test-zoo/ --agent ask --dit-results results.jsonl --out find-diffs/"
+
+
+@types(FIND_DIFFS)
+def test_find_diffs(workdir, interpreted):
+    ok(interpreted)
+    out = ok(type_(FIND_DIFFS, "--max-new-tokens", "3"))
+    assert out.splitlines()[0].split()[:2] == ["who", "n"] and "dit (from results.jsonl)" in out
+    result = json.loads((workdir / "find-diffs" / "diffs.json").read_text())
+    ask, *methods = result["scores"]
+    assert ask["agent"] == "ask" and ask["n"] == result["n"] == len(Zoo.open(workdir / "test-zoo").ids())
+    # every method of results.jsonl (LatentQA's too, when 'dit latentqa interpret' has added its rows)
+    assert {m["agent"].split()[0] for m in methods} == {r["method"] for r in load_results(workdir / "results.jsonl")}
+    assert {"dit", "diff", "diff+trigger", "base"} <= {m["agent"].split()[0] for m in methods}
+    assert result["mean_calls"] == 3.0

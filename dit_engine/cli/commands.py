@@ -17,6 +17,7 @@ from ..diffgen import DiffGenConfig, generate_zoo, verification_summary
 from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
 from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
+from .. import find as find_room
 from ..generate import SamplingParams
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig, LitAdapter, evaluate, format_table, load_dialogs, train_decoder
@@ -403,4 +404,48 @@ def _neurons(args) -> int:
         return 0
     path = write_viewer(args.run, per_layer=args.per_layer)
     print(json.dumps({"viewer": str(path)}) if args.json else path)
+    return 0
+
+
+_FIND_SETTINGS = {"search": ("n_probes",), "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}
+
+
+@_command("find")
+def _find(args) -> int:
+    if args.find_cmd == "generate":
+        fns = find_room.build_suite(args.seed, args.n_numeric, args.n_string)
+        find_room.save_suite(args.out, fns, seed=args.seed)
+        counts: dict[str, int] = {}
+        for f in fns:
+            counts[f.category] = counts.get(f.category, 0) + 1
+        print(json.dumps({"suite": str(args.out), "n": len(fns), "by_category": counts}) if args.json else args.out)
+        return 0
+    if args.find_cmd == "run":
+        settings = {k: getattr(args, k) for k in _FIND_SETTINGS.get(args.agent, ()) if getattr(args, k) is not None}
+        given = [k for names in _FIND_SETTINGS.values() for k in names
+                 if getattr(args, k) is not None and k not in _FIND_SETTINGS.get(args.agent, ())]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --agent {args.agent}")
+        engine = _load_engine(args) if args.agent == "lm" else None
+        header = find_room.run_agent(args.suite, args.out, args.agent, settings=settings, engine=engine,
+                                     limit=args.limit)
+        print(json.dumps(header) if args.json else args.out)
+        return 0
+    if args.find_cmd == "score":
+        limits = find_room.Limits(wall_s=args.timeout_s, cpu_s=max(1, int(args.timeout_s)), memory_mb=args.memory_mb)
+        summary = find_room.score_run(args.suite, args.run, limits=limits)
+        if args.json:
+            print(json.dumps(summary["summary"]))
+        else:
+            for cat, s in summary["summary"].items():
+                print(f"{cat:20s} n={s['n']:4d}  accuracy {s['accuracy']:.3f}  mean calls {s['mean_calls']:.1f}")
+        return 0
+    if args.find_cmd == "diffs":
+        result = find_room.describe_diffs(_load_engine(args), args.zoo, args.agent, args.out, task=args.task,
+                                          split=args.split, limit=args.limit, mode=args.mode, rounds=args.rounds,
+                                          max_new_tokens=args.max_new_tokens, dit_results=args.dit_results)
+        print(json.dumps(result) if args.json else find_room.format_diff_table(result))
+        return 0
+    path = find_room.write_report(args.suite, args.run, args.out)
+    print(json.dumps(json.loads((args.out / "report.json").read_text())) if args.json else path)
     return 0

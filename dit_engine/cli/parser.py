@@ -18,7 +18,7 @@ from .args import (DEBUG_ENV, PIPELINE_FIELDS, fraction, int_arg, int_list, key_
                    nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float, positive_int,
                    targets_arg, text_arg)
 from .parser_base import Parser, _checkpoint_arg, _leaf, _model_args, _sampling_args
-from .parser_rooms import latentqa_parsers, neurons_parsers
+from .parser_rooms import find_parsers, latentqa_parsers, neurons_parsers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dit_parsers(sub)
     latentqa_parsers(sub)
     neurons_parsers(sub)
+    find_parsers(sub)
     return parser
 
 

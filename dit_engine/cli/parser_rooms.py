@@ -1,8 +1,10 @@
-"""The ``dit`` parsers of the rooms beside DIT (``latentqa``, ``neurons``): their commands, flags and
+"""The ``dit`` parsers of the rooms beside DIT (``latentqa``, ``neurons``, ``find``): their commands, flags and
 help, built from :mod:`.parser_base` (``parser.build_parser`` adds them)."""
 
 from __future__ import annotations
 
+from ..find import AGENTS as FIND_AGENTS
+from ..find import DIFF_AGENTS as FIND_DIFF_AGENTS
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
 from ..latentqa.steer import SteerConfig
@@ -237,4 +239,71 @@ def neurons_parsers(sub) -> None:
     p = _leaf(ns, "view", help="write the run's neuron viewer (viewer.html)")
     p.add_argument("--run", required=True, type=path_arg)
     p.add_argument("--per-layer", type=positive_int, default=20, help="neurons shown per layer (default 20)")
+    p.add_argument("--json", action="store_true")
+
+
+def find_parsers(sub) -> None:
+    fp = sub.add_parser("find", help="FIND: describe black-box functions, scored by the code an agent writes",
+                        description="FIND (Schwettmann et al. 2023) offline: generate a seeded suite of numeric and "
+                                    "string functions, run an agent on it (resumable), score its code in a sandbox, "
+                                    "report per category.")
+    fs = fp.add_subparsers(dest="find_cmd", metavar="FIND_COMMAND", required=True, parser_class=Parser)
+    p = _leaf(fs, "generate", help="write a seeded FIND suite (JSONL)",
+              description="Numeric functions (16 primitive families, sums, products, noise, corruption on an "
+                          "interval, small-MLP approximations) and string functions (compositions of primitives), "
+                          "each with its description, domain and reference code.")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--n-numeric", type=nonnegative_int, default=500)
+    p.add_argument("--n-string", type=nonnegative_int, default=500)
+    p.add_argument("--out", required=True, type=path_arg, help="suite file to write (JSONL)")
+    p.add_argument("--json", action="store_true", help="print the counts per category as JSON")
+
+    p = _leaf(fs, "run", help="run an agent over a suite (resumable: rerun the same command to continue)",
+              description="Agents: search (probing + least squares over the primitive families; composition "
+                          "search for strings), lm (a local language model in FIND's call-and-describe loop), "
+                          "reference (the ground-truth code), zero (a constant 0 / empty string).")
+    p.add_argument("--suite", required=True, type=path_arg)
+    p.add_argument("--agent", required=True, choices=FIND_AGENTS)
+    p.add_argument("--out", required=True, type=path_arg, help="run directory (created, or resumed)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N numeric and the first N string functions")
+    p.add_argument("--n-probes", type=positive_int, default=None, help="search agent: inputs in its sweep (200)")
+    p.add_argument("--rounds", type=nonnegative_int, default=None, help="lm agent: rounds of calls (5)")
+    p.add_argument("--calls-per-round", type=positive_int, default=None, help="lm agent: inputs per round (8)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="lm agent: tokens per turn (160)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="lm agent: conversations per batch (32)")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print the run header as JSON")
+
+    p = _leaf(fs, "score", help="score a run's code in the sandbox (writes scores.jsonl and summary.json)")
+    p.add_argument("--suite", required=True, type=path_arg)
+    p.add_argument("--run", required=True, type=path_arg, help="a 'dit find run' directory")
+    p.add_argument("--timeout-s", type=positive_float, default=10.0, help="wall-clock limit per function's code")
+    p.add_argument("--memory-mb", type=positive_int, default=512, help="memory the code may use")
+    p.add_argument("--json", action="store_true")
+
+    p = _leaf(fs, "report", help="report scored runs side by side (report.html, report.md, charts)")
+    p.add_argument("--suite", required=True, type=path_arg)
+    p.add_argument("--run", action="append", required=True, type=path_arg, help="a scored run directory (repeatable)")
+    p.add_argument("--out", required=True, type=path_arg, help="report directory")
+    p.add_argument("--json", action="store_true", help="print every run's summary as JSON")
+
+    p = _leaf(fs, "diffs", help="describe a zoo's weight diffs by probing them; scored by label retrieval next to DIT",
+              description="Each diff is a black box f(prompt) -> the adapted model's answer (or, --mode kl, how far "
+                          "it moves the base's next token). Agents: ask (fixed questions to the diff), lm (the "
+                          "call-and-describe loop on --model). Descriptions are scored by retrieval of the diff's "
+                          "label among the task's labels; --dit-results adds each method of a 'dit interpret' "
+                          "results file on the same diffs.")
+    p.add_argument("--zoo", required=True, type=path_arg)
+    p.add_argument("--agent", required=True, choices=FIND_DIFF_AGENTS)
+    p.add_argument("--out", required=True, type=path_arg, help="output directory (answers.jsonl, diffs.json)")
+    p.add_argument("--task", default="hidden-topic", choices=sorted(TASKS))
+    p.add_argument("--split", default=None, type=nonempty_text, help="only this split of the zoo (e.g. test)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N diffs")
+    p.add_argument("--mode", default="text", choices=["text", "kl"], help="what the lm agent's calls return")
+    p.add_argument("--rounds", type=nonnegative_int, default=3, help="lm agent: rounds of calls")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per answer of the diffed model")
+    p.add_argument("--dit-results", type=path_arg, default=None, metavar="RESULTS_JSONL",
+                   help="a 'dit interpret' results file: its methods scored on the same diffs")
+    _model_args(p)
     p.add_argument("--json", action="store_true")

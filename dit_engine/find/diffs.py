@@ -1,0 +1,69 @@
+"""FIND on weight diffs: an agent probes each diff of a zoo as a black box (:class:`~.model_backed.DiffBox`)
+and describes it; descriptions are scored by retrieval of the diff's label among the task's labels,
+next to DIT's answers (a ``dit interpret`` results file) on the same diffs, scored the same way.
+
+Writes ``answers.jsonl`` (one :class:`~.score.Answer` per diff, with its transcript) and
+``diffs.json`` (the retrieval scores of the agent and of each method in the results file, the mean
+number of calls, the settings) into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..evaluate import load_results
+from ..files import write_json, write_text
+from ..provenance import provenance
+from ..tasks import get_task
+from ..zoo import BaseIdentity, Zoo
+from .lm_agent import LMAgent
+from .model_backed import AskAgent, DiffBox, retrieval
+
+DIFF_AGENTS = ("ask", "lm")
+
+
+def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *, task: str = "hidden-topic",
+                   split: str | None = None, limit: int | None = None, mode: str = "text", rounds: int = 3,
+                   max_new_tokens: int = 32, dit_results: str | Path | None = None, batch_size: int = 32) -> dict:
+    if agent not in DIFF_AGENTS:
+        raise ValueError(f"unknown diff agent {agent!r}; use one of {', '.join(DIFF_AGENTS)}")
+    t = get_task(task)
+    with Zoo.open(zoo_path, base=BaseIdentity.from_model(engine.model)) as zoo:
+        ids = zoo.ids(split)[:limit] if limit is not None else zoo.ids(split)
+        if not ids:
+            raise ValueError(f"{zoo_path}: no diffs{f' in split {split!r}' if split else ''} to describe")
+        labels = {}
+        for i in ids:
+            value = zoo.row(i)["labels"].get(t.label_key)
+            if value is None:
+                raise ValueError(f"{zoo_path}: diff {i} has no {t.label_key!r} label (task {task})")
+            labels[i] = value
+        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)] + list(labels.values())))
+        boxes = [DiffBox(engine, zoo.get(i, dtype=engine.model.dtype), mode=mode if agent == "lm" else "text",
+                         max_new_tokens=max_new_tokens) for i in ids]
+    runner = AskAgent() if agent == "ask" else LMAgent(engine, rounds=rounds, batch_size=batch_size)
+    answers = runner.run(boxes)
+    scores = {"agent": agent, **retrieval({a.id: a.description for a in answers}, labels, candidates)}
+    result = {"zoo": str(zoo_path), "task": task, "split": split, "mode": mode, "n": len(ids),
+              "mean_calls": sum(a.calls for a in answers) / len(answers), "scores": [scores],
+              "provenance": provenance()}
+    if dit_results is not None:
+        rows = [r for r in load_results(dit_results) if r["id"] in labels]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            texts = {r["id"]: r["answer"] for r in rows if r["method"] == method}
+            result["scores"].append({"agent": f"{method} (from {Path(dit_results).name})",
+                                     **retrieval(texts, labels, candidates)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "answers.jsonl", "".join(json.dumps(a.to_json()) + "\n" for a in answers))
+    write_json(out / "diffs.json", result)
+    return result
+
+
+def format_diff_table(result: dict) -> str:
+    lines = [f"{'who':32s} {'n':>4s} {'ret@1':>6s} {'ret@5':>6s} {'MRR':>6s}"]
+    for s in result["scores"]:
+        lines.append(f"{s['agent'][:32]:32s} {s['n']:4d} {s['retrieval@1']:6.3f} {s['retrieval@5']:6.3f} "
+                     f"{s['mrr']:6.3f}")
+    return "\n".join(lines + [f"mean calls per diff ({result['scores'][0]['agent']}): {result['mean_calls']:.1f}"])

@@ -1,0 +1,116 @@
+"""Scoring as FIND does it: an agent's code, run in the sandbox, against each function's truth.
+
+Numeric: the code on x in [-128, 128) + 0.5 against the black box's clean output; normalised MSE
+(``primitives.nmse``) under :data:`NMSE_CORRECT` counts as correct. Strings: the code on the
+function's held-out test inputs; the exact-match rate, correct when every one matches. Domain
+(corrupted functions): the first two numbers of the agent's DOMAIN text as an interval, its
+intersection over union with the true interval (0 when no interval is given). Summaries per
+category, per kind and overall, with the mean number of black-box calls the agent made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import primitives as P
+from .sandbox import Limits, Program, run_programs
+from .suite import Function, clean_output, string_output
+
+NMSE_CORRECT = 0.1
+
+
+@dataclasses.dataclass
+class Answer:
+    id: str
+    description: str = ""
+    domain: str = ""
+    code: str = ""
+    calls: int = 0  # inputs the agent evaluated on the black box
+    rounds: int = 0  # agent turns (the LM agent's rounds; 1 for one-shot agents)
+    transcript: list = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, limits: Limits = Limits(),
+                  batch_size: int = 1, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """One row per function: correct, the error measure, the domain IoU where it applies, the
+    sandbox's error if the code failed. A function with no answer scores as wrong."""
+    programs = []
+    for fn in functions:
+        a = answers.get(fn.id)
+        inputs = [float(x) for x in P.grid()] if fn.kind == "numeric" else list(fn.test_inputs)
+        programs.append(Program(a.code if a else "", inputs, fn.kind))
+    results = run_programs(programs, limits=limits, batch_size=batch_size, progress=progress)
+    rows = []
+    for fn, res in zip(functions, results):
+        a = answers.get(fn.id)
+        row = {"id": fn.id, "kind": fn.kind, "category": fn.category, "calls": a.calls if a else 0,
+               "error": None if a else "no answer"}
+        if a is not None and not res.ok:
+            row["error"] = res.error
+        if fn.kind == "numeric":
+            truth = clean_output(fn, P.grid())
+            e = P.nmse(np.array(res.outputs, dtype=np.float64), truth) if res.ok and a else math.inf
+            row.update(nmse=e if math.isfinite(e) else None, correct=bool(e < NMSE_CORRECT))
+        else:
+            truth = [string_output(fn, s) for s in fn.test_inputs]
+            rate = sum(o == t for o, t in zip(res.outputs, truth)) / len(truth) if res.ok and a and truth else 0.0
+            row.update(match=rate, correct=bool(truth) and rate == 1.0)
+        if fn.domain.get("interval") is not None:
+            row["domain_iou"] = interval_iou(parse_interval(a.domain if a else ""), fn.domain["interval"])
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Accuracy (and its parts) per category, per kind and overall."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        for key in ("overall", r["kind"], r["category"]):
+            groups.setdefault(key, []).append(r)
+    return {key: _stats(g) for key, g in sorted(groups.items(), key=lambda kv: (kv[0] != "overall", kv[0]))}
+
+
+def parse_interval(text: str) -> tuple[float, float] | None:
+    """The first two numbers in ``text`` as (low, high), or None."""
+    nums = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text or "")
+    if len(nums) < 2:
+        return None
+    lo, hi = float(nums[0]), float(nums[1])
+    return (min(lo, hi), max(lo, hi)) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def interval_iou(a: tuple[float, float] | None, b: Sequence[float]) -> float:
+    if a is None:
+        return 0.0
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else float(a[0] == b[0] and a[1] == b[1])
+
+
+def _stats(rows: list[dict]) -> dict:
+    out = {"n": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
+           "mean_calls": sum(r["calls"] for r in rows) / len(rows),
+           "code_errors": sum(r["error"] is not None for r in rows)}
+    nm = [r["nmse"] if r.get("nmse") is not None else math.inf for r in rows if r["kind"] == "numeric"]
+    if nm:
+        out["median_nmse"] = _finite(statistics.median(nm))
+    matches = [r["match"] for r in rows if "match" in r]
+    if matches:
+        out["mean_match"] = sum(matches) / len(matches)
+    ious = [r["domain_iou"] for r in rows if "domain_iou" in r]
+    if ious:
+        out["mean_domain_iou"] = sum(ious) / len(ious)
+    return out
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
