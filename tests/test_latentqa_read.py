@@ -15,7 +15,7 @@ from dit_engine.adapters import AdapterBatch, LoraSlot
 from dit_engine.latentqa.data import QA, Persona
 from dit_engine.latentqa.decoder import LitAdapter, decoder_prompt
 from dit_engine.latentqa.dialogs import LatentQAError, dialog
-from dit_engine.latentqa.read import answer, chance, evaluate, format_table, ranks, score_candidates
+from dit_engine.latentqa.read import answer, calibrate, chance, evaluate, format_table, ranks, score_candidates
 from dit_engine.probes import Probes, positions_mask
 from dit_engine.zoo import BaseIdentity
 
@@ -82,6 +82,40 @@ def test_ranks_count_ties_against_the_truth_and_chance_is_a_uniform_ranking():
     assert c["retrieval@1"] == 0.25 and c["retrieval@5"] == 1.0
     assert c["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
     assert chance(10)["retrieval@5"] == 0.5
+
+
+def test_calibration_removes_what_a_candidate_scores_whatever_is_read():
+    """A prior that favours candidate 0 everywhere hides a signal on the diagonal; calibration
+    (each candidate's mean over the rows removed) finds it, and is blind to such column offsets."""
+    signal = torch.eye(4) * 1.0
+    prior = torch.tensor([5.0, 0.0, 0.0, 0.0])
+    raw = signal + prior
+    truth = [0, 1, 2, 3]
+    assert ranks(raw, truth).tolist() == [1, 2, 2, 2]
+    assert ranks(calibrate(raw), truth).tolist() == [1, 1, 1, 1]
+    assert torch.allclose(calibrate(raw), calibrate(signal).to(torch.float64))
+    assert torch.allclose(calibrate(raw).mean(0), torch.zeros(4, dtype=torch.float64))
+    # identical rows (a decoder that ignores what it reads) calibrate to ties: rank last, never lucky
+    assert ranks(calibrate(prior.repeat(4, 1)), truth).tolist() == [4, 4, 4, 4]
+
+
+def test_evaluate_reports_calibrated_ranks_and_the_uncalibrated_beside_them(monkeypatch):
+    import dit_engine.latentqa.read as read_mod
+
+    eng, _, lit = _setup()
+    tok = eng.tokenizer
+    adapter = LitAdapter(lit, "hidden.0.5", "hidden.1", "replace",
+                         dataclasses.asdict(BaseIdentity.from_model(eng.model)))
+    ps = [Persona(f"p{i}", f"label{i}", "c", f"say label{i}", "test", (QA(QUESTION, f"label{i}"),)) for i in range(3)]
+    ds = [dialog(tok, p, "say hello", tok.encode(f"label{i} hello")) for i, p in enumerate(ps)]
+    fixed = torch.eye(3) + torch.tensor([4.0, 0.0, 0.0])  # the truth on the diagonal under a prior for p0
+    monkeypatch.setattr(read_mod, "score_candidates", lambda *a, **k: fixed.clone())
+    res = evaluate(eng, adapter, ds, ps, question=QUESTION, max_new_tokens=2, resamples=20,
+                   conditions=("decoder", "zero"))
+    assert res["conditions"]["decoder"]["retrieval@1"] == 1.0  # calibrated: every persona found
+    assert res["uncalibrated"]["decoder"]["retrieval@1"] == pytest.approx(1 / 3)  # raw: only p0
+    assert res["decoder_minus"]["zero"]["retrieval@1"] == 0.0 and "zero" in res["decoder_minus_uncalibrated"]
+    assert "uncalibrated retrieval@1: decoder 0.333, zero 0.333" in format_table(res)
 
 
 def test_evaluate_checks_its_inputs_and_its_table_prints_every_condition():

@@ -30,6 +30,7 @@ def _result() -> dict:
                     {"persona": "chef", "label": "a chef", "stimulus": "Hello", "answer": "A <b>pilot</b>.",
                      "names_persona": False}],
         "answers_name_persona": 0.5,
+        "uncalibrated": {"decoder": cond(0.25, 0.5, 0.4), "zero": cond(0.25, 1.0, 0.5)},
     }
 
 
@@ -67,6 +68,7 @@ def test_every_file_carries_the_measured_numbers(tmp_path):
     assert "| decoder | 0.750 [0.38, 1.00] | 1.000 [0.50, 1.00] | 0.850 [0.42, 1.00] |" in md
     assert "| decoder - shuffled | +0.625 [+0.53, +0.72] | +0.312 [+0.00, +0.62] |" in md
     assert "| 2 | 2.1000 | 2.9000 |" in md and "Generated answers naming the persona: 1/2." in md
+    assert "## Uncalibrated scores" in md and "| decoder | 0.250 [0.12, 0.38] | 0.500 [0.25, 0.50] |" in md
     assert "Hi \\| there" in md  # a table cell keeps its pipe escaped
     page = html.read_text()
     assert page.count("<svg") == 3 and "A &lt;b&gt;pilot&lt;/b&gt;." in page and "<b>pilot</b>" not in page

@@ -74,7 +74,7 @@ def latentqa_parsers(sub) -> None:
     p.add_argument("--question", default=None, type=nonempty_text,
                    help="what the decoder is asked (default: the one it was trained to be read with)")
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="length of the generated answers")
-    p.add_argument("--batch-size", type=positive_int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=128,
                    help="candidate rows per forward (each holds a copy of its prompt's KV cache)")
     p.add_argument("--json", action="store_true", help="the metrics and answers as one JSON object")
     p.add_argument("--out", type=path_arg, default=None, metavar="DIR",

@@ -14,9 +14,19 @@
   ``shuffled`` (given the activations of another persona's dialog of the same message) and
   ``untrained`` (the base model without the LIT adapter, given the true activations). Ties count
   against the true persona (as :mod:`dit_engine.text_match` does), so a decoder that scores every
-  candidate alike is never lucky. Metrics are averaged per persona first, then over personas;
-  95% intervals bootstrap over personas (:mod:`dit_engine.bootstrap`), and the decoder's margin
-  over each control is a paired bootstrap.
+  candidate alike is never lucky.
+
+  **Calibration.** A small decoder gives some answers a high likelihood whatever it reads (its
+  prior: "A retired college professor." tops most rows), which hides what it does read. The
+  reported ranks therefore come from calibrated scores: each candidate's log-likelihood minus its
+  mean over all the dialogs read in that condition (per candidate, one fixed rule for every
+  condition, no tuning; the contextual calibration of classifiers done with the read set as the
+  reference). The uncalibrated ranks are reported beside them (``uncalibrated``,
+  ``decoder_minus_uncalibrated``).
+
+  Metrics are averaged per persona first, then over personas; 95% intervals bootstrap over
+  personas (:mod:`dit_engine.bootstrap`), and the decoder's margin over each control is a paired
+  bootstrap.
 """
 
 from __future__ import annotations
@@ -111,6 +121,13 @@ def ranks(scores: Tensor, truth: Sequence[int]) -> np.ndarray:
     return ((s >= true[:, None]).sum(1)).numpy()  # the truth itself is >= itself: rank 1 when alone on top
 
 
+def calibrate(scores: Tensor) -> Tensor:
+    """Each candidate's score minus its mean over the rows (the read dialogs): ``[n, k]`` -> ``[n, k]``.
+    What a candidate scores whatever is read drops out; what varies with the activations stays."""
+    s = scores.double()
+    return s - s.mean(0, keepdim=True)
+
+
 def chance(k: int) -> dict[str, float]:
     """The metrics of a uniformly random ranking of ``k`` candidates."""
     return {"retrieval@1": 1 / k, "retrieval@5": min(TOP_K, k) / k, "mrr": sum(1 / r for r in range(1, k + 1)) / k}
@@ -154,25 +171,29 @@ def evaluate(
     values = {"decoder": acts, "untrained": acts, "zero": [torch.zeros_like(v) for v in acts],
               "shuffled": [acts[j] for j in _shuffled(dialogs, ids)]}
     kw = dict(write_point=adapter.write_point, mode=adapter.patch_mode)
-    per_dialog = {}
+    per_dialog: dict[str, dict[str, np.ndarray]] = {"calibrated": {}, "uncalibrated": {}}
     for c in conditions:
         bar.set_postfix_str(c)
         slot = None if c == "untrained" else adapter.slot
-        r = ranks(score_candidates(engine, slot, values[c], question, cands, batch_size=batch_size, **kw), truth)
-        per_dialog[c] = np.stack([r == 1, r <= TOP_K, 1.0 / r], 1).astype(np.float64)  # [n, 3]
+        scores = score_candidates(engine, slot, values[c], question, cands, batch_size=batch_size, **kw)
+        for kind, s in (("uncalibrated", scores), ("calibrated", calibrate(scores))):
+            r = ranks(s, truth)
+            per_dialog[kind][c] = np.stack([r == 1, r <= TOP_K, 1.0 / r], 1).astype(np.float64)  # [n, 3]
         bar.update(1)
     groups = [np.array([d.persona == i for d in dialogs]) for i in ids]
-    per_persona = {c: np.stack([v[g].mean(0) for g in groups]) for c, v in per_dialog.items()}  # [P, 3]
-    result: dict = {"question": question, "n_dialogs": len(dialogs), "n_personas": len(ids), "chance": chance(len(ids)),
-                    "conditions": {}, "decoder_minus": {}}
-    for c, v in per_persona.items():
-        ci = bootstrap_ci(v, resamples, seed)
-        result["conditions"][c] = {m: float(v[:, i].mean()) for i, m in enumerate(METRICS)} | {
-            f"{m}_ci": list(ci[i]) for i, m in enumerate(METRICS)}
-        if c != "decoder":
-            diff, dci = paired_difference_ci(per_persona["decoder"], v, resamples, seed)
-            result["decoder_minus"][c] = {m: diff[i] for i, m in enumerate(METRICS)} | {
-                f"{m}_ci": list(dci[i]) for i, m in enumerate(METRICS)}
+    result: dict = {"question": question, "n_dialogs": len(dialogs), "n_personas": len(ids), "chance": chance(len(ids))}
+    for kind, key, margins in (("calibrated", "conditions", "decoder_minus"),
+                               ("uncalibrated", "uncalibrated", "decoder_minus_uncalibrated")):
+        per_persona = {c: np.stack([v[g].mean(0) for g in groups]) for c, v in per_dialog[kind].items()}  # [P, 3]
+        result[key], result[margins] = {}, {}
+        for c, v in per_persona.items():
+            ci = bootstrap_ci(v, resamples, seed)
+            result[key][c] = {m: float(v[:, i].mean()) for i, m in enumerate(METRICS)} | {
+                f"{m}_ci": list(ci[i]) for i, m in enumerate(METRICS)}
+            if c != "decoder":
+                diff, dci = paired_difference_ci(per_persona["decoder"], v, resamples, seed)
+                result[margins][c] = {m: diff[i] for i, m in enumerate(METRICS)} | {
+                    f"{m}_ci": list(dci[i]) for i, m in enumerate(METRICS)}
     bar.set_postfix_str("answers")
     texts = answer(engine, adapter.slot, acts, question, max_new_tokens=max_new_tokens, **kw)
     bar.update(1)
@@ -194,10 +215,14 @@ def format_table(result: dict) -> str:
     for c, m in result["decoder_minus"].items():
         lo, hi = m["retrieval@1_ci"]
         lines.append(f"decoder - {c}: retrieval@1 {m['retrieval@1']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    if result.get("uncalibrated"):
+        lines.append("uncalibrated retrieval@1: " + ", ".join(f"{c} {m['retrieval@1']:.3f}"
+                                                              for c, m in result["uncalibrated"].items()))
     n = len(result["answers"])
     named = round(result["answers_name_persona"] * n)
     lines.append(f"{result['n_dialogs']} held-out dialogs of {result['n_personas']} personas, asked "
-                 f"{result['question']!r}; 95% bootstrap intervals over personas")
+                 f"{result['question']!r}; scores calibrated (each candidate's mean over the dialogs removed); "
+                 "95% bootstrap intervals over personas")
     lines.append(f"generated answers naming the persona: {named}/{n}")
     return "\n".join(lines)
 

@@ -85,10 +85,10 @@ def _charts(result: Mapping[str, Any], epochs: Sequence[Mapping[str, Any]]) -> d
     return charts
 
 
-def _metric_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _metric_rows(result: Mapping[str, Any], key: str = "conditions") -> tuple[list[str], list[list[str]]]:
     metrics = ("retrieval@1", "retrieval@5", "mrr")
     rows = []
-    for c, m in result["conditions"].items():
+    for c, m in result[key].items():
         rows.append([c, *(f"{m[k]:.3f} [{m[k + '_ci'][0]:.2f}, {m[k + '_ci'][1]:.2f}]" for k in metrics)])
     rows.append(["chance", *(f"{result['chance'][k]:.3f}" for k in metrics)])
     return ["condition", *metrics], rows
@@ -150,6 +150,9 @@ def _definitions(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("question", f"every held-out dialog is read with the question {result['question']!r}"),
         ("candidates", "each held-out persona's first QA answer (which names it); a candidate's score is the "
                        "decoder's log-likelihood of it and the end-of-turn token"),
+        ("calibrated", "ranks come from each candidate's score minus its mean over the dialogs read in that "
+                       "condition: what the decoder says whatever it reads drops out (the uncalibrated ranks are "
+                       "in their own table)"),
         ("retrieval@k", "the true persona ranks among the first k candidates (ties count against it); averaged per "
                         "persona, then over personas"),
         ("mrr", "mean reciprocal rank of the true persona"),
@@ -173,6 +176,9 @@ def _markdown(result, recipe, epochs, title, made, charts) -> str:
     out += [f"![{c}](charts/{c}.svg)" for c in charts if c.startswith("conditions_")] + [""]
     if result.get("decoder_minus"):
         out += ["## The decoder against its controls", "", *_md_table(*_margin_rows(result))]
+    if result.get("uncalibrated"):
+        out += ["## Uncalibrated scores", "", "The same ranks from the raw log-likelihoods.", "",
+                *_md_table(*_metric_rows(result, "uncalibrated"))]
     if recipe:
         out += ["## Decoder", "", *_md_table(*_recipe_rows(recipe))]
     if epochs:
@@ -198,6 +204,9 @@ def _html(result, recipe, epochs, title, made, charts) -> str:
              charts_of("conditions_")]
     if result.get("decoder_minus"):
         body += ["<h2>The decoder against its controls</h2>", html_table(*_margin_rows(result))]
+    if result.get("uncalibrated"):
+        body += ["<h2>Uncalibrated scores</h2>", '<p class="note">The same ranks from the raw log-likelihoods.</p>',
+                 html_table(*_metric_rows(result, "uncalibrated"))]
     if recipe:
         body += ["<h2>Decoder</h2>", html_table(*_recipe_rows(recipe))]
     if epochs:
