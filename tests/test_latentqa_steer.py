@@ -42,7 +42,7 @@ STEER_PERSONAS = [dataclasses.replace(p, qa=p.qa + (QA("what do you like ?", "ar
                   if p.id == "pirate" else p for p in personas()]
 # batch 12 = every train row (6 prompts x 2 QA pairs) in every step.
 SCFG = SteerConfig(persona="pirate", rank=4, alpha=32.0, lr=1e-2, steps=20, batch_size=12, answer_tokens=3,
-                   max_new_tokens=4, n_examples=2, save_every=10**9, seed=3)
+                   max_new_tokens=4, n_examples=2, save_every=10**9, seed=3, kl_weight=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,46 @@ def test_on_held_out_prompts_the_decoder_reads_the_persona_off_the_steered_targe
     assert [e["prompt"] for e in result["examples"]] == HELD_OUT[:2]
     table = format_table(result).splitlines()
     assert table[0].split()[0] == "metric" and len(table) >= 5 and "steered toward pirate" in table[5]
+
+
+def _kl_to_base(eng, slot, prompts_doc) -> float:
+    """Mean per-token KL(base || base + slot) over each train dialog's read span, with plain forwards."""
+    total, n = 0.0, 0
+    for p in prompts_doc["prompts"]:
+        ids = torch.tensor([p["input_ids"]])
+        with torch.no_grad():
+            base = torch.log_softmax(eng.model(ids)[0].double(), -1)
+            moved = torch.log_softmax(eng.model(ids, AdapterBatch(slot.with_index(torch.zeros(1, dtype=torch.int64))))
+                                      [0].double(), -1)
+        first = max(1, p["start"])  # the first read token that has a token before it
+        span = slice(first - 1, len(p["input_ids"]) - 1)  # the positions that predict the read tokens
+        total += float((base[span].exp() * (base[span] - moved[span])).sum())
+        n += len(p["input_ids"]) - first
+    return total / n
+
+
+def test_the_fluency_term_is_the_targets_kl_to_the_base_and_keeps_it_closer(steered, tmp_path):
+    """With kl_weight > 0 the steering loss is the decoder's loss plus kl_weight times the target's
+    KL to the base over the train dialogs; that KL starts at 0 (the target is the base) and matches
+    plain forwards, and the run ends closer to the base than the one steered by the decoder's loss
+    alone (the ``steered`` fixture, kl_weight 0)."""
+    eng, adapter, alone, result, _, _, _ = steered
+    assert SCFG.kl_weight == 0.0 and set(result["training"]["kl_to_base"]) == {0.0}  # not computed without it
+    parts = []
+    out = tmp_path / "fluent"
+    _steer(eng, adapter, out, SteerConfig(**{**SCFG.__dict__, "kl_weight": 1.0}), log=parts.append)
+    assert len(parts) == SCFG.steps and parts[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for r in parts:
+        assert r["loss"] == pytest.approx(r["decoder"] + 1.0 * r["kl"], rel=1e-5, abs=1e-6)
+    doc = json.loads((out / PROMPTS).read_text())
+    fluent = SteerAdapter.load(out).slot
+    # the last step's KL was measured before that step's update: the same order as the final one
+    assert parts[-1]["kl"] == pytest.approx(_kl_to_base(eng, fluent, doc), rel=0.5)
+    with_kl = _kl_to_base(eng, fluent, doc)
+    without = _kl_to_base(eng, SteerAdapter.load(alone).slot, json.loads((alone / PROMPTS).read_text()))
+    assert with_kl < 0.5 * without, (with_kl, without)
+    with pytest.raises(LatentQAError, match="kl_weight must be >= 0"):
+        _steer(eng, adapter, tmp_path / "bad", SteerConfig(**{**SCFG.__dict__, "kl_weight": -1.0}))
 
 
 def test_the_likelihood_lift_equals_a_naive_computation_with_plain_forwards(decoder):

@@ -146,6 +146,9 @@ def _latentqa_steer_parser(ls) -> None:
                    help="length of the base's answers appended to the train prompts (default %(default)s)")
     p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
                    help="length of the held-out generations (default %(default)s)")
+    p.add_argument("--kl-weight", type=nonnegative_float, default=d.kl_weight,
+                   help="weight of the target's KL to the base over the train dialogs (fluency; 0: the decoder's "
+                        "loss alone; default %(default)s)")
     p.add_argument("--seed", type=int_arg, default=d.seed, help="LoRA init, prompt choice, row order")
     p.add_argument("--sample-seed", type=int_arg, default=d.sample_seed,
                    help="the sampling seed of both the steered and the unsteered generations")

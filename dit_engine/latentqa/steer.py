@@ -14,7 +14,12 @@ the persona) in seeded epoch shuffles: the target's residual at the decoder's ``
 each prompt's read positions is captured *with* its graph from a forward that stops at that point
 (``output="probes"``), written over the decoder prompt's placeholders at ``write_point`` (the
 decoder = the base + the frozen LIT slot), and the loss is the decoder's cross-entropy of the
-persona's QA answers (+ end of turn), one mean per row, averaged. Only the steering LoRA is
+persona's QA answers (+ end of turn), one mean per row, averaged, plus ``kl_weight`` times the
+target's mean per-token KL to the base model over the same dialogs' read spans (the base's states
+computed once, :class:`~dit_engine.train.TeacherCache`; the target's forward then runs every block,
+and the capture comes from it): without it the steering can buy the decoder's reading with text the
+base would never write (measured on the default model: the decoder read the persona off every
+held-out generation while the generations were no longer words). Only the steering LoRA is
 trained (:class:`~dit_engine.train.Trainer`): the base and the LIT slot are frozen. The LoRA
 covers only the blocks before the read point, the only ones its gradient reaches.
 
@@ -73,7 +78,7 @@ from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
 from ..probes import Point, Probes, positions_mask
 from ..text_match import normalize
 from ..tokenizer import Tokenizer
-from ..train import Trainer, batch_loss, resume_slot_state, save_slot_state
+from ..train import Example, TeacherCache, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from ..zoo import BaseIdentity
 from .data import Persona, Stimulus, load_personas, load_stimuli
 from .decoder import LitAdapter, decoder_batch, reading
@@ -124,6 +129,10 @@ class SteerConfig:
     save_every: int = 50
     checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S
     seed: int = 0  # LoRA init, prompt choice, row order
+    # Fluency: this times the target's KL to the base model over each train dialog's read span (its
+    # next-token distributions there) joins the decoder's loss, so the steering cannot buy the
+    # decoder's reading with text the base would never write. 0: the decoder's loss alone.
+    kl_weight: float = 1.0
 
 
 # Settings that do not change what is trained: a resume (or a rerun of a finished run) may change them.
@@ -284,6 +293,8 @@ def _check(engine: Engine, adapter: LitAdapter, cfg: SteerConfig, personas: Sequ
             raise LatentQAError(f"steering {name} must be >= 1 (or None: all), found {getattr(cfg, name)}")
     if not (cfg.lr > 0 and cfg.alpha > 0):
         raise LatentQAError(f"steering lr and alpha must be > 0, found lr {cfg.lr}, alpha {cfg.alpha}")
+    if not cfg.kl_weight >= 0:
+        raise LatentQAError(f"steering kl_weight must be >= 0, found {cfg.kl_weight}")
     adapter.check_base(BaseIdentity.from_model(engine.model))
     for point in (adapter.read_point, adapter.write_point):
         Point.parse(point, engine.config.num_hidden_layers)
@@ -305,6 +316,8 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
 
     rows = [(i, qa) for i in range(len(prompts)) for qa in persona.qa]
     readings = {(i, qa): reading(tok, prompts[i].n_read, qa.q, qa.a) for i, qa in rows}
+    teacher = (TeacherCache(model, [fluency_example(d) for d in prompts], pad_id=tok.pad_token_id or 0)
+               if cfg.kl_weight > 0 else None)  # the base's states over every train dialog, once
     trainer = Trainer(slot.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps,
                       master_fp32=model.dtype != torch.float32)
     ckpt = out / "checkpoint"
@@ -322,6 +335,8 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
     meta = resume_slot_state(ckpt, slot, trainer, check=same_settings)
     done = int(meta["done_steps"]) if meta else 0
     losses: list[float] = list(meta["losses"]) if meta else []
+    decoder_losses: list[float] = list(meta.get("decoder_losses", [])) if meta else []
+    kls: list[float] = list(meta.get("kls", [])) if meta else []
     pad = tok.pad_token_id or 0
     frozen = [p for p in model.parameters() if p.requires_grad]  # a caller's trainable base: frozen while we run
     for p in frozen:
@@ -329,22 +344,25 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
 
     def save() -> None:
         save_slot_state(ckpt, slot, trainer, {"trained": trained, "identity": identity, "done_steps": done,
-                                              "losses": losses})
+                                              "losses": losses, "decoder_losses": decoder_losses, "kls": kls})
 
     bar = tqdm(disable=not progress, total=cfg.steps, initial=done, desc="LatentQA steering", unit="step")
     try:
         for step in range(done, cfg.steps):
             part = [rows[k] for k in _row_order(step, cfg, len(rows))]
-            loss = steering_loss(engine, slot, lit, adapter, [prompts[i] for i, _ in part],
-                                 [readings[r] for r in part], pad_id=pad)
+            loss, parts = steering_loss(engine, slot, lit, adapter, [prompts[i] for i, _ in part],
+                                        [readings[r] for r in part], pad_id=pad, teacher=teacher,
+                                        kl_weight=cfg.kl_weight)
             loss_val = float(loss.detach())
             trainer.backward(loss)
             done = step + 1
             losses.append(round(loss_val, 6))
+            decoder_losses.append(round(parts["decoder"], 6))
+            kls.append(round(parts["kl"], 6))
             if log:
-                log({"step": done, "loss": loss_val})
+                log({"step": done, "loss": loss_val, **parts})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}")
+            bar.set_postfix(decoder=f"{parts['decoder']:.3f}", kl=f"{parts['kl']:.3f}")
             if done % cfg.save_every == 0 or j.should_checkpoint():
                 save()
                 j.checkpointed()
@@ -365,25 +383,53 @@ def _steer(engine: Engine, adapter: LitAdapter, out: Path, cfg: SteerConfig, per
     result["training"] = {"steps": cfg.steps, "train_prompts": len(prompts), "rows": len(rows),
                           "loss_first": losses[0], "loss_last": losses[-1],
                           "loss_first_10": round(float(np.mean(losses[:10])), 6),
-                          "loss_last_10": round(float(np.mean(losses[-10:])), 6), "losses": losses}
+                          "loss_last_10": round(float(np.mean(losses[-10:])), 6), "losses": losses,
+                          "decoder_losses": decoder_losses, "kl_to_base": kls}
     result["config"] = dataclasses.asdict(cfg)
     result = json.loads(json.dumps(result))  # what steer.json holds (tuples as lists)
     write_json(out / RESULT, result, indent=1)
     return result
 
 
+def fluency_example(d: Dialog) -> Example:
+    """The KL row of a train dialog: every next-token distribution over its read span (the user
+    turn, the generation prompt and the base's answer), scored against the base model's (from its
+    second token when the span starts the input: the first has nothing before it to predict it)."""
+    cut = max(1, d.start)
+    return Example(list(d.input_ids[:cut]), list(d.input_ids[cut:]), "kl")
+
+
 def steering_loss(engine: Engine, slot: LoraSlot, lit: LoraSlot, adapter: LitAdapter, dialogs: Sequence[Dialog],
-                  rows: Sequence, *, pad_id: int = 0) -> Tensor:
-    """The steering objective for one batch: row i is the decoder reading ``dialogs[i]`` off the
-    target (base + ``slot``; the capture keeps its graph) and answering ``rows[i]`` (a
-    :class:`~.decoder.Reading` with its answer); the mean over rows of each row's mean token CE."""
+                  rows: Sequence, *, pad_id: int = 0, teacher: TeacherCache | None = None,
+                  kl_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """The steering objective for one batch and its parts: row i is the decoder reading
+    ``dialogs[i]`` off the target (base + ``slot``; the capture keeps its graph) and answering
+    ``rows[i]`` (a :class:`~.decoder.Reading` with its answer), the mean over rows of each row's
+    mean token CE; with ``kl_weight`` > 0 (and ``teacher``, the base's states over the dialogs),
+    plus ``kl_weight`` times the target's mean per-token KL to the base over the dialogs' read spans,
+    from the same forward that is read (it then runs every block, not only those before the read
+    point)."""
     model, dev = engine.model, engine.model.device
     uniq = list(dict.fromkeys(dialogs))
-    values = target_activations(model, slot, uniq, adapter.read_point)
+    kl = None
+    if kl_weight > 0:
+        if teacher is None:
+            raise LatentQAError("steering_loss: a fluency term (kl_weight > 0) needs the base model's states (teacher)")
+        examples = [fluency_example(d) for d in uniq]
+        lens = [len(d.input_ids) for d in uniq]
+        probes = Probes().capture(adapter.read_point,
+                                  positions_mask(lens, [list(range(d.start, n)) for d, n in zip(uniq, lens)]))
+        kl = batch_loss(model, collate(examples, pad_id=pad_id).to(dev), _on_rows(slot, len(uniq)),
+                        group_reduce="mean", teacher_hidden=teacher.for_batch(examples).to(dev), probes=probes)[0]
+        values = list(probes.captured[adapter.read_point].split([d.n_read for d in uniq]))
+    else:
+        values = target_activations(model, slot, uniq, adapter.read_point)
     at = {d: v for d, v in zip(uniq, values)}
     batch, probes = decoder_batch(list(rows), [at[d] for d in dialogs], adapter.write_point, adapter.patch_mode,
                                   pad_id=pad_id)
-    return batch_loss(model, batch.to(dev), _on_rows(lit, batch.n_rows), group_reduce="mean", probes=probes)[0]
+    dec = batch_loss(model, batch.to(dev), _on_rows(lit, batch.n_rows), group_reduce="mean", probes=probes)[0]
+    loss = dec if kl is None else dec + kl_weight * kl
+    return loss, {"decoder": float(dec.detach()), "kl": 0.0 if kl is None else float(kl.detach())}
 
 
 def target_activations(model, slot: LoraSlot | None, dialogs: Sequence[Dialog], point: str) -> list[Tensor]:
