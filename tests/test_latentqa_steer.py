@@ -25,8 +25,9 @@ from dit_engine.engine import Engine
 from dit_engine.latentqa.data import QA, Stimulus, load_personas
 from dit_engine.latentqa.decoder import LitAdapter, decoder_batch, reading
 from dit_engine.latentqa.dialogs import LatentQAError, split_prompt
-from dit_engine.latentqa.steer import (PROMPTS, RESULT, SteerAdapter, SteerConfig, format_table, persona_lift,
-                                       persona_words, shows_persona, steering_slot, target_prompt, train_steering)
+from dit_engine.latentqa.steer import (PROMPTS, RESULT, SteerAdapter, SteerConfig, base_logprob, format_table,
+                                       persona_lift, persona_words, shows_persona, steering_slot, target_prompt,
+                                       train_steering)
 from dit_engine.latentqa.training import train_decoder
 from dit_engine.probes import Probes, positions_mask
 from dit_engine.tokenizer import Tokenizer
@@ -170,7 +171,8 @@ def test_on_held_out_prompts_the_decoder_reads_the_persona_off_the_steered_targe
         assert m["difference_ci"][0] <= m["difference"] <= m["difference_ci"][1]
     assert [e["prompt"] for e in result["examples"]] == HELD_OUT[:2]
     table = format_table(result).splitlines()
-    assert table[0].split()[0] == "metric" and len(table) >= 5 and "steered toward pirate" in table[5]
+    assert table[0].split()[0] == "metric" and "steered toward pirate" in table[1 + len(result["metrics"])]
+    assert [line.split("  ")[0] for line in table[1:6]][-1] == "base model's log-likelihood (nats/token)"
 
 
 def _kl_to_base(eng, slot, prompts_doc) -> float:
@@ -233,6 +235,21 @@ def test_the_likelihood_lift_equals_a_naive_computation_with_plain_forwards(deco
         want = (logp(with_system, y) - logp(plain, y)) / len(y)
         assert got[i] == pytest.approx(want, abs=1e-5), i
     assert abs(got).max() > 1e-3  # the system prompt does change the base's likelihood
+
+
+def test_the_base_logprob_is_the_plain_prompts_likelihood_per_token(decoder):
+    eng, _ = decoder
+    tok, m = eng.tokenizer, eng.model
+    g = torch.Generator().manual_seed(1)
+    xs = HELD_OUT[:3]
+    ys = [torch.randint(3, tok.vocab_size - 1, (n,), generator=g).tolist() for n in (2, 5, 3)]
+    got = base_logprob(eng, xs, ys, batch_size=2)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        prompt = tok.encode_chat([{"role": "user", "content": x}])
+        with torch.no_grad():
+            lp = torch.log_softmax(m(torch.tensor([prompt + y]))[0].double(), -1)
+        want = float(sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(y))) / len(y)
+        assert got[i] == pytest.approx(want, abs=1e-5), i
 
 
 def test_the_persona_words_are_the_content_words_of_its_label_and_answers():

@@ -43,6 +43,11 @@ difference (:mod:`dit_engine.bootstrap`):
   (:func:`.read.score_candidates`, ties against the truth): whether the steered-toward persona is
   ranked first, and its reciprocal rank.
 
+* ``base_logprob``: ``log p_base(y | x) / len(y)``, the base model's own likelihood of the
+  generation after the plain prompt (nats per token): whether the steered text is still text the
+  base would write. A steering that wins the decoder with broken text shows here (and then
+  ``persona_lift``, a difference of two likelihoods of that broken text, means little).
+
 Output directory: ``adapter.safetensors`` + ``adapter.json`` (:class:`SteerAdapter`, format
 :data:`STEER_FORMAT`: the persona, the base identity, the read point and the recipe),
 ``prompts.json`` (the train prompts with the base's answers), ``checkpoint/`` (every
@@ -101,8 +106,9 @@ other our ours out over own plenty same she should some such than that their the
 this those through too under until very was were what when where which while who whom why will with would you
 your yours yourself
 """.split())
-METRICS = ("persona_lift", "shows_persona", "decoder_top1", "decoder_rr")
+METRICS = ("persona_lift", "shows_persona", "decoder_top1", "decoder_rr", "base_logprob")
 _LABELS = {"persona_lift": "persona likelihood lift (nats/token)", "shows_persona": "generations showing the persona",
+           "base_logprob": "base model's log-likelihood (nats/token)",
            "decoder_top1": "decoder reads the persona first", "decoder_rr": "decoder reciprocal rank"}
 
 
@@ -214,6 +220,20 @@ def persona_words(persona: Persona) -> list[str]:
 def shows_persona(text: str, words: Sequence[str]) -> bool:
     """Whether normalised ``text`` holds one of ``words`` as a whole word."""
     return bool(set(normalize(text).split()) & set(words))
+
+
+def base_logprob(engine: Engine, stimuli: Sequence[str], generations: Sequence[Sequence[int]], *,
+                 batch_size: int = 16) -> np.ndarray:
+    """Per generation ``y_i`` to ``stimuli[i]``: ``log p_base(y | x) / len(y)`` (nats per token), the
+    base model scoring y after the plain prompt: how much the text is still what the base writes
+    (text that is no longer words scores far below the unsteered generations)."""
+    ys = [list(y) for y in generations]
+    if any(not y for y in ys):
+        raise LatentQAError("base_logprob: an empty generation has no tokens to score")
+    plain = [target_prompt(engine.tokenizer, x)[0] for x in stimuli]
+    got = score(engine.model, [p + y for p, y in zip(plain, ys)], prompt_lengths=[len(p) for p in plain],
+                batch_size=batch_size)
+    return np.array([g.total / len(y) for g, y in zip(got, ys)], dtype=np.float64)
 
 
 def persona_lift(engine: Engine, persona: Persona, stimuli: Sequence[str], generations: Sequence[Sequence[int]],
@@ -529,7 +549,8 @@ def measure(engine: Engine, adapter: LitAdapter, slot: LoraSlot, persona: Person
         acts = capture(engine, dialogs, adapter.read_point, target=AdapterBatch(slot) if side == "steered" else None)
         r = ranks(score_candidates(engine, lit, acts, question, cands, write_point=adapter.write_point,
                                    mode=adapter.patch_mode), [truth] * len(prompts))
-        per[side] = np.stack([lift, shows, (r == 1).astype(np.float64), 1.0 / r], 1)
+        fluency = base_logprob(engine, prompts, [o.token_ids for o in outs])
+        per[side] = np.stack([lift, shows, (r == 1).astype(np.float64), 1.0 / r, fluency], 1)
         per[side + "_rank"] = r
     metrics = {}
     for k, name in enumerate(METRICS):
