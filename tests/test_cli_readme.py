@@ -393,11 +393,11 @@ def test_latentqa_steer(workdir, latentqa_steered):
     from dit_engine.latentqa.steer import SteerAdapter
 
     lines = ok(latentqa_steered).splitlines()
-    assert [line.split("  ")[0] for line in lines[:5]] == [
+    assert [line.split("  ")[0] for line in lines[:6]] == [
         "metric", "persona likelihood lift (nats/token)", "generations showing the persona",
-        "decoder reads the persona first", "decoder reciprocal rank"]
-    assert lines[5].startswith("steered toward sea-captain (a retired sea captain); 3 held-out prompts")
-    assert lines[5].endswith(f"among {len(load_personas())} personas")  # the run's 6, then the other packaged ones
+        "decoder reads the persona first", "decoder reciprocal rank", "base model's log-likelihood (nats/token)"]
+    assert lines[6].startswith("steered toward sea-captain (a retired sea captain); 3 held-out prompts")
+    assert lines[6].endswith(f"among {len(load_personas())} personas")  # the run's 6, then the other packaged ones
     run = workdir / "steer"
     res = json.loads((run / "steer.json").read_text())
     cfg = res["config"]
@@ -419,7 +419,8 @@ def test_latentqa_steer_json(workdir, latentqa_steered, monkeypatch):
     monkeypatch.setattr(Trainer, "backward", lambda *a: pytest.fail("trained again"))
     res = json.loads(ok(type_(LATENTQA_STEER + " --json", *TINY_STEER)))
     assert res == before
-    assert set(res["metrics"]) == {"persona_lift", "shows_persona", "decoder_top1", "decoder_rr"}
+    assert set(res["metrics"]) == {"persona_lift", "shows_persona", "decoder_top1", "decoder_rr", "base_logprob"}
+    assert res["config"]["kl_weight"] == 1.0 and len(res["training"]["kl_to_base"]) == 3
     for m in res["metrics"].values():
         assert m["difference_ci"][0] <= m["difference"] <= m["difference_ci"][1]
     assert len(res["examples"]) == 3 and {"prompt", "steered", "unsteered"} <= set(res["examples"][0])
