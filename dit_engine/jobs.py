@@ -113,6 +113,22 @@ def job(name: str, checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S) -> It
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+@contextmanager
+def job_in(out_dir: str | Path, name: str, checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S) -> Iterator[Job]:
+    """:func:`job` for a job that writes into ``out_dir``: when it fails (or is stopped) before
+    writing anything there, a directory this call found missing is removed again, so a failed
+    first try leaves no empty run directory behind."""
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        with job(name, checkpoint_every_s) as j:
+            yield j
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def _say(text: str) -> None:
     """Write to stderr without Python's buffered stream (safe inside a signal handler)."""
     try:

@@ -25,7 +25,7 @@ from ..config import TARGET_MODULES
 from ..distributed import all_reduce_grads, rank_world
 from ..engine import Engine
 from ..files import write_json, write_text
-from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
+from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job_in
 from ..tasks import get_task
 from ..train import Example, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
 from ..zoo import BaseIdentity, Zoo
@@ -89,14 +89,8 @@ def train_dit(
     :class:`~dit_engine.jobs.JobInterrupted`. A failure (a full disk) keeps the last good
     checkpoint, and removes ``out_dir`` again if this call created it and it is still empty."""
     out = Path(out_dir)
-    created = not out.exists()
-    try:
-        with job("DIT training", cfg.checkpoint_every_s) as j:
-            return _train_dit(engine, zoo, out, cfg, j, progress, log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with job_in(out, "DIT training", cfg.checkpoint_every_s) as j:
+        return _train_dit(engine, zoo, out, cfg, j, progress, log)
 
 
 # Settings that change when checkpoints are written, not what is trained: a resume may change them.

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..charts import PALETTE, bar_chart, esc, line_chart, nice_axis
 from ..files import write_text
-from ..report_html import html_table
+from ..report_html import CSS, html_table
 from .dialogs import LatentQAError
 
 CONDITION_DESCRIPTIONS = {
@@ -29,14 +29,6 @@ CONDITION_DESCRIPTIONS = {
     "untrained": "the base model without the LIT adapter, given the true activations",
 }
 _CHART_METRICS = (("retrieval@1", "retrieval_at_1"), ("mrr", "mrr"))
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; padding: 0 16px; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-table { border-collapse: collapse; margin: 10px 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; } th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } td.best { font-weight: bold; }
-.charts { display: flex; flex-wrap: wrap; gap: 8px; } .note { color: #555; }
-"""
 
 
 def write_latentqa_report(result: Mapping[str, Any], out_dir: str | Path, *, recipe: Mapping[str, Any] | None = None,
@@ -218,5 +210,5 @@ def _html(result, recipe, epochs, title, made, charts) -> str:
     body += [f"<dt><b>{esc(k)}</b></dt><dd>{esc(v)}</dd>" for k, v in _definitions(result)]
     body.append("</dl>")
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body)
+            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body)
             + "\n</body>\n</html>\n")

@@ -79,7 +79,7 @@ from ..config import TARGET_MODULES, ModelConfig
 from ..engine import Engine
 from ..files import read_json, write_json
 from ..generate import Generation, SamplingParams, generate, score
-from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
+from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job_in
 from ..probes import Point, Probes, positions_mask
 from ..text_match import normalize
 from ..tokenizer import Tokenizer
@@ -289,14 +289,8 @@ def train_steering(
     :class:`~dit_engine.jobs.JobInterrupted`; a failure removes ``out_dir`` again if this call
     created it and it is still empty."""
     out = Path(out_dir)
-    created = not out.exists()
-    try:
-        with job("LatentQA steering", cfg.checkpoint_every_s) as j:
-            return _steer(engine, adapter, out, cfg, personas, stimuli, question, j, progress, log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with job_in(out, "LatentQA steering", cfg.checkpoint_every_s) as j:
+        return _steer(engine, adapter, out, cfg, personas, stimuli, question, j, progress, log)
 
 
 def _check(engine: Engine, adapter: LitAdapter, cfg: SteerConfig, personas: Sequence[Persona]) -> Persona:

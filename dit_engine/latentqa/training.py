@@ -33,7 +33,7 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..config import TARGET_MODULES
 from ..engine import Engine
 from ..files import write_json, write_text
-from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job
+from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, Job, job_in
 from ..probes import Point
 from ..train import Trainer, batch_loss, resume_slot_state, save_slot_state
 from ..zoo import BaseIdentity
@@ -116,14 +116,8 @@ def train_decoder(
     :class:`~dit_engine.jobs.JobInterrupted`; a failure removes ``out_dir`` again if this call
     created it and it is still empty."""
     out = Path(out_dir)
-    created = not out.exists()
-    try:
-        with job("LatentQA decoder training", cfg.checkpoint_every_s) as j:
-            return _train(engine, out, cfg, personas, stimuli, dialogs, target, j, progress, log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with job_in(out, "LatentQA decoder training", cfg.checkpoint_every_s) as j:
+        return _train(engine, out, cfg, personas, stimuli, dialogs, target, j, progress, log)
 
 
 def dialogs_for(engine: Engine, out: Path, cfg: LatentQAConfig, personas: Sequence[Persona] | None = None,
