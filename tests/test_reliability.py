@@ -542,3 +542,23 @@ def test_a_value_beyond_the_zoo_dtype_is_refused_and_the_zoo_stays_valid(tmp_pat
     assert reopened.ids() == ["d0"]
     assert zoo.append([diff(1)])[0]["id"] == "d1"  # the zoo takes good diffs as before
     assert Zoo.open(tmp_path / "z", verify=True).ids() == ["d0", "d1"]
+
+
+def test_job_in_removes_only_a_run_directory_it_created_and_left_empty(tmp_path):
+    from dit_engine.jobs import job_in
+
+    def fail_in(out, write=False):
+        with pytest.raises(RuntimeError, match="boom"):
+            with job_in(out, "test job"):
+                out.mkdir(parents=True, exist_ok=True)
+                if write:
+                    (out / "progress.json").write_text("{}")
+                raise RuntimeError("boom")
+
+    fail_in(tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # made by this job, empty: removed
+    fail_in(tmp_path / "written", write=True)
+    assert (tmp_path / "written" / "progress.json").exists()  # what was written is kept
+    (tmp_path / "mine").mkdir()
+    fail_in(tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's own directory is never removed
