@@ -153,19 +153,27 @@ def capture(engine: Engine, dialogs: Sequence[Dialog], point: str, *, target: Ad
     bar = tqdm(total=len(dialogs), disable=not progress, desc=f"capture {point}", unit="dialog")
     for s in range(0, len(dialogs), batch_size):
         part = dialogs[s : s + batch_size]
-        lens = [len(d.input_ids) for d in part]
-        ids = torch.full((len(part), max(lens)), pad, dtype=torch.int64)
-        for i, d in enumerate(part):
-            ids[i, : lens[i]] = torch.tensor(d.input_ids)
-        mask = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
-        read = positions_mask(lens, [list(range(d.start, len(d.input_ids))) for d in part])
-        probes = Probes().capture(point, read)
-        model(ids.to(model.device), every_row(target, len(part), model.device), attention_mask=mask.to(model.device),
-              output="probes", probes=probes)
-        out += list(probes.captured[point].split([d.n_read for d in part]))
+        out += capture_batch(model, part, point, every_row(target, len(part), model.device), pad_id=pad)
         bar.update(len(part))
     bar.close()
     return [v.clone() for v in out]
+
+
+def capture_batch(model, dialogs: Sequence[Dialog], point: str, adapters: AdapterBatch | None, *,
+                  pad_id: int = 0) -> list[Tensor]:
+    """One forward over ``dialogs`` (right-padded; row i decodes with what ``adapters`` route to
+    row i) that stops at ``point``: each dialog's activations there over its read positions,
+    ``[n_read, d]`` each. Under autograd they keep their graph (steering back-propagates through
+    them); :func:`capture` is this without gradients, in batches, one adapter for every row."""
+    lens = [len(d.input_ids) for d in dialogs]
+    ids = torch.full((len(dialogs), max(lens)), pad_id, dtype=torch.int64)
+    for i, d in enumerate(dialogs):
+        ids[i, : lens[i]] = torch.tensor(d.input_ids)
+    mask = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
+    probes = Probes().capture(point, positions_mask(lens, [list(range(d.start, len(d.input_ids))) for d in dialogs]))
+    dev = model.device
+    model(ids.to(dev), adapters, attention_mask=mask.to(dev), output="probes", probes=probes)
+    return list(probes.captured[point].split([d.n_read for d in dialogs]))
 
 
 def every_row(adapters: AdapterBatch | None, rows: int, device) -> AdapterBatch | None:

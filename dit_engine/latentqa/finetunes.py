@@ -42,7 +42,6 @@ chunk's wall time (target, capture and decoder) per diff. One process: under tor
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -56,15 +55,15 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..dit.interpret import _done_keys, _drop_cut_line, _question_for
 from ..engine import Engine
-from ..files import named_error
-from ..generate import Generation, PromptPatch, SamplingParams, generate
+from ..files import append_synced
+from ..generate import Generation, SamplingParams, generate
 from ..jobs import job
-from ..probes import Probes, positions_mask
 from ..tasks import get_task
 from ..tokenizer import Tokenizer
 from ..zoo import BaseIdentity, Zoo
-from .decoder import LitAdapter, decoder_prompt
-from .dialogs import Dialog, LatentQAError, split_prompt
+from .decoder import LitAdapter
+from .dialogs import Dialog, LatentQAError, capture_batch, split_prompt
+from .read import answer_generations
 
 TOPIC_QUESTION = "What topic would the assistant most like to talk about?"  # a packaged persona question
 LATENTQA_METHODS = ("latentqa", "latentqa+trigger")
@@ -156,7 +155,7 @@ def read_finetunes(
                         "n_tokens": len(g.token_ids), "time_s": round(dt, 5),
                         "stimulus": [d.stimulus for d in mine], "target_answer": [d.answer.strip() for d in mine],
                         "n_read": int(pooled[k].shape[0]), "question": question}) + "\n")
-                _append(fh, "".join(lines).encode(), out)
+                append_synced(fh, "".join(lines).encode(), out)
                 bar.update(len(chunk))
                 j.stop_if_requested(out)
     bar.close()
@@ -209,16 +208,8 @@ def capture_routed(engine: Engine, dialogs: Sequence[Dialog], point: str,
     forward over the right-padded batch, row i decoding with the adapters routed to row i (a slot
     of many diffs, ``index`` one entry per dialog). :func:`~dit_engine.latentqa.dialogs.capture`
     is the same with one adapter for every row."""
-    model = engine.model
-    pad = engine.tokenizer.pad_token_id or 0
-    lens = [len(d.input_ids) for d in dialogs]
-    ids = torch.full((len(dialogs), max(lens)), pad, dtype=torch.int64)
-    for i, d in enumerate(dialogs):
-        ids[i, : lens[i]] = torch.tensor(d.input_ids)
-    mask = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
-    probes = Probes().capture(point, positions_mask(lens, [list(range(d.start, len(d.input_ids))) for d in dialogs]))
-    model(ids.to(model.device), adapters, attention_mask=mask.to(model.device), output="hidden", probes=probes)
-    return [v.clone() for v in probes.captured[point].split([d.n_read for d in dialogs])]
+    return [v.clone() for v in capture_batch(engine.model, dialogs, point, adapters,
+                                             pad_id=engine.tokenizer.pad_token_id or 0)]
 
 
 # ---- the decoder's side -------------------------------------------------------------------------------
@@ -226,20 +217,10 @@ def decoder_answers(engine: Engine, slot: LoraSlot, values: Sequence[Tensor], qu
                     mode: str = "replace", max_new_tokens: int = 20) -> list[Generation]:
     """The decoder's (base + ``slot``) greedy generations about each ``values[i]``, one batch: as
     :func:`~dit_engine.latentqa.read.answer`, keeping the tokens (for ``n_tokens``)."""
-    tok = engine.tokenizer
-    prompts, patches = [], []
-    for v in values:
-        ids, pos = decoder_prompt(tok, v.shape[0], question)
-        prompts.append(ids)
-        patches.append(PromptPatch(write_point, pos, v, mode))
-    dev = engine.model.device
-    routed = AdapterBatch(slot.with_index(torch.zeros(len(prompts), dtype=torch.int64, device=dev)))
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=engine.stop_ids())
-    return generate(engine.model, prompts, params, adapters=routed, decode=tok.decode, batch_size=len(prompts),
-                    patches=patches)
+    return answer_generations(engine, slot, values, question, write_point=write_point, mode=mode,
+                              max_new_tokens=max_new_tokens, batch_size=len(values))
 
 
-# ---- rows and checks ----------------------------------------------------------------------------------
 def _select(zoo: Zoo, split: str | None, ids: Sequence[str] | None) -> list[dict]:
     if ids is not None:
         missing = [i for i in ids if i not in zoo]
@@ -282,13 +263,3 @@ def _stimuli(row: dict, method: str, pool: list[str], n: int) -> list[str]:
     order = random.Random(f"latentqa-dialogs:{row['id']}").sample(pool, len(pool))
     picked = [order[k % len(order)] for k in range(n)]
     return [_question_for(row, "diff+trigger", q) if method == "latentqa+trigger" else q for q in picked]
-
-
-def _append(fh, data: bytes, path: Path) -> None:
-    try:  # unbuffered: nothing is left in a buffer to fail again at close
-        view = memoryview(data)
-        while view:
-            view = view[fh.write(view):]
-        os.fsync(fh.fileno())
-    except OSError as e:  # a full disk: the rows already there stay; a cut last line is redone
-        raise named_error(e, path) from None

@@ -44,7 +44,7 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..bootstrap import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, paired_difference_ci
 from ..cache import KVCache
 from ..engine import Engine
-from ..generate import PromptPatch, SamplingParams, generate
+from ..generate import Generation, PromptPatch, SamplingParams, generate
 from ..probes import PatchMode, Probes, positions_mask
 from ..text_match import contains_match
 from .data import Persona
@@ -59,6 +59,15 @@ TOP_K = 5
 def answer(engine: Engine, slot: LoraSlot | None, values: Sequence[Tensor], question: str, *, write_point: str,
            mode: PatchMode = "replace", max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     """The decoder's (base + ``slot``; None: the bare base) greedy answer about each ``values[i]``."""
+    return [o.text for o in answer_generations(engine, slot, values, question, write_point=write_point, mode=mode,
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size)]
+
+
+def answer_generations(engine: Engine, slot: LoraSlot | None, values: Sequence[Tensor], question: str, *,
+                       write_point: str, mode: PatchMode = "replace", max_new_tokens: int = 24,
+                       batch_size: int = 32) -> list[Generation]:
+    """:func:`answer` with the whole generations (tokens too): one batched generation whose
+    prompts carry each ``values[i]`` over their placeholders in their prefill."""
     tok = engine.tokenizer
     prompts, patches = [], []
     for v in values:
@@ -66,9 +75,8 @@ def answer(engine: Engine, slot: LoraSlot | None, values: Sequence[Tensor], ques
         prompts.append(ids)
         patches.append(PromptPatch(write_point, pos, v, mode))
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=engine.stop_ids())
-    outs = generate(engine.model, prompts, params, adapters=_on_rows(slot, len(prompts)), decode=tok.decode,
+    return generate(engine.model, prompts, params, adapters=_on_rows(slot, len(prompts)), decode=tok.decode,
                     batch_size=batch_size, patches=patches)
-    return [o.text for o in outs]
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ from ..train import Example, TeacherCache, Trainer, batch_loss, collate, resume_
 from ..zoo import BaseIdentity
 from .data import Persona, Stimulus, load_personas, load_stimuli
 from .decoder import LitAdapter, decoder_batch, reading
-from .dialogs import Dialog, LatentQAError, capture, load_dialogs, split_prompt
+from .dialogs import Dialog, LatentQAError, capture, capture_batch, load_dialogs, split_prompt
 from .read import ranks, score_candidates
 from .training import DIALOGS, READ_QUESTION
 
@@ -450,15 +450,7 @@ def target_activations(model, slot: LoraSlot | None, dialogs: Sequence[Dialog], 
     """The target's (base + ``slot``) activations at ``point`` over each dialog's read positions,
     ``[n_read, d]`` each, from one right-padded forward that stops at ``point``; they keep their
     graph (gradients reach ``slot``)."""
-    lens = [len(d.input_ids) for d in dialogs]
-    ids = torch.zeros(len(dialogs), max(lens), dtype=torch.int64)
-    for i, d in enumerate(dialogs):
-        ids[i, : lens[i]] = torch.tensor(d.input_ids)
-    mask = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
-    probes = Probes().capture(point, positions_mask(lens, [list(range(d.start, len(d.input_ids))) for d in dialogs]))
-    dev = model.device
-    model(ids.to(dev), _on_rows(slot, len(dialogs)), attention_mask=mask.to(dev), output="probes", probes=probes)
-    return list(probes.captured[point].split([d.n_read for d in dialogs]))
+    return capture_batch(model, dialogs, point, _on_rows(slot, len(dialogs)))
 
 
 def _row_order(step: int, cfg: SteerConfig, n_rows: int) -> list[int]:
