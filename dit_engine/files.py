@@ -90,6 +90,20 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def append_synced(fh, data: bytes, path: str | Path) -> None:
+    """Append ``data`` to the open unbuffered binary file ``fh`` (at ``path``) and fsync it: a
+    results file's checkpoint. Nothing is left in a buffer to fail again at close; a full disk is
+    one error naming ``path``, and the rows already there stay (a cut last line is for the reader
+    to drop)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[fh.write(view):]
+        os.fsync(fh.fileno())
+    except OSError as e:
+        raise named_error(e, path) from None
+
+
 def named_error(e: OSError, path: str | Path, what: str = "write") -> OSError:
     """The same kind of OSError with ``path`` in its message (a full disk says which file it was
     writing); ``what`` is the thing that failed ("write", "write checkpoint", ...)."""

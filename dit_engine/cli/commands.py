@@ -286,11 +286,8 @@ def _latentqa(args) -> int:
         print(args.out)
         return 0
     eng = _load_engine(args)
-    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
-    adapter.check_base(BaseIdentity.from_model(eng.model))
-    if adapter.recipe.get("target_adapted"):
-        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; read it through the "
-                         "Python API (dit_engine.latentqa.evaluate with target=...)")
+    adapter = _decoder(args, eng, plain_target="read it through the Python API (dit_engine.latentqa.evaluate with "
+                                              "target=...)")
     dialogs, personas, _ = load_dialogs(args.adapter / DIALOGS)
     held_out = [d for d in dialogs if d.split == "test"]
     if not held_out:
@@ -308,12 +305,21 @@ def _latentqa(args) -> int:
     return 0
 
 
+def _decoder(args, eng: Engine, plain_target: str | None = None) -> LitAdapter:
+    """The LatentQA decoder of ``--adapter`` for this model (its base checked); with
+    ``plain_target`` (what to do instead), one trained on a target with adapters is refused."""
+    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
+    adapter.check_base(BaseIdentity.from_model(eng.model))
+    if plain_target and adapter.recipe.get("target_adapted"):
+        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; {plain_target}")
+    return adapter
+
+
 def _latentqa_interpret(args) -> int:
     from ..latentqa.finetunes import read_finetunes
 
     eng = _load_engine(args)
-    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
-    adapter.check_base(BaseIdentity.from_model(eng.model))
+    adapter = _decoder(args, eng)
     zoo = Zoo.open(args.zoo, base=BaseIdentity.from_model(eng.model), config=eng.config)
     print(read_finetunes(eng, adapter, zoo, args.out, methods=args.methods, split=args.split, ids=args.id,
                          question=args.question, stimulus=args.stimulus, dialogs=args.dialogs, task=args.task,
@@ -324,11 +330,7 @@ def _latentqa_interpret(args) -> int:
 
 def _latentqa_steer(args) -> int:
     eng = _load_engine(args)
-    adapter = LitAdapter.load(args.adapter, device=eng.model.device, dtype=eng.model.dtype)
-    adapter.check_base(BaseIdentity.from_model(eng.model))
-    if adapter.recipe.get("target_adapted"):
-        raise ValueError(f"{args.adapter}: the decoder was trained on a target with adapters; steer it through the "
-                         "Python API (dit_engine.latentqa.train_steering)")
+    adapter = _decoder(args, eng, plain_target="steer it through the Python API (dit_engine.latentqa.train_steering)")
     recipe = adapter.recipe.get("config", {})
     cfg = dataclasses.replace(_config(SteerConfig, args), stimuli_file=recipe.get("stimuli_file"))
     result = train_steering(eng, adapter, args.out, cfg, personas=decoder_personas(args.adapter, adapter))

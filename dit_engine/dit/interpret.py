@@ -10,7 +10,6 @@ in progress (see :mod:`dit_engine.jobs`). Under ``torchrun`` each rank takes eve
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..engine import Engine
 from ..evaluate import METHODS
-from ..files import named_error
+from ..files import append_synced
 from ..generate import SamplingParams, generate
 from ..jobs import job
 from ..tasks import get_task
@@ -105,13 +104,7 @@ def interpret(
                                            "rank": r.get("rank"), "split": r.get("split"),
                                            "n_tokens": len(g.token_ids), "time_s": round(dt, 5)}) + "\n"
                                for r, g in zip(chunk, gens)).encode()
-                try:  # unbuffered: nothing is left in a buffer to fail again at close
-                    view = memoryview(data)
-                    while view:
-                        view = view[fh.write(view):]
-                    os.fsync(fh.fileno())
-                except OSError as e:  # a full disk: the rows already there stay; a cut last line is redone
-                    raise named_error(e, part) from None
+                append_synced(fh, data, part)  # a full disk: the rows already there stay; a cut last line is redone
                 bar.update(len(chunk))
                 j.stop_if_requested(part)
     bar.close()
