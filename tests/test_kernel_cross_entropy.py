@@ -89,6 +89,41 @@ def test_frozen_weight_gets_no_grad_and_teacher_none(monkeypatch):
     assert not kl.grad_fn.next_functions[1][0]  # the teacher is detached: no edge to it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["ce", "kl"])
+def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, monkeypatch):
+    """With the weight frozen (a LoRA's training) the gradient w.r.t. hidden comes from the
+    forward's own logits, scaled per token by the upstream gradient in the backward: no logits
+    are recomputed there, and it is the fp64 oracle's gradient."""
+    h, w, th, labels, up = _problem(37, 24, 577, dtype, seed=9)
+    w = w.detach()
+    gemms = []
+    real = ce._compute_weight
+    monkeypatch.setattr(ce, "_compute_weight", lambda *a, **k: gemms.append(1) or real(*a, **k))
+    if op == "ce":
+        out, want = linear_cross_entropy(h, w, labels, chunk_size=8, backend="torch"), _ce_oracle(h, w, labels)
+    else:
+        out, want = linear_kl_to_teacher(h, th, w, chunk_size=8, backend="torch"), _kl_oracle(h, th, w)
+    assert _rel(out, want) < TOL[dtype]
+    (got,) = torch.autograd.grad(out, (h,), up.float())
+    (ref,) = torch.autograd.grad(want, (h,), up)
+    assert got.dtype == dtype and _rel(got, ref) < TOL[dtype]
+    assert len(gemms) == 1  # the forward's weight only: the backward recomputed nothing
+
+
+def test_bf16_losses_without_a_gradient_keep_fp32_logits_on_the_cpu():
+    """Training a bf16 model runs its logits GEMMs in bf16 on the CPU; a loss evaluated without
+    a gradient (verification, scoring) keeps them in fp32: exactly the fp32 reference's value."""
+    h, w, th, labels, _ = _problem(30, 24, 577, torch.bfloat16, seed=10)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, chunk_size=8, backend="torch")
+        kl = linear_kl_to_teacher(h, th, w, chunk_size=8, backend="torch")
+    torch.testing.assert_close(loss, ce.linear_cross_entropy_ref(h.detach(), w.detach(), labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl, ce.linear_kl_to_teacher_ref(h.detach(), th, w.detach()), rtol=1e-5, atol=1e-6)
+    assert ce._compute_weight(h, w, False, training=True).dtype == torch.bfloat16
+    assert ce._compute_weight(h, w, False).dtype == torch.float32
+
+
 def test_chunks_never_exceed_chunk_size(monkeypatch):
     """The [tokens, V] logits exist only one chunk at a time."""
     seen = []

@@ -391,6 +391,36 @@ def test_row_routing_matches_the_oracle_on_every_backend(backend, rows):
         assert _rel(a, b) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("rows", ["distinct", "shared", "with_none"])
+def test_bf16_training_rows_compute_in_bf16_and_match_the_oracle(rows, monkeypatch):
+    """A bf16 slot trained on bf16 activations takes the CPU path that keeps the product in bf16
+    (no fp32 conversions); its values and gradients are the fp64 oracle's to bf16 precision, and
+    the same slot frozen (inference) still takes the fp32 reference."""
+    g = torch.Generator().manual_seed(11)
+    batch, seq, d_in, d_out = 5, 4, 48, 40
+    row_idx = {"distinct": torch.tensor([3, 0, 2, 1, 4]), "shared": torch.full((5,), 2),
+               "with_none": torch.tensor([1, -1, 1, 4, -1])}[rows]
+    A, B, scale = _slot(5, 4, d_in, d_out, g, dtype=torch.bfloat16)
+    x = torch.randn(batch * seq, d_in, generator=g).bfloat16().requires_grad_(True)
+    calls = []
+    lowp = ml._multi_lora_rows_lowp
+    monkeypatch.setattr(ml, "_multi_lora_rows_lowp", lambda *a: calls.append(1) or lowp(*a))
+    y = multi_lora_sum(x, [(A, B, scale, RowRouting(row_idx, 5))], backend="torch")
+    assert calls and y.dtype == torch.bfloat16
+    tok = row_idx[:, None].expand(batch, seq).reshape(-1)
+    want = _oracle(x, [(A, B, scale, tok)])
+    assert _rel(y, want) < TOL[torch.bfloat16]
+    dy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, A, B), dy.bfloat16())
+    ref = torch.autograd.grad(want, (x, A, B), dy)
+    for a, b, leaf in zip(got, ref, (x, A, B)):
+        assert a.dtype == leaf.dtype and _rel(a, b) < TOL[torch.bfloat16]
+    calls.clear()
+    with torch.no_grad():
+        frozen = multi_lora_sum(x, [(A, B, scale, RowRouting(row_idx, 5))], backend="torch")
+    assert not calls and _rel(frozen, want) < TOL[torch.bfloat16]
+
+
 def test_row_routing_gathers_frozen_weights_once_per_batch():
     g = torch.Generator().manual_seed(3)
     A, B, scale = _slot(4, 2, 16, 8, g, grad=False)

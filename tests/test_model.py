@@ -688,3 +688,32 @@ def test_attention_in_bf16_matches_fp64_for_decode_and_prefill_queries(t):
     out = _attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, True)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert (out.double() - ref).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("t", [5, 9])
+def test_bf16_attention_under_autograd_matches_fp64_values_and_gradients(t, monkeypatch):
+    """A bf16 query with autograd recording (training) runs as two matmuls around an fp32 softmax
+    on a CPU (faster there than the fused kernel's backward); values and gradients of q, k, v are
+    the fp64 attention's to bf16 precision, grouped heads and a left-padded row included."""
+    import dit_engine.model as model_mod
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, t, 16, generator=g)
+    k, v = torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g)
+    mask = torch.ones(3, 1, t, 9, dtype=torch.bool).tril(9 - t)
+    mask[1, :, :, :3] = False
+    mask[1, :, :, 9 - t:] |= torch.eye(t, dtype=torch.bool)  # every query sees itself, as the model's mask
+    calls = []
+    real = model_mod._attention_matmul
+    monkeypatch.setattr(model_mod, "_attention_matmul", lambda *a: calls.append(1) or real(*a))
+    leaves = [x.bfloat16().requires_grad_(True) for x in (q, k, v)]
+    out = _attention(*leaves, mask, True)
+    assert calls and out.dtype == torch.bfloat16
+    ref_leaves = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=mask, enable_gqa=True)
+    assert (out.double() - ref).abs().max() < 0.03
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, dy.bfloat16())
+    want = torch.autograd.grad(ref, ref_leaves, dy)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and _rel(a.double(), b) < 2e-2
