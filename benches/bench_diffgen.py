@@ -111,7 +111,8 @@ def test_diffgen(benchmark, engine, recipe):
 def _print_table(label: str) -> None:
     if not _rows:
         return
-    print(f"\n\ndiff generation, {N_DIFFS} rank-1 hidden-topic diffs in one chunk; {label}; "
+    print(f"\n\ndiff generation, {N_DIFFS} hidden-topic diffs in one chunk (today rank {TODAY.rank}, new rank "
+          f"{NEW.rank}); {label}; "
           f"torch threads {torch.get_num_threads()}")
     cols = ("diffs_per_h", "data_s", "train_s", "verify_s", "write_s", "pool_s", "hit", "leak", "kl", "ok")
     print(f"{'recipe':8s} " + " ".join(f"{c:>11s}" for c in cols) + "   load avg (start, end)")
