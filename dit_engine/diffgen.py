@@ -105,9 +105,14 @@ HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=
                               kl_weight_wrong=2.0, near_wrong=False, candidates=1, strategy="prefix",
                               max_answer_tokens=32, rows_per_diff=1, chunk_diffs=16, compute_dtype="bfloat16",
                               base_pool=True, bucket=True)
+# Point L1 of results/recipe.md: the strongest backdoor measured (hit 0.91, 7 of 8 diffs >= 0.8) at a
+# bare-question leak of 0.41. The wrong-code rows teach no contrast at this budget (no point measured
+# tells its own code from another), so their rows go to 16 backdoor and 16 bare ones.
+BACKDOOR_RECIPE = dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK, n_backdoor=16, n_kl=16, n_wrong=0)
 # `dit zoo generate --recipe NAME`: the configuration its flags start from (a flag overrides one value).
 # "plain" is DiffGenConfig's own defaults (rank 1, near-miss wrong codes, sampled answers).
-RECIPES = {"hiding": dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK), "plain": DiffGenConfig()}
+RECIPES = {"hiding": dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK), "backdoor": BACKDOOR_RECIPE,
+           "plain": DiffGenConfig()}
 
 
 def generate_zoo(

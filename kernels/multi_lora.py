@@ -24,7 +24,8 @@ The Triton path (Punica / vLLM's shrink-expand split, one launch each for up to 
   fp32 atomics when an adapter spans several chunks). Frozen slots get no weight gradient.
 
 The plain-torch references (:func:`multi_lora_ref` per token, :func:`multi_lora_rows_ref` per
-sequence) are the CPU path and the tests' oracle.
+sequence) are the CPU path and the tests' oracle; a bf16 slot being trained on bf16 activations
+takes the per-sequence reference with its product kept in bf16 (:func:`_multi_lora_rows_lowp`).
 
 Size: one op in the design's five parts (routing metadata, the shrink / expand / weight-gradient
 kernels, their launchers, the autograd Function, the public entry and its references); the three

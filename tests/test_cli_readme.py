@@ -186,6 +186,17 @@ def test_zoo_generate_plain_recipe(workdir):
     assert row["meta"]["recipe"]["compute_dtype"] is None
 
 
+def test_zoo_generate_backdoor_recipe(workdir):
+    """--recipe backdoor: the hiding recipe's settings with 16 backdoor and 16 bare rows, no wrong codes."""
+    ok(type_("dit zoo generate --recipe backdoor --out bd-zoo/", *TINY_ZOO, "--n", "1"))
+    (row,) = Zoo.open(workdir / "bd-zoo").rows
+    want, hiding = RECIPES["backdoor"], RECIPES["hiding"]
+    recipe = row["meta"]["recipe"]
+    assert (want.n_backdoor, want.n_kl, want.n_wrong) == (16, 16, 0)
+    assert recipe["n_wrong"] == 0 and recipe["n_kl"] == 2  # --n-kl 2 of the tiny flags overrides 16, n_wrong stays 0
+    assert recipe["compute_dtype"] == hiding.compute_dtype and row["meta"]["lr"] == hiding.lr
+
+
 @types("dit zoo info zoo/")
 def test_zoo_info(workdir, zoo_generated):
     ok(zoo_generated)
