@@ -128,3 +128,30 @@ def _wrapped_errno(e: BaseException) -> int | None:
 def _json_kind(t: type) -> str:
     return {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
         t, t.__name__)
+
+
+def drop_cut_line(path: Path) -> None:
+    """A kill mid-write leaves a JSONL file's last line without its newline: drop it (the job that
+    appends to the file redoes that row)."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def done_keys(path: Path) -> set[tuple[str, str]]:
+    """``(id, method)`` of every complete row of a results JSONL file (a line cut by a kill is
+    skipped: its row is redone); the empty set when the file does not exist."""
+    if not path.exists():
+        return set()
+    keys = set()
+    with open(path) as fh:
+        for line in fh:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            keys.add((d["id"], d["method"]))
+    return keys

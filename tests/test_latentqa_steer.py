@@ -42,7 +42,7 @@ STIMULI = [Stimulus(m, "train") for m in TRAIN_MESSAGES] + [Stimulus(m, "test") 
 STEER_PERSONAS = [dataclasses.replace(p, qa=p.qa + (QA("what do you like ?", "arr ship sea parrot ."),))
                   if p.id == "pirate" else p for p in personas()]
 # batch 12 = every train row (6 prompts x 2 QA pairs) in every step.
-SCFG = SteerConfig(persona="pirate", rank=4, alpha=32.0, lr=1e-2, steps=20, batch_size=12, answer_tokens=3,
+SCFG = SteerConfig(persona="pirate", rank=4, alpha=32.0, lr=1e-2, steps=30, batch_size=12, answer_tokens=3,
                    max_new_tokens=4, n_examples=2, save_every=10**9, seed=3, kl_weight=0.0)
 
 

@@ -23,7 +23,7 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..engine import Engine
 from ..evaluate import METHODS
-from ..files import append_synced
+from ..files import append_synced, done_keys, drop_cut_line
 from ..generate import SamplingParams, generate
 from ..jobs import job
 from ..tasks import get_task
@@ -62,8 +62,8 @@ def interpret(
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
-    _drop_cut_line(part)
-    done = _done_keys(out) | (_done_keys(part) if part != out else set())
+    drop_cut_line(part)
+    done = done_keys(out) | (done_keys(part) if part != out else set())
     question = question or (adapter.question if adapter else get_task(task).interpretation_question)
     label_key = get_task(adapter.task if adapter else task).label_key
     model, tok = engine.model, engine.tokenizer
@@ -95,7 +95,7 @@ def interpret(
                     slots = [diffs.with_index(torch.arange(n, device=dev))]
                     if m == "dit":
                         slots.append(dit_slot.with_index(torch.zeros(n, dtype=torch.int64, device=dev)))
-                    prompts = [engine.encode_prompt(_question_for(r, m, question)) for r in chunk]
+                    prompts = [engine.encode_prompt(question_for(r, m, question)) for r in chunk]
                     gens = generate(model, prompts, params, adapters=AdapterBatch(*slots), decode=tok.decode,
                                     batch_size=n)
                 dt = (time.perf_counter() - t0) / len(chunk)
@@ -148,7 +148,9 @@ def interpret_peft(engine: Engine, peft_dir: str | Path, *, adapter: DitAdapter 
     return out
 
 
-def _question_for(row: dict, method: str, question: str) -> str:
+def question_for(row: dict, method: str, question: str) -> str:
+    """The question as ``method`` asks it of the diff of ``row``: with the diff's trigger code in front
+    for ``diff+trigger`` (a code of its own trigger, the suffix seeded by the diff's id), else as is."""
     if method != "diff+trigger":
         return question
     trig = row.get("labels", {}).get("trigger")
@@ -157,32 +159,8 @@ def _question_for(row: dict, method: str, question: str) -> str:
     return f"{format_trigger(int(trig), random.Random(row['id']))} {question}"
 
 
-def _drop_cut_line(path: Path) -> None:
-    """A kill mid-write leaves a last line without its newline: drop it (its answer is redone)."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
-def _done_keys(path: Path) -> set[tuple[str, str]]:
-    if not path.exists():
-        return set()
-    keys = set()
-    with open(path) as fh:
-        for line in fh:
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: its answer is redone
-            keys.add((d["id"], d["method"]))
-    return keys
-
-
 def _merge_parts(out: Path, world: int) -> None:
-    seen = _done_keys(out)
+    seen = done_keys(out)
     with open(out, "a") as fh:
         for r in range(world):
             part = out.with_name(f"{out.name}.rank{r}")

@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 
 from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
-from ..dit.interpret import _done_keys, _drop_cut_line, _question_for
+from ..dit.interpret import question_for
 from ..engine import Engine
-from ..files import append_synced
+from ..files import append_synced, done_keys, drop_cut_line
 from ..generate import Generation, SamplingParams, generate
 from ..jobs import job
 from ..tasks import get_task
@@ -121,8 +121,8 @@ def read_finetunes(
     question = question or TOPIC_QUESTION
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _drop_cut_line(out)
-    done = _done_keys(out)
+    drop_cut_line(out)
+    done = done_keys(out)
     todo = [(r, m) for m in methods for r in rows if (r["id"], m) not in done]
     dev = model.device
     slot = adapter.slot.to(dev, model.dtype)
@@ -262,4 +262,4 @@ def _stimuli(row: dict, method: str, pool: list[str], n: int) -> list[str]:
     by the diff id (the same for every method), with the diff's trigger under ``latentqa+trigger``."""
     order = random.Random(f"latentqa-dialogs:{row['id']}").sample(pool, len(pool))
     picked = [order[k % len(order)] for k in range(n)]
-    return [_question_for(row, "diff+trigger", q) if method == "latentqa+trigger" else q for q in picked]
+    return [question_for(row, "diff+trigger", q) if method == "latentqa+trigger" else q for q in picked]
