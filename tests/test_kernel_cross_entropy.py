@@ -89,9 +89,10 @@ def test_frozen_weight_gets_no_grad_and_teacher_none(monkeypatch):
     assert not kl.grad_fn.next_functions[1][0]  # the teacher is detached: no edge to it
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", ["ce", "kl"])
-def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, monkeypatch):
+def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, backend, monkeypatch):
     """With the weight frozen (a LoRA's training) the gradient w.r.t. hidden comes from the
     forward's own logits, scaled per token by the upstream gradient in the backward: no logits
     are recomputed there, and it is the fp64 oracle's gradient."""
@@ -101,9 +102,9 @@ def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, m
     real = ce._compute_weight
     monkeypatch.setattr(ce, "_compute_weight", lambda *a, **k: gemms.append(1) or real(*a, **k))
     if op == "ce":
-        out, want = linear_cross_entropy(h, w, labels, chunk_size=8, backend="torch"), _ce_oracle(h, w, labels)
+        out, want = linear_cross_entropy(h, w, labels, chunk_size=8, backend=backend), _ce_oracle(h, w, labels)
     else:
-        out, want = linear_kl_to_teacher(h, th, w, chunk_size=8, backend="torch"), _kl_oracle(h, th, w)
+        out, want = linear_kl_to_teacher(h, th, w, chunk_size=8, backend=backend), _kl_oracle(h, th, w)
     assert _rel(out, want) < TOL[dtype]
     (got,) = torch.autograd.grad(out, (h,), up.float())
     (ref,) = torch.autograd.grad(want, (h,), up)
