@@ -256,7 +256,8 @@ def _made_line(provenance: Mapping[str, Any] | None) -> str:
     if not provenance:
         return ""
     commit = str(provenance.get("commit", "unknown"))[:12] + (" with uncommitted changes" if provenance.get("dirty") else "")
-    return f"Measured on {provenance.get('machine', 'an unnamed machine')}, commit {commit}, {provenance.get('date', '')}."
+    verb = provenance.get("verb", "Measured")  # "Scored": dit evaluate, which reads answers made elsewhere
+    return f"{verb} on {provenance.get('machine', 'an unnamed machine')}, commit {commit}, {provenance.get('date', '')}."
 
 
 def _markdown(

@@ -271,6 +271,10 @@ def test_evaluate(workdir, interpreted):
     metrics = json.loads((workdir / "report" / "metrics.json").read_text())
     assert metrics and (workdir / "report" / "report.md").is_file()
     assert {"dit", "diff", "diff+trigger", "base"} <= set(json.dumps(metrics).replace('"', " ").split())
+    # where and when the answers were scored: machine, commit, date
+    made = metrics["provenance"]
+    assert made["verb"] == "Scored" and made["machine"] and made["date"][:4].isdigit() and made["commit"]
+    assert f"Scored on {made['machine']}, commit {str(made['commit'])[:12]}" in (workdir / "report" / "report.md").read_text()
 
 
 LATENTQA_TRAIN = "dit latentqa train --model default --preset laptop --out lqa/"

@@ -248,7 +248,8 @@ def _interpret(args) -> int:
 
 @_command("evaluate")
 def _evaluate(args) -> int:
-    print(evaluate_run(args.results, args.out, args.task, args.title))
+    # The answers were made by dit interpret (wherever that ran); this records where they were scored.
+    print(evaluate_run(args.results, args.out, args.task, args.title, provenance={**provenance(), "verb": "Scored"}))
     return 0
 
 
