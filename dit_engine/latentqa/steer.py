@@ -227,31 +227,32 @@ def base_logprob(engine: Engine, stimuli: Sequence[str], generations: Sequence[S
     """Per generation ``y_i`` to ``stimuli[i]``: ``log p_base(y | x) / len(y)`` (nats per token), the
     base model scoring y after the plain prompt: how much the text is still what the base writes
     (text that is no longer words scores far below the unsteered generations)."""
-    ys = [list(y) for y in generations]
-    if any(not y for y in ys):
-        raise LatentQAError("base_logprob: an empty generation has no tokens to score")
     plain = [target_prompt(engine.tokenizer, x)[0] for x in stimuli]
-    got = score(engine.model, [p + y for p, y in zip(plain, ys)], prompt_lengths=[len(p) for p in plain],
-                batch_size=batch_size)
-    return np.array([g.total / len(y) for g, y in zip(got, ys)], dtype=np.float64)
+    return _logprob_per_token(engine, plain, generations, batch_size, "base_logprob")
 
 
 def persona_lift(engine: Engine, persona: Persona, stimuli: Sequence[str], generations: Sequence[Sequence[int]],
-                 *, batch_size: int = 16) -> np.ndarray:
+                 *, batch_size: int = 16, base: np.ndarray | None = None) -> np.ndarray:
     """Per generation ``y_i`` to ``stimuli[i]``: ``[log p_base(y | persona system, x) - log p_base(y | x)]
     / len(y)`` (nats per token), the base model (no adapters) scoring y's tokens after the prompt
-    with the persona's system prompt and after the plain prompt (:func:`target_prompt`)."""
-    tok = engine.tokenizer
-    with_p = [sum(split_prompt(tok, persona.system, x), []) for x in stimuli]
-    plain = [target_prompt(tok, x)[0] for x in stimuli]
+    with the persona's system prompt and after the plain prompt (:func:`target_prompt`). ``base``:
+    the second term when already computed (:func:`base_logprob` of the same generations)."""
+    with_p = [sum(split_prompt(engine.tokenizer, persona.system, x), []) for x in stimuli]
+    lifted = _logprob_per_token(engine, with_p, generations, batch_size, "persona_lift")
+    if base is None:
+        base = base_logprob(engine, stimuli, generations, batch_size=batch_size)
+    return lifted - base
+
+
+def _logprob_per_token(engine: Engine, prompts: Sequence[list[int]], generations: Sequence[Sequence[int]],
+                       batch_size: int, where: str) -> np.ndarray:
+    """``log p_base(y_i | prompts[i]) / len(y_i)`` per generation, the base model (no adapters)."""
     ys = [list(y) for y in generations]
     if any(not y for y in ys):
-        raise LatentQAError("persona_lift: an empty generation has no tokens to score")
-    seqs = [p + y for p, y in zip(with_p + plain, ys + ys)]
-    lens = [len(p) for p in with_p + plain]
-    totals = [s.total for s in score(engine.model, seqs, prompt_lengths=lens, batch_size=batch_size)]
-    n = len(ys)
-    return np.array([(totals[i] - totals[n + i]) / len(ys[i]) for i in range(n)], dtype=np.float64)
+        raise LatentQAError(f"{where}: an empty generation has no tokens to score")
+    got = score(engine.model, [p + y for p, y in zip(prompts, ys)], prompt_lengths=[len(p) for p in prompts],
+                batch_size=batch_size)
+    return np.array([g.total / len(y) for g, y in zip(got, ys)], dtype=np.float64)
 
 
 # ---- training -----------------------------------------------------------------------------------------
@@ -528,14 +529,14 @@ def measure(engine: Engine, adapter: LitAdapter, slot: LoraSlot, persona: Person
     lit = adapter.slot.to(model.device, model.dtype)
     per: dict[str, np.ndarray] = {}  # side -> [n, len(METRICS)]
     for side, outs in gens.items():
-        lift = persona_lift(engine, persona, prompts, [o.token_ids for o in outs])
+        fluency = base_logprob(engine, prompts, [o.token_ids for o in outs])
+        lift = persona_lift(engine, persona, prompts, [o.token_ids for o in outs], base=fluency)
         shows = np.array([shows_persona(o.text, words) for o in outs], dtype=np.float64)
         dialogs = [Dialog(persona.id, x, "test", tuple(p + o.token_ids), start, o.text)
                    for x, (p, start), o in zip(prompts, made, outs)]
         acts = capture(engine, dialogs, adapter.read_point, target=AdapterBatch(slot) if side == "steered" else None)
         r = ranks(score_candidates(engine, lit, acts, question, cands, write_point=adapter.write_point,
                                    mode=adapter.patch_mode), [truth] * len(prompts))
-        fluency = base_logprob(engine, prompts, [o.token_ids for o in outs])
         per[side] = np.stack([lift, shows, (r == 1).astype(np.float64), 1.0 / r, fluency], 1)
         per[side + "_rank"] = r
     metrics = {}
