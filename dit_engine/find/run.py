@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import FileFormatError, read_json, write_json, write_text
+from ..files import FileFormatError, append_synced, read_json, write_json, write_text
 from ..jobs import job
 from ..provenance import provenance
 from .agents import SearchAgent, constant_answers, reference_answers
@@ -70,16 +69,15 @@ def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: 
     chunk = chunk or (runner.gen["batch_size"] if isinstance(runner, LMAgent) else 16)
     bar = tqdm(total=len(functions), initial=len(functions) - len(todo), desc=f"find run ({agent})", unit="fn",
                disable=not progress, leave=False)
-    with job("dit find run") as j, open(out / ANSWERS, "a", encoding="utf-8") as fh:
+    with job("dit find run") as j, open(out / ANSWERS, "ab", buffering=0) as fh:
         for s in range(0, len(todo), chunk):
             part = todo[s:s + chunk]
             if runner is None:
                 answers = list((reference_answers(part) if agent == "reference" else constant_answers(part)).values())
             else:
                 answers = runner.run([BlackBox(f, budget=runner.budget) for f in part])
-            fh.write("".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers))
-            fh.flush()
-            os.fsync(fh.fileno())
+            append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(),
+                          out / ANSWERS)
             bar.update(len(part))
             j.checkpointed()
             j.stop_if_requested(out)

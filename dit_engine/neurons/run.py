@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..files import FileFormatError, write_json, write_text
+from ..files import FileFormatError, append_synced, drop_cut_line, write_json, write_text
 from ..jobs import DEFAULT_CHECKPOINT_EVERY_S, job
 from .explain import random_baseline
 from .record import NeuronRecords, Record
@@ -65,12 +64,8 @@ def read_rows(path: Path) -> list[dict]:
     kill is removed from the file, any other bad line is an error naming it."""
     if not path.is_file():
         return []
+    drop_cut_line(path)
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as fh:
-            fh.truncate(cut)
-        data = data[:cut]
     rows = []
     for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         try:
@@ -84,10 +79,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, rows: Sequence[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
+    with open(path, "ab", buffering=0) as fh:
+        append_synced(fh, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows).encode(), path)
 
 
 def explain_run(run: str | Path, explainer, *, per_layer: int | None = None, seed: int = 0, split: Split = Split(),
