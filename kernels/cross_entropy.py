@@ -109,7 +109,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 _ce_rows_bwd(logits, labels[c], lse[c], ones[c], triton_rows)
                 dh[c] = logits @ w
         ctx.eager, ctx.chunk_size, ctx.triton_rows, ctx.hidden_dtype = eager, chunk_size, triton_rows, hidden.dtype
-        ctx.save_for_backward(dh) if eager else ctx.save_for_backward(hidden, weight, labels, lse)
+        if eager:
+            ctx.save_for_backward(dh)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, lse)
         return loss
 
     @staticmethod

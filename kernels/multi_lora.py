@@ -25,7 +25,7 @@ The Triton path (Punica / vLLM's shrink-expand split, one launch each for up to 
 
 The plain-torch references (:func:`multi_lora_ref` per token, :func:`multi_lora_rows_ref` per
 sequence) are the CPU path and the tests' oracle; a bf16 slot being trained on bf16 activations
-takes the per-sequence reference with its product kept in bf16 (:func:`_multi_lora_rows_lowp`).
+takes the per-sequence reference with its product kept in bf16 (``dtype`` of :func:`multi_lora_rows_ref`).
 
 Size: one op in the design's five parts (routing metadata, the shrink / expand / weight-gradient
 kernels, their launchers, the autograd Function, the public entry and its references); the three
@@ -188,8 +188,8 @@ def multi_lora_sum(
     total = None
     for A, B, scale, routing in slots:
         if isinstance(routing, RowRouting):
-            d = (_multi_lora_rows_lowp(x, A, B, scale, routing) if _lowp_training(x, A, B)
-                 else multi_lora_rows_ref(x, A, B, scale, routing))
+            d = multi_lora_rows_ref(x, A, B, scale, routing,
+                                    dtype=x.dtype if _lowp_training(x, A, B) else torch.float32)
         else:
             d = multi_lora_ref(x, A, B, scale, routing)
         total = d if total is None else total.add_(d)
@@ -202,16 +202,24 @@ def multi_lora_rows_ref(
     B: Tensor,  # [n, d_out, r]
     scale: Tensor,  # [n]
     routing: RowRouting,
+    *,
+    dtype: torch.dtype = torch.float32,  # the product's dtype
 ) -> Tensor:  # [batch * seq, d_out]
     """Plain torch for per-sequence routing, differentiable by autograd, fp32 intermediate.
 
     A batched matmul whatever the number of adapters (a per-adapter loop of small GEMMs costs far
-    more in op overhead on a CPU); one shared adapter is two plain GEMMs."""
+    more in op overhead on a CPU); one shared adapter is two plain GEMMs.
+
+    ``dtype=x.dtype`` for a bf16 slot being trained on bf16 activations (:func:`_lowp_training`):
+    the bmm on bf16 operands (fp32 accumulation inside, the intermediate rounded to bf16 as every
+    other activation of a bf16 model is) with no dtype conversion of ``x``, the factors or the
+    gradients. On the CPU this halves the LoRA's cost in a bf16 training step (measured at rank 4,
+    16 rows of 80 tokens: +1.5 vs +3.7 ms over a 576x576 base linear, forward and backward, 2 threads)."""
     if routing.batch == 0 or x.shape[0] % routing.batch:
         raise ValueError(f"multi_lora: {x.shape[0]} tokens do not split into the {routing.batch} routed rows")
     _check_shapes(x, A, B, scale, x.shape[0])
-    at, bt = _row_weights(A, B, scale, routing)
-    xr = x.view(routing.batch, -1, x.shape[-1]).float()
+    at, bt = _row_weights(A, B, scale, routing, dtype)
+    xr = x.view(routing.batch, -1, x.shape[-1]).to(dtype)
     if at.dim() == 2:  # one adapter for every row: [d_in, r], [r, d_out]
         d = (xr @ at) @ bt
     else:  # per row: [b, d_in, r], [b, r, d_out]
@@ -221,24 +229,9 @@ def multi_lora_rows_ref(
 
 def _lowp_training(x: Tensor, A: Tensor, B: Tensor) -> bool:
     """A bf16/fp16 slot being trained on bf16/fp16 activations (diff training in bf16 with fp32
-    masters): the CPU path then computes the LoRA product in that dtype (:func:`_multi_lora_rows_lowp`)."""
+    masters): the CPU path then computes the LoRA product in that dtype (:func:`multi_lora_rows_ref`)."""
     return (x.dtype in (torch.bfloat16, torch.float16) and A.dtype == x.dtype and B.dtype == x.dtype
             and (A.requires_grad or B.requires_grad) and torch.is_grad_enabled())
-
-
-def _multi_lora_rows_lowp(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting) -> Tensor:
-    """:func:`multi_lora_rows_ref` with the product in ``x``'s dtype instead of fp32: the bmm on
-    bf16 operands (fp32 accumulation inside, the intermediate rounded to bf16 as every other
-    activation of a bf16 model is) and no dtype conversion of ``x``, the factors or the gradients.
-    On the CPU this halves the LoRA's cost in a bf16 training step (measured at rank 4, 16 rows of
-    80 tokens: +1.5 vs +3.7 ms over a 576x576 base linear, forward and backward, 2 threads)."""
-    _check_shapes(x, A, B, scale, x.shape[0])
-    if routing.batch == 0 or x.shape[0] % routing.batch:
-        raise ValueError(f"multi_lora: {x.shape[0]} tokens do not split into the {routing.batch} routed rows")
-    at, bt = _row_weights(A, B, scale, routing, x.dtype)
-    xr = x.view(routing.batch, -1, x.shape[-1])
-    d = (xr @ at) @ bt if at.dim() == 2 else torch.bmm(torch.bmm(xr, at), bt)
-    return d.reshape(x.shape[0], -1)
 
 
 def _row_weights(A: Tensor, B: Tensor, scale: Tensor, routing: RowRouting,

@@ -403,10 +403,10 @@ def test_bf16_training_rows_compute_in_bf16_and_match_the_oracle(rows, monkeypat
     A, B, scale = _slot(5, 4, d_in, d_out, g, dtype=torch.bfloat16)
     x = torch.randn(batch * seq, d_in, generator=g).bfloat16().requires_grad_(True)
     calls = []
-    lowp = ml._multi_lora_rows_lowp
-    monkeypatch.setattr(ml, "_multi_lora_rows_lowp", lambda *a: calls.append(1) or lowp(*a))
+    rows_ref = ml.multi_lora_rows_ref
+    monkeypatch.setattr(ml, "multi_lora_rows_ref", lambda *a, **k: calls.append(k["dtype"]) or rows_ref(*a, **k))
     y = multi_lora_sum(x, [(A, B, scale, RowRouting(row_idx, 5))], backend="torch")
-    assert calls and y.dtype == torch.bfloat16
+    assert calls == [torch.bfloat16] and y.dtype == torch.bfloat16
     tok = row_idx[:, None].expand(batch, seq).reshape(-1)
     want = _oracle(x, [(A, B, scale, tok)])
     assert _rel(y, want) < TOL[torch.bfloat16]
@@ -418,7 +418,7 @@ def test_bf16_training_rows_compute_in_bf16_and_match_the_oracle(rows, monkeypat
     calls.clear()
     with torch.no_grad():
         frozen = multi_lora_sum(x, [(A, B, scale, RowRouting(row_idx, 5))], backend="torch")
-    assert not calls and _rel(frozen, want) < TOL[torch.bfloat16]
+    assert calls == [torch.float32] and _rel(frozen, want) < TOL[torch.bfloat16]
 
 
 def test_row_routing_gathers_frozen_weights_once_per_batch():
