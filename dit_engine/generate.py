@@ -87,6 +87,8 @@ def generate(
     ``patches`` (one per prompt, or None for a prompt left alone): activations written into the
     prompt's prefill at given positions of its own tokens (:class:`PromptPatch`; all of one point
     and mode), e.g. a target model's activations over a decoder's placeholder tokens.
+    Rows that repeat a prompt under the same adapters and without a patch (several samples of one
+    prompt) prefill once in their batch; each then samples on its own.
     """
     params = params or SamplingParams()
     if params.stop_strings and decode is None:
@@ -167,6 +169,29 @@ def _prefill_probes(patches: list[PromptPatch | None] | None, prompts: list[list
     return Probes().patch(first.point, mask, torch.cat(values), first.mode)
 
 
+def _shared_prefill(prompts: list[list[int]], adapters: AdapterBatch | None,
+                    patches: list[PromptPatch | None] | None) -> tuple[Tensor, Tensor] | None:
+    """(one row of each distinct prompt, each row's distinct prompt) when some rows are the same
+    prompt under the same adapters and no patch, else None. A row's adapters are its index in
+    every slot; per-token routing (a 2-D index) is never shared."""
+    if patches is not None and any(p is not None for p in patches):
+        return None
+    if adapters is not None and any(s.index.dim() != 1 for s in adapters.slots):
+        return None
+    routes = list(zip(*(s.index.tolist() for s in adapters.slots))) if adapters is not None else [()] * len(prompts)
+    seen: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, (p, r) in enumerate(zip(prompts, routes)):
+        key = (tuple(p), r)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    if len(first) == len(prompts):
+        return None
+    return torch.tensor(first, dtype=torch.int64), torch.tensor(inverse, dtype=torch.int64)
+
+
 def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, progress,
                     patches=None) -> list[Generation]:
     dev = model.device
@@ -180,16 +205,25 @@ def _generate_batch(model, prompts, params, stop_ids, adapters, decode, gen, pro
     for i, p in enumerate(prompts):
         ids[i, longest - len(p) :] = torch.tensor(p)
         mask[i, longest - len(p) :] = True
-    cache = KVCache(model.config, b, max_len, dtype=model.dtype, device=dev)
     stop_t = torch.tensor(list(stop_ids), dtype=torch.int64, device=dev)
 
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     out_lp: list[list[float]] = [[] for _ in range(b)]
     reason = ["length"] * b
     alive = list(range(b))  # original row of each live cache row
-    probes = _prefill_probes(patches, prompts)
-    logits = model(ids.to(dev), adapters, attention_mask=mask.to(dev), cache=cache, output="last",
-                   probes=probes)  # [B, V]
+    shared = _shared_prefill(prompts, adapters, patches)
+    if shared is None:
+        cache = KVCache(model.config, b, max_len, dtype=model.dtype, device=dev)
+        probes = _prefill_probes(patches, prompts)
+        logits = model(ids.to(dev), adapters, attention_mask=mask.to(dev), cache=cache, output="last",
+                       probes=probes)  # [B, V]
+    else:  # identical rows (n samples of one prompt) prefill once, then their cache rows are copied
+        first, inverse = shared
+        cache = KVCache(model.config, len(first), max_len, dtype=model.dtype, device=dev)
+        logits = model(ids[first].to(dev), adapters.select_rows(first) if adapters is not None else None,
+                       attention_mask=mask[first].to(dev), cache=cache, output="last")  # [U, V]
+        cache.keep(inverse)
+        logits = logits[inverse.to(dev)]
     for step in range(params.max_new_tokens):
         tok, lp = _sample(logits.float(), params, gen)  # [b_live], [b_live]
         # The one device -> host read of a step (the loop needs the tokens to stop rows): token ids

@@ -397,3 +397,53 @@ def test_the_api_refuses_what_the_cli_refuses():
         eng.score(["say it", "hello"])
     with pytest.raises(ValueError, match=r"text 0 \(''\) has no token to score \(after its prompt\)"):
         eng.score([""], prompts=["hello"])
+
+
+# ---- identical prompts prefill once ---------------------------------------------------------------
+
+
+def _prefill_rows(monkeypatch, m: Transformer) -> list[int]:
+    """Records the batch size of every multi-token forward (the prefills) of ``m``."""
+    rows: list[int] = []
+    forward = Transformer.forward
+
+    def spy(self, input_ids, *a, **kw):
+        if input_ids.shape[1] > 1:
+            rows.append(input_ids.shape[0])
+        return forward(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    return rows
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_equal_unshared_sampling(monkeypatch):
+    import dit_engine.generate as gen_mod
+
+    cfg = _cfg("qwen3")
+    m = _model(cfg)
+    p, q = _prompts(cfg, [5, 7], seed=8)
+    prompts = [p, q, p, p, q]
+    params = _greedy(12, temperature=1.0, seed=9)
+    rows = _prefill_rows(monkeypatch, m)
+    shared = generate(m, prompts, params)
+    assert rows == [2]  # one prefill row per distinct prompt
+    monkeypatch.setattr(gen_mod, "_shared_prefill", lambda *a: None)
+    unshared = generate(m, prompts, params)
+    assert rows == [2, 5]
+    for a, b in zip(shared, unshared):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    # Each sample is its own draw: the three samples of p do not all repeat one sequence.
+    assert len({tuple(shared[i].token_ids) for i in (0, 2, 3)}) > 1
+
+
+def test_one_prompt_under_different_adapters_is_not_shared(monkeypatch):
+    cfg = _cfg("llama")
+    m = _model(cfg)
+    p = _prompts(cfg, [6], seed=10)[0]
+    ad = _slots(cfg, [0, 1, 0, -1])
+    rows = _prefill_rows(monkeypatch, m)
+    got = generate(m, [p] * 4, _greedy(6), adapters=ad)
+    assert rows == [3]  # rows 0 and 2 share (same prompt, same adapters); 1 and 3 differ in adapter
+    for i in range(4):
+        assert got[i].token_ids == generate(_merged(m, ad, i), [p], _greedy(6))[0].token_ids, i
