@@ -17,8 +17,10 @@ Llama 3, Qwen) have no single token ``"10"``; then the scale is 0..9: the worked
 activations are written on that scale and the expected value (0..9) is rescaled by 10/9 to the
 paper's 0..10, so ``P("1")`` stands for "1" alone, never for the first digit of "10".
 
-Many prompts go in one batch (right-padded, sorted by length, up to ``batch_tokens`` tokens a
-forward); only the rows of the number tokens of the output layer are multiplied.
+Many prompts go in one batch (sorted by length, up to ``batch_tokens`` new tokens a forward); the
+instruction and worked example that open every prompt run once a batch, and the rest of each
+prompt (right-padded) reads their keys and values from a KV cache. Only the rows of the number
+tokens of the output layer are multiplied.
 
 :class:`KeywordSimulator` is the non-LLM simulator: a token gets 10 where its text matches one of
 the explanation's quoted strings, else 0. It reads the token-statistics explainer's explanations
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cache import KVCache
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -127,22 +130,27 @@ class LMSimulator:
         out: list[np.ndarray | None] = [None] * len(prompts)
         w = self.model.lm_weight[self.digits]  # [D, h]
         dev = self.model.device
+        n_pre = len(self._prefix)  # every prompt starts with it: its keys and values are computed once a batch
         s = 0
         while s < len(order):
             e = s + 1
-            while e < len(order) and (e - s + 1) * len(prompts[order[e]][0]) <= self.batch_tokens:
+            while e < len(order) and (e - s + 1) * (len(prompts[order[e]][0]) - n_pre) <= self.batch_tokens:
                 e += 1
             chunk = order[s:e]
-            longest = len(prompts[chunk[-1]][0])
+            longest = len(prompts[chunk[-1]][0]) - n_pre
             ids = torch.zeros(len(chunk), longest, dtype=torch.int64)
             mask = torch.zeros(len(chunk), longest, dtype=torch.bool)
             for r, i in enumerate(chunk):
-                p = prompts[i][0]
+                p = prompts[i][0][n_pre:]
                 ids[r, :len(p)] = torch.tensor(p)
                 mask[r, :len(p)] = True
-            hidden = self.model(ids.to(dev), attention_mask=mask.to(dev), output="hidden")  # [b, S, h]
+            cache = KVCache(self.model.config, 1, n_pre + longest, dtype=self.model.dtype, device=dev)
+            self.model(torch.tensor([self._prefix], device=dev), cache=cache, output="last")
+            cache.keep(torch.zeros(len(chunk), dtype=torch.int64))  # the prefix, copied to every row
+            # Right-padded after the shared prefix; positions continue from it.
+            hidden = self.model(ids.to(dev), attention_mask=mask.to(dev), cache=cache, output="hidden")  # [b, S, h]
             rows = torch.tensor([r for r, i in enumerate(chunk) for _ in prompts[i][1]], dtype=torch.int64)
-            cols = torch.tensor([p for i in chunk for p in prompts[i][1]], dtype=torch.int64)
+            cols = torch.tensor([p - n_pre for i in chunk for p in prompts[i][1]], dtype=torch.int64)
             logits = F.linear(hidden[rows.to(dev), cols.to(dev)].float(), w.float())  # [reads, D]
             probs = torch.softmax(logits.double(), -1).cpu().numpy()
             at = 0
