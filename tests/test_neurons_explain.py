@@ -55,9 +55,20 @@ def test_lm_explainer_samples_n_explanations_per_neuron_in_one_batch():
     ex = LMExplainer(eng, n_samples=3, max_new_tokens=5, temperature=1.0, seed=1)
     neurons = [([_rec(["the", "cat"], [0, 1.0])], 1.0), ([_rec(["a", "dog"], [2.0, 0])], 2.0)]
     out = ex.explain(neurons)
-    assert calls == [6] and [len(o) for o in out] == [3, 3]
+    assert calls == [12] and [len(o) for o in out] == [3, 3]  # twice n drawn, n kept
     assert all(isinstance(t, str) and t and "\n" not in t for o in out for t in o)
     assert ex.explain(neurons) == out  # seeded
+
+
+def test_lm_explainer_keeps_copies_of_the_worked_example_only_where_too_few_others():
+    from dit_engine.generate import Generation
+
+    eng = neuron_engine(seed=2)
+    texts = iter(["Names of cities.", "verbs", "names of  cities", "the word cat", "names of cities.", "nouns",
+                  "names of cities.", "names of cities.", "names of cities.", "x", "names of cities.", "y"])
+    eng.generate = lambda prompts, **kw: [Generation([1], [], [], "stop", next(texts)) for _ in prompts]
+    out = LMExplainer(eng, n_samples=3).explain([([_rec(["a"], [1.0])], 1.0), ([_rec(["b"], [1.0])], 1.0)])
+    assert out == [["verbs", "the word cat", "nouns"], ["x", "y", "names of cities."]]
 
 
 def test_random_baseline_gives_every_neuron_another_ones_explanations():

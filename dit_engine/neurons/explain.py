@@ -11,7 +11,9 @@ Explainers:
 
 * :class:`LMExplainer`: a local model (the default one or any HF checkpoint) samples ``n``
   explanations per neuron (paper: 5 samples of up to 60 tokens); every neuron's prompts go through
-  one batched :meth:`Engine.generate` call.
+  one batched :meth:`Engine.generate` call. A 135M explainer often just repeats the worked
+  example's explanation, so twice ``n`` are drawn and copies of it are kept only where fewer than
+  ``n`` others came.
 * :class:`TokenExplainer`: no model. The token texts whose occurrences in the top records carry
   the most normalised activation (those within ``share`` of the best), written as
   ``the tokens "x", "y"`` with the tokens that most often precede the peak as context. It gives a
@@ -83,12 +85,30 @@ class LMExplainer:
         self.batch_size = batch_size
 
     def explain(self, neurons: Sequence[tuple[Sequence[Record], float]], progress=None) -> list[list[str]]:
-        """For each (top records, max activation): ``n_samples`` explanations."""
-        prompts = [explanation_prompt(recs, mx) for recs, mx in neurons for _ in range(self.n)]
-        outs = self.engine.generate(prompts, chat=False, params=self.params, batch_size=self.batch_size,
+        """For each (top records, max activation): ``n_samples`` explanations. ``2 * n_samples``
+        are drawn (the samples of one prompt share its prefill) and the first ``n_samples`` that are
+        not a copy of the worked example's explanation are kept, copies only where too few others."""
+        draw = 2 * self.n
+        prompts = [explanation_prompt(recs, mx) for recs, mx in neurons for _ in range(draw)]
+        outs = self.engine.generate(prompts, chat=False, params=self.params, batch_size=self.batch_size * 2,
                                     progress=progress)
         texts = [_clean(o.text or "") for o in outs]
-        return [texts[i * self.n:(i + 1) * self.n] for i in range(len(neurons))]
+        return [_keep(texts[i * draw:(i + 1) * draw], self.n) for i in range(len(neurons))]
+
+
+def is_example_copy(text: str) -> bool:
+    """An explanation that repeats the worked example's ("names of cities."), which a small
+    explainer often copies whatever the records show."""
+    return _norm_words(text) == _norm_words(_EXAMPLE_EXPLANATION)
+
+
+def _norm_words(text: str) -> str:
+    return " ".join("".join(c for c in text.casefold() if c.isalnum() or c.isspace()).split())
+
+
+def _keep(samples: Sequence[str], n: int) -> list[str]:
+    own = [t for t in samples if not is_example_copy(t)]
+    return (own + [t for t in samples if is_example_copy(t)])[:n]
 
 
 def _clean(text: str) -> str:
