@@ -683,6 +683,31 @@ def test_neurons_view(workdir, neurons_simulated):
     assert html.count('class="neuron"') == 40 and "<script" not in html  # 20 per layer
 
 
+NEURONS_PIPELINE = "dit neurons pipeline --preset cpu --out neurons-cpu/"
+
+
+@types(NEURONS_PIPELINE)
+def test_neurons_pipeline(workdir, neuron_model):
+    lines = ok(type_(NEURONS_PIPELINE, "--model", neuron_model)).splitlines()
+    assert lines[-1] == "neurons-cpu/viewer.html"
+    run = workdir / "neurons-cpu"
+    summary = json.loads((run / "scores.json").read_text())
+    meta = json.loads((run / "records.json").read_text())
+    assert meta["layers"] == [0, 1] and meta["context"] == 32 and meta["config"]["top_k"] == 10
+    # tokens for every neuron of both layers (this model has fewer than 50 a layer), the LM for 4 a layer
+    every = 2 * meta["neurons_per_layer"]
+    assert meta["neurons_per_layer"] < 50
+    assert {k: v["neurons"] for k, v in summary.items()} == {
+        "lm / lm": 8, "lm-random / lm": 8, "tokens / keyword": every, "tokens / lm": 8,
+        "tokens-random / keyword": every, "tokens-random / lm": 8}
+    assert [" ".join(x.split()[:3]) for x in lines[1:-1]] == sorted(summary)
+    assert set(json.loads((run / "timings.json").read_text())) == {
+        "record", "explain tokens", "explain lm", "simulate keyword", "simulate lm", "score", "view"}
+    before = {p.name: p.read_bytes() for p in run.glob("*.jsonl")}
+    ok(type_(NEURONS_PIPELINE, "--model", neuron_model))  # a rerun resumes: every stage already done
+    assert {p.name: p.read_bytes() for p in run.glob("*.jsonl")} == before
+
+
 NEURONS_DIFF = "dit neurons diff --model default --peft my_lora_dir/ --out neurons-ft/ --top 20"
 
 
@@ -737,7 +762,7 @@ def test_every_command_has_help_and_every_readme_command_exists(capsys):
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
     assert ("neurons", "view") in leaves and ("neurons", "diff") in leaves
     assert ("find", "generate") in leaves and ("find", "report") in leaves
-    assert len(leaves) == 26
+    assert len(leaves) == 27
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])

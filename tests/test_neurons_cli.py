@@ -73,3 +73,14 @@ def test_the_json_outputs(world, monkeypatch):
     assert set(json.loads(_dit("neurons", "score", "--run", "j", "--json")[1])) == {"tokens / keyword",
                                                                                   "tokens-random / keyword"}
     assert json.loads(_dit("neurons", "view", "--run", "j", "--json")[1]) == {"viewer": "j/viewer.html"}
+
+
+def test_the_pipeline_spreads_its_layers_over_the_depth():
+    from dit_engine.neurons.pipeline import spaced_layers
+
+    assert spaced_layers(30, 6) == (0, 6, 12, 17, 23, 29)
+    assert spaced_layers(2, 6) == (0, 1) and spaced_layers(5, None) == (0, 1, 2, 3, 4) and spaced_layers(7, 1) == (0,)
+    for n_model, n in ((30, 6), (24, 5), (12, 4), (36, 7)):
+        got = spaced_layers(n_model, n)
+        gaps = [b - a for a, b in zip(got, got[1:])]
+        assert len(got) == n and got[0] == 0 and got[-1] == n_model - 1 and max(gaps) - min(gaps) <= 1

@@ -27,6 +27,7 @@ from ..latentqa.steer import format_table as steer_table
 from ..latentqa.training import DIALOGS
 from ..model_store import default_model_dir, fetch_default_model
 from ..neurons import RecordConfig, build_corpus, parse_layers, record_neurons
+from ..neurons import pipeline as neuron_pipeline
 from ..neurons.diff import moved_run, read_moved
 from ..neurons.explain import LMExplainer, TokenExplainer
 from ..neurons.run import explain_run, read_rows, score_run, simulate_run
@@ -342,6 +343,13 @@ def _latentqa_steer(args) -> int:
 @_command("neurons")
 def _neurons(args) -> int:
     cmd = args.neurons_cmd
+    if cmd == "pipeline":
+        summary = neuron_pipeline.run_pipeline(_load_engine(args), args.out, neuron_pipeline.PRESETS[args.preset],
+                                               corpus=args.corpus, seed=args.seed)
+        _print_neuron_scores(summary, args.json)
+        if not args.json:
+            print(args.out / "viewer.html")
+        return 0
     if cmd in ("record", "diff"):
         if cmd == "diff" and (args.zoo is None) != (args.id is None):
             raise UsageError("--zoo and --id go together (or give --peft DIR)")
@@ -395,19 +403,22 @@ def _neurons(args) -> int:
               else f"{n} explanation sets simulated by {sim.name} in {path}")
         return 0
     if cmd == "score":
-        summary = score_run(args.run)
-        if args.json:
-            print(json.dumps(summary, indent=1))
-        else:
-            print(f"{'explainer / simulator':32} {'neurons':>7} {'corr':>7} {'R2':>7} {'absdev':>7}  per layer (corr)")
-            for name, g in summary.items():
-                layers = " ".join(f"{k}:{v['correlation']:.3f}" for k, v in g["layers"].items())
-                print(f"{name:32} {g['neurons']:7d} {g['correlation']:7.3f} {g['r2']:7.3f} "
-                      f"{g['abs_dev_explained']:7.3f}  {layers}")
+        _print_neuron_scores(score_run(args.run), args.json)
         return 0
     path = write_viewer(args.run, per_layer=args.per_layer)
     print(json.dumps({"viewer": str(path)}) if args.json else path)
     return 0
+
+
+def _print_neuron_scores(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    print(f"{'explainer / simulator':32} {'neurons':>7} {'corr':>7} {'R2':>7} {'absdev':>7}  per layer (corr)")
+    for name, g in summary.items():
+        layers = " ".join(f"{k}:{v['correlation']:.3f}" for k, v in g["layers"].items())
+        print(f"{name:32} {g['neurons']:7d} {g['correlation']:7.3f} {g['r2']:7.3f} "
+              f"{g['abs_dev_explained']:7.3f}  {layers}")
 
 
 _FIND_SETTINGS = {"search": ("n_probes",), "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}

@@ -163,6 +163,22 @@ def neurons_parsers(sub) -> None:
                                      "explanation alone (all positions in one forward), score, and view. Every stage "
                                      "works in one run directory and resumes when rerun.")
     ns = np_.add_subparsers(dest="neurons_cmd", metavar="NEURONS_COMMAND", required=True, parser_class=Parser)
+    p = _leaf(ns, "pipeline", help="every stage in one resumable run (--preset cpu: ~10 min on a 2-core CPU)",
+              description="Record evenly spaced layers, explain many neurons with the token explainer and a seeded "
+                          "few of them with the LM explainer, simulate (keyword; LM for the few), score and write "
+                          "viewer.html, each stage resuming where a kill stopped it; timings.json holds each stage's "
+                          "time. --preset cpu: 6 layers, 256 windows of 32 tokens, 50 neurons a layer by tokens, "
+                          "4 by the LM (2 samples). --preset full: every layer and window, every neuron by tokens, "
+                          "20 a layer by the LM (5 samples): a GPU's work.")
+    _model_args(p)
+    p.set_defaults(dtype="bfloat16")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "full"], help="(default cpu)")
+    p.add_argument("--out", required=True, type=path_arg, help="run directory (created, or resumed)")
+    p.add_argument("--corpus", default=PACKAGED, type=nonempty_text, metavar="FILE",
+                   help=f"'{PACKAGED}' (default) or a text file or a .jsonl with a \"text\" field")
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--json", action="store_true", help="the score summary as JSON")
+
     p = _leaf(ns, "record", help="record every neuron of the chosen layers over a corpus (resumable)",
               description="One batched forward per batch of windows captures every MLP neuron (mlp.I) of the chosen "
                           "layers; per neuron the top-k windows and a uniform random sample are kept.")

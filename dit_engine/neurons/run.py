@@ -116,13 +116,17 @@ def explain_run(run: str | Path, explainer, *, per_layer: int | None = None, see
     return path
 
 
-def simulate_run(run: str | Path, simulator, *, explainers: Sequence[str] | None = None, split: Split = Split(),
+def simulate_run(run: str | Path, simulator, *, explainers: Sequence[str] | None = None,
+                 neurons: Sequence[tuple[int, int]] | None = None, split: Split = Split(),
                  batch_neurons: int = 8, checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S,
                  progress: bool = True) -> Path:
-    """Simulate every explanation on its neuron's scored records, all positions at once."""
+    """Simulate every explanation (of ``explainers``, of ``neurons``; default all) on its neuron's
+    scored records, all positions at once."""
     run = Path(run)
     rec = NeuronRecords.load(run)
-    expl = [r for r in read_rows(run / EXPLANATIONS) if explainers is None or r["explainer"] in explainers]
+    keep = None if neurons is None else {tuple(n) for n in neurons}
+    expl = [r for r in read_rows(run / EXPLANATIONS) if (explainers is None or r["explainer"] in explainers)
+            and (keep is None or (r["layer"], r["neuron"]) in keep)]
     if not expl:
         raise FileFormatError(f"{run / EXPLANATIONS}: no explanations to simulate (run 'dit neurons explain' first)")
     path = run / SIMULATIONS
