@@ -911,3 +911,17 @@ def test_find_diffs(workdir, interpreted):
     assert {m["agent"].split()[0] for m in methods} == {r["method"] for r in load_results(workdir / "results.jsonl")}
     assert {"dit", "diff", "diff+trigger", "base"} <= {m["agent"].split()[0] for m in methods}
     assert result["mean_calls"] == 3.0
+
+    # Killed after the first batch's append, mid-line of the next: a rerun describes only the rest.
+    answers = workdir / "find-diffs" / "answers.jsonl"
+    lines = answers.read_text().splitlines(keepends=True)
+    assert len(lines) == ask["n"] > 1
+    answers.write_text(lines[0] + lines[1][:10])
+    ok(type_(FIND_DIFFS, "--max-new-tokens", "3"))
+    again = answers.read_text().splitlines(keepends=True)
+    assert again[0] == lines[0] and sorted(again) == sorted(lines)
+    assert json.loads((workdir / "find-diffs" / "diffs.json").read_text())["scores"] == result["scores"]
+    code, _, err = type_(FIND_DIFFS, "--max-new-tokens", "4")
+    assert code == 1 and err.strip().splitlines()[-1].endswith(
+        "find-diffs holds descriptions made with another max_new_tokens; write this run to another --out (or "
+        "delete it to start again)")

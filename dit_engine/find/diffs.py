@@ -2,9 +2,10 @@
 and describes it; descriptions are scored by retrieval of the diff's label among the task's labels,
 next to DIT's answers (a ``dit interpret`` results file) on the same diffs, scored the same way.
 
-Writes ``answers.jsonl`` (one :class:`~.score.Answer` per diff, with its transcript) and
-``diffs.json`` (the retrieval scores of the agent and of each method in the results file, the mean
-number of calls, the settings) into the output directory.
+Writes ``describe.json`` (the settings a resume must match), ``answers.jsonl`` (one
+:class:`~.score.Answer` per diff, with its transcript, appended batch by batch) and ``diffs.json``
+(the retrieval scores of the agent and of each method in the results file, the mean number of
+calls, the settings) into the output directory.
 """
 
 from __future__ import annotations
@@ -12,23 +13,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..evaluate import load_results
-from ..files import write_json, write_text
+from ..files import append_synced, read_json, write_json
+from ..jobs import job
 from ..provenance import provenance
 from ..tasks import get_task
 from ..zoo import BaseIdentity, Zoo
 from .lm_agent import LMAgent
 from .model_backed import AskAgent, DiffBox, retrieval
+from .run import ANSWERS, load_answers
 
 DIFF_AGENTS = ("ask", "lm")
+HEADER, HEADER_FORMAT = "describe.json", 1  # what a resume must match
 
 
 def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *, task: str = "hidden-topic",
                    split: str | None = None, limit: int | None = None, mode: str = "text", rounds: int = 3,
-                   max_new_tokens: int = 32, dit_results: str | Path | None = None, batch_size: int = 32) -> dict:
+                   max_new_tokens: int = 32, dit_results: str | Path | None = None, batch_size: int = 32,
+                   progress: bool = True) -> dict:
+    """Describe the zoo's diffs with ``agent``, ``batch_size`` diffs at a time; each batch's answers
+    are appended to ``answers.jsonl`` as it ends, so a rerun of the same command (a kill, Ctrl-C)
+    continues with the diffs not yet described. The scores are written once every diff has its answer."""
     if agent not in DIFF_AGENTS:
         raise ValueError(f"unknown diff agent {agent!r}; use one of {', '.join(DIFF_AGENTS)}")
     t = get_task(task)
+    out = Path(out)
+    mode = mode if agent == "lm" else "text"
+    header = {"format": HEADER_FORMAT, "zoo": str(zoo_path), "task": task, "split": split, "limit": limit,
+              "agent": agent, "mode": mode, "rounds": rounds if agent == "lm" else None,
+              "max_new_tokens": max_new_tokens}
     with Zoo.open(zoo_path, base=BaseIdentity.from_model(engine.model)) as zoo:
         ids = zoo.ids(split)[:limit] if limit is not None else zoo.ids(split)
         if not ids:
@@ -40,13 +55,36 @@ def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *,
                 raise ValueError(f"{zoo_path}: diff {i} has no {t.label_key!r} label (task {task})")
             labels[i] = value
         candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)] + list(labels.values())))
-        boxes = [DiffBox(engine, zoo.get(i, dtype=engine.model.dtype), mode=mode if agent == "lm" else "text",
-                         max_new_tokens=max_new_tokens) for i in ids]
-    runner = AskAgent() if agent == "ask" else LMAgent(engine, rounds=rounds, batch_size=batch_size)
-    answers = runner.run(boxes)
-    scores = {"agent": agent, **retrieval({a.id: a.description for a in answers}, labels, candidates)}
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / HEADER).exists():
+            old = read_json(out / HEADER, "a 'dit find diffs' run header", kind=dict)
+            if {k: old.get(k) for k in header} != header:
+                changed = ", ".join(k for k in header if old.get(k) != header[k])
+                raise ValueError(f"{out} holds descriptions made with another {changed}; write this run to "
+                                 "another --out (or delete it to start again)")
+        else:
+            write_json(out / HEADER, header)
+        done = load_answers(out, repair=True)
+        todo = [i for i in ids if i not in done]
+        runner = AskAgent() if agent == "ask" else LMAgent(engine, rounds=rounds, batch_size=batch_size)
+        with job("dit find diffs") as j, open(out / ANSWERS, "ab", buffering=0) as fh, \
+                tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"find diffs ({agent})", unit="diff",
+                     disable=not progress, leave=False) as bar:
+            for s in range(0, len(todo), batch_size):
+                part = todo[s:s + batch_size]
+                boxes = [DiffBox(engine, zoo.get(i, dtype=engine.model.dtype), mode=mode,
+                                 max_new_tokens=max_new_tokens) for i in part]
+                answers = runner.run(boxes)
+                append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(),
+                              out / ANSWERS)
+                bar.update(len(part))
+                j.checkpointed()
+                j.stop_if_requested(out)
+    answers = load_answers(out)
+    described = {i: answers[i] for i in ids}
+    scores = {"agent": agent, **retrieval({i: a.description for i, a in described.items()}, labels, candidates)}
     result = {"zoo": str(zoo_path), "task": task, "split": split, "mode": mode, "n": len(ids),
-              "mean_calls": sum(a.calls for a in answers) / len(answers), "scores": [scores],
+              "mean_calls": sum(a.calls for a in described.values()) / len(described), "scores": [scores],
               "provenance": provenance()}
     if dit_results is not None:
         rows = [r for r in load_results(dit_results) if r["id"] in labels]
@@ -54,9 +92,6 @@ def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *,
             texts = {r["id"]: r["answer"] for r in rows if r["method"] == method}
             result["scores"].append({"agent": f"{method} (from {Path(dit_results).name})",
                                      **retrieval(texts, labels, candidates)})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "answers.jsonl", "".join(json.dumps(a.to_json()) + "\n" for a in answers))
     write_json(out / "diffs.json", result)
     return result
 
