@@ -176,6 +176,8 @@ def _shared_prefill(prompts: list[list[int]], adapters: AdapterBatch | None,
     every slot; per-token routing (a 2-D index) is never shared."""
     if patches is not None and any(p is not None for p in patches):
         return None
+    if len({tuple(p) for p in prompts}) == len(prompts):
+        return None  # no prompt repeats: nothing to share, and no read of the adapter indices
     if adapters is not None and any(s.index.dim() != 1 for s in adapters.slots):
         return None
     routes = list(zip(*(s.index.tolist() for s in adapters.slots))) if adapters is not None else [()] * len(prompts)
