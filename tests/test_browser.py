@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_neurons_world import corpus_text, neuron_engine, plant_neurons
+from test_neurons_world import planted_record_run
 
 from dit_engine.charts import PALETTE
 from dit_engine.cli import main
-from dit_engine.neurons import RecordConfig, build_corpus, record_neurons
 from dit_engine.neurons.explain import TokenExplainer
 from dit_engine.neurons.run import explain_run, score_run, simulate_run
 from dit_engine.neurons.simulate import KeywordSimulator
@@ -152,15 +151,11 @@ def test_the_dit_report_renders_its_tables_and_bars(tmp_path):
 
 @pytest.fixture(scope="module")
 def neuron_run(tmp_path_factory):
-    eng = plant_neurons(neuron_engine(seed=0))
-    d = tmp_path_factory.mktemp("browser-neurons")
-    (d / "c.txt").write_text(corpus_text(100, seed=2))
-    corpus = build_corpus(eng.tokenizer, d / "c.txt", context=16)
-    record_neurons(eng.model, corpus, d / "run", RecordConfig(top_k=6, sample_k=4), progress=False)
-    explain_run(d / "run", TokenExplainer(), progress=False)
-    simulate_run(d / "run", KeywordSimulator(), progress=False)
-    score_run(d / "run")
-    return d / "run"
+    _, run = planted_record_run(tmp_path_factory.mktemp("browser-neurons"), sentences=100, seed=2, top_k=6, sample_k=4)
+    explain_run(run, TokenExplainer(), progress=False)
+    simulate_run(run, KeywordSimulator(), progress=False)
+    score_run(run)
+    return run
 
 
 def test_the_neuron_viewer_renders_every_neuron_with_shaded_tokens(neuron_run, tmp_path):

@@ -17,9 +17,9 @@ import shutil
 
 import numpy as np
 import pytest
-from test_neurons_world import NOUNS, PLANTED, VERBS, corpus_text, neuron_engine, plant_neurons
+from test_neurons_world import NOUNS, PLANTED, VERBS, planted_record_run
 
-from dit_engine.neurons import NeuronRecords, RecordConfig, build_corpus, record_neurons
+from dit_engine.neurons import NeuronRecords, build_corpus
 from dit_engine.neurons.explain import LMExplainer, TokenExplainer
 from dit_engine.neurons.run import (EXPLANATIONS, SIMULATIONS, Split, explain_run, read_rows, score_run,
                                     simulate_run)
@@ -29,12 +29,7 @@ from dit_engine.neurons.score import correlation
 
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
-    eng = plant_neurons(neuron_engine(seed=0))
-    d = tmp_path_factory.mktemp("planted")
-    (d / "c.txt").write_text(corpus_text(160, seed=1))
-    corpus = build_corpus(eng.tokenizer, d / "c.txt", context=16)
-    record_neurons(eng.model, corpus, d / "run", RecordConfig(top_k=10, sample_k=10, batch_size=8), progress=False)
-    return eng, d / "run"
+    return planted_record_run(tmp_path_factory.mktemp("planted"), sentences=160, seed=1, top_k=10, sample_k=10)
 
 
 def test_planted_neurons_record_their_tokens(planted_run):

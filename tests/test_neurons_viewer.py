@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from test_neurons_world import PLANTED, corpus_text, neuron_engine, plant_neurons
+from test_neurons_world import PLANTED, planted_record_run
 
-from dit_engine.neurons import NeuronRecords, RecordConfig, build_corpus, record_neurons
+from dit_engine.neurons import NeuronRecords
 from dit_engine.neurons.explain import TokenExplainer
 from dit_engine.neurons.run import explain_run, score_run, simulate_run
 from dit_engine.neurons.simulate import KeywordSimulator
@@ -63,12 +63,8 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    eng = plant_neurons(neuron_engine(seed=0))
-    d = tmp_path_factory.mktemp("view")
-    (d / "c.txt").write_text(corpus_text(100, seed=2) + "\n\nthe <b>cat</b> & \"dog\" .\n")
-    corpus = build_corpus(eng.tokenizer, d / "c.txt", context=16)
-    record_neurons(eng.model, corpus, d / "run", RecordConfig(top_k=6, sample_k=4), progress=False)
-    return d / "run"
+    return planted_record_run(tmp_path_factory.mktemp("view"), sentences=100, seed=2, top_k=6, sample_k=4,
+                              extra_text="\n\nthe <b>cat</b> & \"dog\" .\n")[1]
 
 
 def _parse(path):

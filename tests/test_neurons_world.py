@@ -89,3 +89,15 @@ def plant_neurons(eng: Engine, planted: dict[int, tuple[str, ...]] = PLANTED, st
                 proj.weight[n].zero_()
                 proj.weight[n, axis] = 1.0
     return eng
+
+
+def planted_record_run(d: Path, *, sentences: int, seed: int, top_k: int, sample_k: int,
+                       extra_text: str = "") -> tuple[Engine, Path]:
+    """The planted engine's record run over a corpus of ``sentences`` (16-token windows) in ``d/run``."""
+    from dit_engine.neurons import RecordConfig, build_corpus, record_neurons
+
+    eng = plant_neurons(neuron_engine(seed=0))
+    (d / "c.txt").write_text(corpus_text(sentences, seed=seed) + extra_text)
+    corpus = build_corpus(eng.tokenizer, d / "c.txt", context=16)
+    record_neurons(eng.model, corpus, d / "run", RecordConfig(top_k=top_k, sample_k=sample_k), progress=False)
+    return eng, d / "run"
