@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from test_neurons_world import NOUNS, neuron_engine, neuron_tokenizer
 from tiny_world import tiny_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
