@@ -896,6 +896,69 @@ def test_find_report(workdir, find_search, find_lm):
     assert "| overall | 10 |" in md
 
 
+FIND_GENERATE_ZOO = "dit find generate --seed 0 --zoo test-zoo/ --out suite-diffs.jsonl"
+FIND_RUN_ZOO = "dit find run --suite suite-diffs.jsonl --agent search --model default --out find-search-diffs/"
+FIND_SCORE_ZOO = "dit find score --suite suite-diffs.jsonl --run find-search-diffs/ --json"
+
+
+@pytest.fixture(scope="module")
+def find_zoo_suite(workdir, interpreted):
+    ok(interpreted)
+    return type_(FIND_GENERATE_ZOO, "--n-numeric", "2", "--n-string", "2")
+
+
+@types(FIND_GENERATE_ZOO)
+def test_find_generate_with_a_zoo(workdir, find_zoo_suite):
+    counts = json.loads(ok(type_(FIND_GENERATE_ZOO, "--n-numeric", "2", "--n-string", "2", "--json")))["by_category"]
+    zoo = Zoo.open(workdir / "test-zoo")
+    assert counts["model/diff"] == len(zoo.ids()) == 2
+    rows = [json.loads(x) for x in (workdir / "suite-diffs.jsonl").read_text().splitlines()[1:]]
+    diffs = [r for r in rows if r["kind"] == "diff"]
+    assert [r["spec"]["diff"] for r in diffs] == zoo.ids()
+    assert [r["spec"]["label"] for r in diffs] == [zoo.row(i)["labels"]["topic"] for i in zoo.ids()]
+
+
+@types(FIND_RUN_ZOO)
+def test_find_run_search_asks_the_diffs(workdir, find_zoo_suite):
+    ok(find_zoo_suite)
+    assert ok(type_(FIND_RUN_ZOO)).strip() == "find-search-diffs"
+    answers = {a["id"]: a for a in map(json.loads, (workdir / "find-search-diffs" / "answers.jsonl").read_text()
+                                       .splitlines())}
+    assert len(answers) == 6 and all(answers[f"diff/{i}"]["calls"] == 3 for i in Zoo.open(workdir / "test-zoo").ids())
+    code, _, err = type_(FIND_RUN_ZOO.replace(" --model default", ""), "--out", "elsewhere/", "--model", "nowhere/")
+    assert code == 1 and "nowhere" in err
+
+
+@types(FIND_SCORE_ZOO)
+def test_find_score_ranks_the_diffs_as_find_diffs_does(workdir, find_zoo_suite):
+    from dit_engine.engine import Engine
+    from dit_engine.find import describe_diffs
+
+    ok(find_zoo_suite)
+    if not (workdir / "find-search-diffs" / "answers.jsonl").exists():
+        ok(type_(FIND_RUN_ZOO))
+    summary = json.loads(ok(type_(FIND_SCORE_ZOO)))
+    assert summary["model/diff"]["n"] == 2 and summary["overall"]["n"] == 6
+    rows = {r["id"]: r for r in map(json.loads, (workdir / "find-search-diffs" / "scores.jsonl").read_text()
+                                    .splitlines())}
+    # The same answers through 'dit find diffs' (another path to the same black box and candidates).
+    direct = describe_diffs(Engine.load(str(default_model_dir(workdir / ".dit-home"))), workdir / "test-zoo", "ask",
+                            workdir / "find-diffs-direct", progress=False)
+    for diff_id, rank in direct["scores"][0]["ranks"].items():
+        assert rows[f"diff/{diff_id}"]["rank"] == rank and rows[f"diff/{diff_id}"]["correct"] == (rank == 1)
+    # The ground truth retrieves every label; a constant answer none here.
+    from dit_engine.find import constant_answers, load_suite, reference_answers, score_answers
+
+    diffs = [f for f in load_suite(workdir / "suite-diffs.jsonl") if f.kind == "diff"]
+    assert all(r["correct"] and r["rank"] == 1 for r in score_answers(diffs, reference_answers(diffs)))
+    assert not any(r["correct"] for r in score_answers(diffs, constant_answers(diffs)))
+    from dit_engine.find import write_report
+
+    md = write_report(workdir / "suite-diffs.jsonl", [workdir / "find-search-diffs"], workdir / "find-report-diffs")
+    text = md.with_name("report.md").read_text()
+    assert "| model/diff | 2 |" in text and f"### diff/{Zoo.open(workdir / 'test-zoo').ids()[0]} (model/diff)" in text
+
+
 FIND_DIFFS = "dit find diffs --zoo test-zoo/ --agent ask --dit-results results.jsonl --out find-diffs/"
 
 

@@ -428,6 +428,8 @@ _FIND_SETTINGS = {"search": ("n_probes",), "lm": ("rounds", "calls_per_round", "
 def _find(args) -> int:
     if args.find_cmd == "generate":
         fns = find_room.build_suite(args.seed, args.n_numeric, args.n_string)
+        if args.zoo is not None:
+            fns += find_room.diff_functions(args.zoo, split=args.zoo_split, task=args.task)
         find_room.save_suite(args.out, fns, seed=args.seed)
         counts: dict[str, int] = {}
         for f in fns:
@@ -440,7 +442,8 @@ def _find(args) -> int:
                  if getattr(args, k) is not None and k not in _FIND_SETTINGS.get(args.agent, ())]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --agent {args.agent}")
-        engine = _load_engine(args) if args.agent == "lm" else None
+        probes_diffs = args.agent == "search" and any(f.kind == "diff" for f in find_room.load_suite(args.suite))
+        engine = _load_engine(args) if args.agent == "lm" or probes_diffs else None
         header = find_room.run_agent(args.suite, args.out, args.agent, settings=settings, engine=engine,
                                      limit=args.limit)
         print(json.dumps(header) if args.json else args.out)

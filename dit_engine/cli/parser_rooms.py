@@ -274,6 +274,11 @@ def find_parsers(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--n-numeric", type=nonnegative_int, default=500)
     p.add_argument("--n-string", type=nonnegative_int, default=500)
+    p.add_argument("--zoo", type=path_arg, default=None,
+                   help="also every diff of this zoo as a model-backed function (category model/diff): f(prompt) -> "
+                        "the finetuned model's answer, scored by retrieval of its label")
+    p.add_argument("--zoo-split", default=None, type=nonempty_text, metavar="SPLIT", help="only this split of --zoo")
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"], help="--zoo's task (labels)")
     p.add_argument("--out", required=True, type=path_arg, help="suite file to write (JSONL)")
     p.add_argument("--json", action="store_true", help="print the counts per category as JSON")
 

@@ -154,3 +154,62 @@ def retrieval(descriptions: dict[str, str], labels: dict[str, str], candidates: 
     return {"n": len(ranks), "n_candidates": len(index), "retrieval@1": sum(r == 1 for r in ranks.values()) / n,
             "retrieval@5": sum(r <= 5 for r in ranks.values()) / n,
             "mrr": sum(1 / r for r in ranks.values()) / n, "ranks": ranks}
+
+
+DIFF_CATEGORY = "model/diff"
+
+
+def diff_functions(zoo_path, *, split: str | None = None, task: str = "hidden-topic") -> list:
+    """A zoo's diffs as suite functions (kind ``"diff"``, category ``model/diff``): f(prompt) -> the
+    adapted model's greedy answer. The ground truth is the diff's label; there is no reference code,
+    so an answer is scored by retrieval of the label among the task's labels (:func:`diff_ranks`)."""
+    from pathlib import Path
+
+    from ..tasks import get_task
+    from ..zoo import Zoo
+    from .suite import Function
+
+    t = get_task(task)
+    with Zoo.open(zoo_path) as zoo:
+        ids = zoo.ids(split)
+        if not ids:
+            raise ValueError(f"{zoo_path}: no diffs{f' in split {split!r}' if split else ''} to add to the suite")
+        out = []
+        for i in ids:
+            label = zoo.row(i)["labels"].get(t.label_key)
+            if label is None:
+                raise ValueError(f"{zoo_path}: diff {i} has no {t.label_key!r} label (task {task})")
+            out.append(Function(id=f"diff/{i}", kind="diff", category=DIFF_CATEGORY,
+                                description=f"a model finetuned to talk about {label}",
+                                domain={"text": "any prompt", "interval": None}, code="",
+                                spec={"zoo": str(Path(zoo_path).resolve()), "diff": i, "task": task, "label": label}))
+    return out
+
+
+def diff_box(engine, fn, *, max_new_tokens: int = 32) -> DiffBox:
+    """The black box of a ``diff`` suite function: its zoo's diff on ``engine``'s base (a zoo made
+    for another base is refused by the zoo)."""
+    from ..zoo import BaseIdentity, Zoo
+
+    with Zoo.open(fn.spec["zoo"], base=BaseIdentity.from_model(engine.model)) as zoo:
+        diff = zoo.get(fn.spec["diff"], dtype=engine.model.dtype)
+    return DiffBox(engine, diff, mode="text", max_new_tokens=max_new_tokens, id=fn.id)
+
+
+def diff_ranks(functions: Sequence, descriptions: dict[str, str]) -> dict[str, int]:
+    """Rank of each ``diff`` function's label among its task's labels (and every label of these
+    functions) by similarity to its description; a function without a description ranks last."""
+    from ..tasks import get_task
+
+    out: dict[str, int] = {}
+    by_task: dict[str, list] = {}
+    for f in functions:
+        by_task.setdefault(f.spec["task"], []).append(f)
+    for task, fns in by_task.items():
+        t = get_task(task)
+        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)]
+                                        + [f.spec["label"] for f in fns]))
+        described = {f.id: descriptions[f.id] for f in fns if f.id in descriptions}
+        ranks = retrieval(described, {f.id: f.spec["label"] for f in fns}, candidates)["ranks"] if described else {}
+        out.update({f.id: ranks.get(f.id, len(candidates)) for f in fns})
+    return out

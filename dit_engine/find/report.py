@@ -18,7 +18,7 @@ from .score import NMSE_CORRECT
 from .suite import load_suite
 
 _COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7")
-TRANSCRIPTS = {"numeric": 2, "string": 1}  # how many functions of each kind the report shows
+TRANSCRIPTS = {"numeric": 2, "string": 1, "diff": 1}  # how many functions of each kind the report shows
 
 
 def write_report(suite_path: str | Path, runs: Sequence[str | Path], out: str | Path,
@@ -54,7 +54,9 @@ def write_report(suite_path: str | Path, runs: Sequence[str | Path], out: str | 
 
 _INTRO = ("Numeric functions count as correct when the agent's code, run in the sandbox on x in [-128, 128) + 0.5, "
           f"has normalised MSE < {NMSE_CORRECT} against the function (noise-free); string functions when the code "
-          "matches every held-out test input exactly. Calls: inputs the agent evaluated on the black box.")
+          "matches every held-out test input exactly; a model-backed diff (model/diff) when the description "
+          "retrieves the diff's label first among the task's labels. Calls: inputs the agent evaluated on the black "
+          "box.")
 
 
 def _load(run: Path) -> dict:

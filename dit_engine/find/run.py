@@ -21,6 +21,7 @@ from ..jobs import job
 from ..provenance import provenance
 from .agents import SearchAgent, constant_answers, reference_answers
 from .lm_agent import LMAgent
+from .model_backed import AskAgent, diff_box
 from .sandbox import Limits
 from .score import Answer, score_answers, summarize
 from .suite import BlackBox, Function, load_suite
@@ -31,13 +32,13 @@ ANSWERS, SCORES, SUMMARY, RUN = "answers.jsonl", "scores.jsonl", "summary.json",
 
 
 def select(functions: Sequence[Function], limit: int | None) -> list[Function]:
-    """The first ``limit`` numeric and the first ``limit`` string functions (all with None)."""
+    """The first ``limit`` functions of each kind (numeric, string, diff; all with None)."""
     if limit is None:
         return list(functions)
-    out, seen = [], {"numeric": 0, "string": 0}
+    out, seen = [], {}
     for f in functions:
-        if seen[f.kind] < limit:
-            seen[f.kind] += 1
+        if seen.get(f.kind, 0) < limit:
+            seen[f.kind] = seen.get(f.kind, 0) + 1
             out.append(f)
     return out
 
@@ -71,14 +72,10 @@ def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: 
                disable=not progress, leave=False)
     with job("dit find run") as j, open(out / ANSWERS, "ab", buffering=0) as fh:
         for s in range(0, len(todo), chunk):
-            part = todo[s:s + chunk]
-            if runner is None:
-                answers = list((reference_answers(part) if agent == "reference" else constant_answers(part)).values())
-            else:
-                answers = runner.run([BlackBox(f, budget=runner.budget) for f in part])
+            answers = _answer(todo[s:s + chunk], agent, runner, engine)
             append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(),
                           out / ANSWERS)
-            bar.update(len(part))
+            bar.update(len(answers))
             j.checkpointed()
             j.stop_if_requested(out)
     bar.close()
@@ -128,6 +125,23 @@ def load_answers(out: str | Path, *, repair: bool = False) -> dict[str, Answer]:
                 break
             raise FileFormatError(f"{path}: line {n} is not an answer") from None
     return good
+
+
+def _answer(part: Sequence[Function], agent: str, runner, engine) -> list[Answer]:
+    """The agent's answers to ``part``, in its order. A model-backed diff is probed by the LM agent
+    itself, and for the search agent by the ask-the-diff baseline (fixed questions)."""
+    if runner is None:
+        return list((reference_answers(part) if agent == "reference" else constant_answers(part)).values())
+    coded = [f for f in part if f.kind != "diff"]
+    diffs = [f for f in part if f.kind == "diff"]
+    out = runner.run([BlackBox(f, budget=runner.budget) for f in coded]) if coded else []
+    if diffs:
+        if engine is None:
+            raise ValueError(f"the suite's model-backed functions ({diffs[0].id}, ...) need a model: give --model")
+        boxes = [diff_box(engine, f) for f in diffs]
+        out += (runner if isinstance(runner, LMAgent) else AskAgent()).run(boxes)
+    at = {f.id: n for n, f in enumerate(part)}
+    return sorted(out, key=lambda a: at[a.id])
 
 
 def _agent(name: str, settings: dict, engine):

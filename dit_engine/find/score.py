@@ -43,17 +43,30 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                   batch_size: int = 1, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per function: correct, the error measure, the domain IoU where it applies, the
     sandbox's error if the code failed. A function with no answer scores as wrong."""
+    from .model_backed import diff_ranks  # model_backed imports Answer from here
+
+    coded = [fn for fn in functions if fn.kind != "diff"]  # a diff has no code: its description is scored
     programs = []
-    for fn in functions:
+    for fn in coded:
         a = answers.get(fn.id)
         inputs = [float(x) for x in P.grid()] if fn.kind == "numeric" else list(fn.test_inputs)
         programs.append(Program(a.code if a else "", inputs, fn.kind))
-    results = run_programs(programs, limits=limits, batch_size=batch_size, progress=progress)
+    results = dict(zip((fn.id for fn in coded), run_programs(programs, limits=limits, batch_size=batch_size,
+                                                              progress=progress)))
+    diffs = [fn for fn in functions if fn.kind == "diff"]
+    ranks = diff_ranks(diffs, {fn.id: answers[fn.id].description for fn in diffs if fn.id in answers})
+    if diffs and progress is not None:
+        progress(len(diffs))
     rows = []
-    for fn, res in zip(functions, results):
+    for fn in functions:
         a = answers.get(fn.id)
         row = {"id": fn.id, "kind": fn.kind, "category": fn.category, "calls": a.calls if a else 0,
                "error": None if a else "no answer"}
+        if fn.kind == "diff":  # correct: the description retrieves the diff's label first among the task's
+            row.update(rank=ranks[fn.id], correct=a is not None and ranks[fn.id] == 1)
+            rows.append(row)
+            continue
+        res = results[fn.id]
         if a is not None and not res.ok:
             row["error"] = res.error
         if fn.kind == "numeric":
