@@ -163,7 +163,7 @@ def neurons_parsers(sub) -> None:
                                      "explanation alone (all positions in one forward), score, and view. Every stage "
                                      "works in one run directory and resumes when rerun.")
     ns = np_.add_subparsers(dest="neurons_cmd", metavar="NEURONS_COMMAND", required=True, parser_class=Parser)
-    p = _leaf(ns, "pipeline", help="every stage in one resumable run (--preset cpu: ~10 min on a 2-core CPU)",
+    p = _leaf(ns, "pipeline", help="every stage in one resumable run (--preset cpu: ~6 min on a 2-core CPU)",
               description="Record evenly spaced layers, explain many neurons with the token explainer and a seeded "
                           "few of them with the LM explainer, simulate (keyword; LM for the few), score and write "
                           "viewer.html, each stage resuming where a kill stopped it; timings.json holds each stage's "

@@ -7,7 +7,7 @@ with the LM simulator, score, and write the viewer. Every stage is one of the st
 :mod:`.run` and :mod:`.record`, so a rerun resumes where a kill stopped it; ``timings.json`` holds
 each stage's wall time, summed over resumes.
 
-Presets: ``cpu`` (about ten minutes on a 2-core CPU with the default model: 6 layers, 50 neurons a
+Presets: ``cpu`` (5 min 29 s measured on a 2-core CPU with the default model: 6 layers, 50 neurons a
 layer explained by tokens, 4 of them by the LM) and ``full`` (every layer and window, every neuron
 by tokens, 20 a layer by the LM, the paper's 5 samples: a GPU's work).
 """
