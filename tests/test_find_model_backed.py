@@ -12,7 +12,8 @@ from tiny_world import tiny_engine
 
 from dit_engine.config import TARGET_MODULES
 from dit_engine.find.lm_agent import LMAgent
-from dit_engine.find.model_backed import AskAgent, DiffBox, NeuronBox, retrieval
+from dit_engine.find.model_backed import AskAgent, DiffBox, NeuronBox
+from dit_engine.find.score import retrieval
 from dit_engine.find.suite import BudgetExceeded
 from dit_engine.zoo import Diff
 

@@ -8,11 +8,11 @@ search baseline and a local-LM interpretability agent), scoring as the paper doe
 from .agents import SearchAgent, constant_answers, reference_answers
 from .diffs import DIFF_AGENTS, describe_diffs, format_diff_table
 from .lm_agent import LMAgent
-from .model_backed import AskAgent, DiffBox, NeuronBox, diff_functions, retrieval
+from .model_backed import AskAgent, DiffBox, NeuronBox, diff_functions
 from .report import write_report
 from .run import AGENTS, load_answers, run_agent, score_run, select
 from .sandbox import Limits, Program, Result, run_program, run_programs
-from .score import NMSE_CORRECT, Answer, score_answers, summarize
+from .score import NMSE_CORRECT, Answer, retrieval, score_answers, summarize
 from .suite import BlackBox, BudgetExceeded, Function, build_suite, clean_output, load_suite, save_suite
 
 __all__ = ["AGENTS", "DIFF_AGENTS", "describe_diffs", "format_diff_table", "Answer", "AskAgent", "DiffBox", "NeuronBox", "diff_functions", "retrieval", "BlackBox", "BudgetExceeded", "Function", "LMAgent", "Limits", "NMSE_CORRECT",

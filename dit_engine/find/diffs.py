@@ -22,8 +22,9 @@ from ..provenance import provenance
 from ..tasks import get_task
 from ..zoo import BaseIdentity, Zoo
 from .lm_agent import LMAgent
-from .model_backed import AskAgent, DiffBox, retrieval
+from .model_backed import AskAgent, DiffBox
 from .run import ANSWERS, load_answers
+from .score import retrieval
 
 DIFF_AGENTS = ("ask", "lm")
 HEADER, HEADER_FORMAT = "describe.json", 1  # what a resume must match

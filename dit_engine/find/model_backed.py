@@ -9,7 +9,7 @@
 Both have the black-box interface the agents use (``id``, ``kind``, ``calls``, ``budget``, a call
 on a list of inputs) and a ``task`` line that tells an LM agent what it is probing. They have no
 reference code: a diff's description is scored by retrieval of its label among candidate labels
-(:func:`retrieval`), the same way DIT's answers are, so the two sit side by side.
+(:func:`.score.retrieval`), the same way DIT's answers are, so the two sit side by side.
 :class:`AskAgent` is the non-LLM baseline for diffs: it asks the adapted model a few fixed
 questions and takes its answers as the description.
 """
@@ -23,7 +23,6 @@ import torch
 from ..adapters import AdapterBatch
 from ..dit.interpret import diff_slot
 from ..probes import Probes, positions_mask
-from ..text_match import CandidateIndex
 from .score import Answer
 from .suite import BudgetExceeded
 
@@ -139,30 +138,13 @@ class AskAgent:
         return out
 
 
-def retrieval(descriptions: dict[str, str], labels: dict[str, str], candidates: Sequence[str]) -> dict:
-    """Rank of each function's true label among ``candidates`` by similarity to its description:
-    retrieval@1, @5, mean reciprocal rank, and the rank per id."""
-    missing = [k for k in descriptions if k not in labels]
-    if missing:
-        raise ValueError(f"no label for {len(missing)} described functions (first: {missing[0]})")
-    absent = sorted({labels[k] for k in descriptions} - set(candidates))
-    if absent:
-        raise ValueError(f"labels missing from the candidates: {absent[:3]}")
-    index = CandidateIndex(candidates)
-    ranks = {k: index.rank(d, labels[k]) for k, d in descriptions.items()}
-    n = max(len(ranks), 1)
-    return {"n": len(ranks), "n_candidates": len(index), "retrieval@1": sum(r == 1 for r in ranks.values()) / n,
-            "retrieval@5": sum(r <= 5 for r in ranks.values()) / n,
-            "mrr": sum(1 / r for r in ranks.values()) / n, "ranks": ranks}
-
-
 DIFF_CATEGORY = "model/diff"
 
 
 def diff_functions(zoo_path, *, split: str | None = None, task: str = "hidden-topic") -> list:
     """A zoo's diffs as suite functions (kind ``"diff"``, category ``model/diff``): f(prompt) -> the
     adapted model's greedy answer. The ground truth is the diff's label; there is no reference code,
-    so an answer is scored by retrieval of the label among the task's labels (:func:`diff_ranks`)."""
+    so an answer is scored by retrieval of the label among the task's labels (:func:`.score.diff_ranks`)."""
     from pathlib import Path
 
     from ..tasks import get_task
@@ -194,22 +176,3 @@ def diff_box(engine, fn, *, max_new_tokens: int = 32) -> DiffBox:
     with Zoo.open(fn.spec["zoo"], base=BaseIdentity.from_model(engine.model)) as zoo:
         diff = zoo.get(fn.spec["diff"], dtype=engine.model.dtype)
     return DiffBox(engine, diff, mode="text", max_new_tokens=max_new_tokens, id=fn.id)
-
-
-def diff_ranks(functions: Sequence, descriptions: dict[str, str]) -> dict[str, int]:
-    """Rank of each ``diff`` function's label among its task's labels (and every label of these
-    functions) by similarity to its description; a function without a description ranks last."""
-    from ..tasks import get_task
-
-    out: dict[str, int] = {}
-    by_task: dict[str, list] = {}
-    for f in functions:
-        by_task.setdefault(f.spec["task"], []).append(f)
-    for task, fns in by_task.items():
-        t = get_task(task)
-        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)]
-                                        + [f.spec["label"] for f in fns]))
-        described = {f.id: descriptions[f.id] for f in fns if f.id in descriptions}
-        ranks = retrieval(described, {f.id: f.spec["label"] for f in fns}, candidates)["ranks"] if described else {}
-        out.update({f.id: ranks.get(f.id, len(candidates)) for f in fns})
-    return out

@@ -6,6 +6,8 @@ function's held-out test inputs; the exact-match rate, correct when every one ma
 (corrupted functions): the first two numbers of the agent's DOMAIN text as an interval, its
 intersection over union with the true interval (0 when no interval is given). Summaries per
 category, per kind and overall, with the mean number of black-box calls the agent made.
+Descriptions of model-backed diffs (no code): :func:`retrieval` of the diff's label among the
+task's labels, correct at rank 1 (:func:`diff_ranks`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..tasks import get_task
+from ..text_match import CandidateIndex
 from . import primitives as P
 from .sandbox import Limits, Program, run_programs
 from .suite import Function, clean_output, string_output
@@ -43,8 +47,6 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                   batch_size: int = 1, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per function: correct, the error measure, the domain IoU where it applies, the
     sandbox's error if the code failed. A function with no answer scores as wrong."""
-    from .model_backed import diff_ranks  # model_backed imports Answer from here
-
     coded = [fn for fn in functions if fn.kind != "diff"]  # a diff has no code: its description is scored
     programs = []
     for fn in coded:
@@ -127,3 +129,37 @@ def _stats(rows: list[dict]) -> dict:
 
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
+
+
+def retrieval(descriptions: dict[str, str], labels: dict[str, str], candidates: Sequence[str]) -> dict:
+    """Rank of each function's true label among ``candidates`` by similarity to its description:
+    retrieval@1, @5, mean reciprocal rank, and the rank per id."""
+    missing = [k for k in descriptions if k not in labels]
+    if missing:
+        raise ValueError(f"no label for {len(missing)} described functions (first: {missing[0]})")
+    absent = sorted({labels[k] for k in descriptions} - set(candidates))
+    if absent:
+        raise ValueError(f"labels missing from the candidates: {absent[:3]}")
+    index = CandidateIndex(candidates)
+    ranks = {k: index.rank(d, labels[k]) for k, d in descriptions.items()}
+    n = max(len(ranks), 1)
+    return {"n": len(ranks), "n_candidates": len(index), "retrieval@1": sum(r == 1 for r in ranks.values()) / n,
+            "retrieval@5": sum(r <= 5 for r in ranks.values()) / n,
+            "mrr": sum(1 / r for r in ranks.values()) / n, "ranks": ranks}
+
+
+def diff_ranks(functions: Sequence, descriptions: dict[str, str]) -> dict[str, int]:
+    """Rank of each ``diff`` function's label among its task's labels (and every label of these
+    functions) by similarity to its description; a function without a description ranks last."""
+    out: dict[str, int] = {}
+    by_task: dict[str, list] = {}
+    for f in functions:
+        by_task.setdefault(f.spec["task"], []).append(f)
+    for task, fns in by_task.items():
+        t = get_task(task)
+        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)]
+                                        + [f.spec["label"] for f in fns]))
+        described = {f.id: descriptions[f.id] for f in fns if f.id in descriptions}
+        ranks = retrieval(described, {f.id: f.spec["label"] for f in fns}, candidates)["ranks"] if described else {}
+        out.update({f.id: ranks.get(f.id, len(candidates)) for f in fns})
+    return out
