@@ -84,3 +84,11 @@ def test_the_pipeline_spreads_its_layers_over_the_depth():
         got = spaced_layers(n_model, n)
         gaps = [b - a for a, b in zip(got, got[1:])]
         assert len(got) == n and got[0] == 0 and got[-1] == n_model - 1 and max(gaps) - min(gaps) <= 1
+
+
+def test_a_pipeline_that_cannot_start_leaves_nothing_behind(world, monkeypatch):
+    d, tiny, nm = world
+    monkeypatch.chdir(d)
+    code, _, err = _dit("neurons", "pipeline", "--model", nm, "--out", "p-bad", "--corpus", "missing.txt")
+    assert code == 1 and err.startswith("dit neurons pipeline: error: missing.txt: not found")
+    assert not (d / "p-bad").exists()

@@ -72,8 +72,7 @@ def lm_neurons(rec: NeuronRecords, preset: NeuronPreset, seed: int) -> list[tupl
 def run_pipeline(engine: Engine, out: str | Path, preset: NeuronPreset, *, corpus: str = PACKAGED, seed: int = 0,
                  progress: bool = True) -> dict:
     """Every stage into ``out`` (resumed where it stopped); the score summary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # made by the record stage, after the corpus and the model are known to be good
     timings_path = out / "timings.json"
     timings = read_json(timings_path, "the run's timings", kind=dict) if timings_path.exists() else {}
 
