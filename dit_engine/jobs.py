@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .distributed import any_rank, rank_world
+from .files import read_json, write_json
 
 DEFAULT_CHECKPOINT_EVERY_S = 300.0  # a kill loses at most about this much work
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -135,3 +136,20 @@ def _say(text: str) -> None:
         os.write(2, text.encode("utf-8", "replace"))
     except OSError:
         pass
+
+
+class StageTimings:
+    """The wall time of each named stage of a resumable job, summed over resumes, kept in a JSON
+    file (``timings.json``) rewritten after every stage."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.times = read_json(self.path, "the run's timings", kind=dict) if self.path.exists() else {}
+
+    def run(self, name: str, fn):
+        """``fn()``, its wall time added to stage ``name``; returns what it returned."""
+        t0 = time.perf_counter()
+        result = fn()
+        self.times[name] = round(time.perf_counter() - t0 + self.times.get(name, 0.0), 2)
+        write_json(self.path, self.times, indent=1)
+        return result

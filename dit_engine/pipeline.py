@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .dit.adapter import SHIPPED, shipped_available
 from .engine import Engine
 from .evaluate import METHODS, evaluate_rows, load_results, summarize
-from .files import read_json, write_json
+from .files import write_json
+from .jobs import StageTimings
 from .provenance import provenance
 from .report import load_training, write_report
 from .tasks import get_task
@@ -91,16 +91,8 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline_config.json", dataclasses.asdict(cfg), indent=1)
-    timings_path = out / "timings.json"
-    timings = read_json(timings_path, "the run's timings", kind=dict) if timings_path.exists() else {}
+    stage = StageTimings(out / "timings.json").run
     base = BaseIdentity.from_model(engine.model)
-
-    def stage(name: str, fn):
-        t0 = time.perf_counter()
-        res = fn()
-        timings[name] = round(time.perf_counter() - t0 + timings.get(name, 0.0), 2)
-        write_json(timings_path, timings, indent=1)
-        return res
 
     def zoo_stage(name: str, split: str, n: int, rank: int) -> Zoo:
         zoo = Zoo.create(out / name, base, engine.config, exist_ok=True)

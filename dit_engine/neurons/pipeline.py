@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from pathlib import Path
 
 from ..engine import Engine
-from ..files import read_json, write_json
+from ..jobs import StageTimings
 from .corpus import PACKAGED, build_corpus
 from .explain import LMExplainer, TokenExplainer
 from .record import NeuronRecords, RecordConfig, record_neurons
@@ -73,15 +72,7 @@ def run_pipeline(engine: Engine, out: str | Path, preset: NeuronPreset, *, corpu
                  progress: bool = True) -> dict:
     """Every stage into ``out`` (resumed where it stopped); the score summary."""
     out = Path(out)  # made by the record stage, after the corpus and the model are known to be good
-    timings_path = out / "timings.json"
-    timings = read_json(timings_path, "the run's timings", kind=dict) if timings_path.exists() else {}
-
-    def stage(name, fn):
-        t0 = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - t0 + timings.get(name, 0.0), 2)
-        write_json(timings_path, timings, indent=1)
-        return result
+    stage = StageTimings(out / "timings.json").run
 
     split = Split()
     layers = spaced_layers(engine.config.num_hidden_layers, preset.n_layers)
