@@ -10,21 +10,20 @@ calls, the settings) into the output directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..evaluate import load_results
-from ..files import append_synced, read_json, write_json
+from ..files import read_json, write_json
 from ..jobs import job
 from ..provenance import provenance
 from ..tasks import get_task
 from ..zoo import BaseIdentity, Zoo
 from .lm_agent import LMAgent
 from .model_backed import AskAgent, DiffBox
-from .run import ANSWERS, load_answers
-from .score import retrieval
+from .run import ANSWERS, append_answers, load_answers
+from .score import retrieval, task_candidates
 
 DIFF_AGENTS = ("ask", "lm")
 HEADER, HEADER_FORMAT = "describe.json", 1  # what a resume must match
@@ -55,7 +54,7 @@ def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *,
             if value is None:
                 raise ValueError(f"{zoo_path}: diff {i} has no {t.label_key!r} label (task {task})")
             labels[i] = value
-        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)] + list(labels.values())))
+        candidates = task_candidates(task, list(labels.values()))
         out.mkdir(parents=True, exist_ok=True)
         if (out / HEADER).exists():
             old = read_json(out / HEADER, "a 'dit find diffs' run header", kind=dict)
@@ -76,8 +75,7 @@ def describe_diffs(engine, zoo_path: str | Path, agent: str, out: str | Path, *,
                 boxes = [DiffBox(engine, zoo.get(i, dtype=engine.model.dtype), mode=mode,
                                  max_new_tokens=max_new_tokens) for i in part]
                 answers = runner.run(boxes)
-                append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(),
-                              out / ANSWERS)
+                append_answers(fh, answers, out / ANSWERS)
                 bar.update(len(part))
                 j.checkpointed()
                 j.stop_if_requested(out)

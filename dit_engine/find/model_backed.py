@@ -168,11 +168,16 @@ def diff_functions(zoo_path, *, split: str | None = None, task: str = "hidden-to
     return out
 
 
-def diff_box(engine, fn, *, max_new_tokens: int = 32) -> DiffBox:
-    """The black box of a ``diff`` suite function: its zoo's diff on ``engine``'s base (a zoo made
-    for another base is refused by the zoo)."""
+def diff_boxes(engine, fns: Sequence, *, max_new_tokens: int = 32) -> list[DiffBox]:
+    """The black boxes of ``diff`` suite functions: each one's zoo diff on ``engine``'s base (a zoo
+    made for another base is refused by the zoo). Each zoo is opened once, and the base identified once."""
     from ..zoo import BaseIdentity, Zoo
 
-    with Zoo.open(fn.spec["zoo"], base=BaseIdentity.from_model(engine.model)) as zoo:
-        diff = zoo.get(fn.spec["diff"], dtype=engine.model.dtype)
-    return DiffBox(engine, diff, mode="text", max_new_tokens=max_new_tokens, id=fn.id)
+    base = BaseIdentity.from_model(engine.model)
+    diffs = {}
+    for path in dict.fromkeys(f.spec["zoo"] for f in fns):
+        with Zoo.open(path, base=base) as zoo:
+            diffs.update({(path, f.spec["diff"]): zoo.get(f.spec["diff"], dtype=engine.model.dtype)
+                          for f in fns if f.spec["zoo"] == path})
+    return [DiffBox(engine, diffs[(f.spec["zoo"], f.spec["diff"])], mode="text", max_new_tokens=max_new_tokens,
+                    id=f.id) for f in fns]

@@ -21,7 +21,7 @@ from ..jobs import job
 from ..provenance import provenance
 from .agents import SearchAgent, constant_answers, reference_answers
 from .lm_agent import LMAgent
-from .model_backed import AskAgent, diff_box
+from .model_backed import AskAgent, diff_boxes
 from .sandbox import Limits
 from .score import Answer, score_answers, summarize
 from .suite import BlackBox, Function, load_suite
@@ -73,8 +73,7 @@ def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: 
     with job("dit find run") as j, open(out / ANSWERS, "ab", buffering=0) as fh:
         for s in range(0, len(todo), chunk):
             answers = _answer(todo[s:s + chunk], agent, runner, engine)
-            append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(),
-                          out / ANSWERS)
+            append_answers(fh, answers, out / ANSWERS)
             bar.update(len(answers))
             j.checkpointed()
             j.stop_if_requested(out)
@@ -108,6 +107,11 @@ def score_run(suite_path: str | Path, out: str | Path, *, limits: Limits = Limit
     return summary
 
 
+def append_answers(fh, answers: Sequence[Answer], path: Path) -> None:
+    """Append ``answers`` to the open ``answers.jsonl`` (unbuffered, binary) and fsync it."""
+    append_synced(fh, "".join(json.dumps(a.to_json(), allow_nan=False) + "\n" for a in answers).encode(), path)
+
+
 def load_answers(out: str | Path, *, repair: bool = False) -> dict[str, Answer]:
     """The answers of a run directory by id; with ``repair``, a torn last line is cut off the file."""
     path = Path(out) / ANSWERS
@@ -138,7 +142,7 @@ def _answer(part: Sequence[Function], agent: str, runner, engine) -> list[Answer
     if diffs:
         if engine is None:
             raise ValueError(f"the suite's model-backed functions ({diffs[0].id}, ...) need a model: give --model")
-        boxes = [diff_box(engine, f) for f in diffs]
+        boxes = diff_boxes(engine, diffs)
         out += (runner if isinstance(runner, LMAgent) else AskAgent()).run(boxes)
     at = {f.id: n for n, f in enumerate(part)}
     return sorted(out, key=lambda a: at[a.id])

@@ -148,6 +148,12 @@ def retrieval(descriptions: dict[str, str], labels: dict[str, str], candidates: 
             "mrr": sum(1 / r for r in ranks.values()) / n, "ranks": ranks}
 
 
+def task_candidates(task: str, labels: Sequence[str]) -> list[str]:
+    """What a description is ranked among: the task's labels, then any of ``labels`` not among them."""
+    t = get_task(task)
+    return list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)] + list(labels)))
+
+
 def diff_ranks(functions: Sequence, descriptions: dict[str, str]) -> dict[str, int]:
     """Rank of each ``diff`` function's label among its task's labels (and every label of these
     functions) by similarity to its description; a function without a description ranks last."""
@@ -156,9 +162,7 @@ def diff_ranks(functions: Sequence, descriptions: dict[str, str]) -> dict[str, i
     for f in functions:
         by_task.setdefault(f.spec["task"], []).append(f)
     for task, fns in by_task.items():
-        t = get_task(task)
-        candidates = list(dict.fromkeys([row[t.label_key] for row in t.load_labels(None)]
-                                        + [f.spec["label"] for f in fns]))
+        candidates = task_candidates(task, [f.spec["label"] for f in fns])
         described = {f.id: descriptions[f.id] for f in fns if f.id in descriptions}
         ranks = retrieval(described, {f.id: f.spec["label"] for f in fns}, candidates)["ranks"] if described else {}
         out.update({f.id: ranks.get(f.id, len(candidates)) for f in fns})
