@@ -916,6 +916,10 @@ def test_find_generate_with_a_zoo(workdir, find_zoo_suite):
     diffs = [r for r in rows if r["kind"] == "diff"]
     assert [r["spec"]["diff"] for r in diffs] == zoo.ids()
     assert [r["spec"]["label"] for r in diffs] == [zoo.row(i)["labels"]["topic"] for i in zoo.ids()]
+    code, _, err = type_(FIND_GENERATE_ZOO.replace("test-zoo/", "nowhere/").replace("suite-diffs", "suite-bad"))
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "dit find generate: error: nowhere/manifest.json: not found (expected a zoo manifest)")
+    assert not (workdir / "suite-bad.jsonl").exists()
 
 
 @types(FIND_RUN_ZOO)
