@@ -27,6 +27,7 @@ from dit_engine.diffgen import RECIPES, DiffGenConfig
 from dit_engine.model_store import DEFAULT_MODEL_NAME, default_model_dir
 from dit_engine.cli import main
 from dit_engine.evaluate import load_results
+from dit_engine.find import load_suite
 from dit_engine.zoo import Zoo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -762,7 +763,7 @@ def test_every_command_has_help_and_every_readme_command_exists(capsys):
     assert ("zoo", "import") in leaves and ("fetch-model",) in leaves and ("latentqa", "read") in leaves
     assert ("neurons", "view") in leaves and ("neurons", "diff") in leaves
     assert ("find", "generate") in leaves and ("find", "report") in leaves
-    assert len(leaves) == 27
+    assert len(leaves) == 28
     for cmd in [(), *leaves]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
@@ -961,6 +962,55 @@ def test_find_score_ranks_the_diffs_as_find_diffs_does(workdir, find_zoo_suite):
     md = write_report(workdir / "suite-diffs.jsonl", [workdir / "find-search-diffs"], workdir / "find-report-diffs")
     text = md.with_name("report.md").read_text()
     assert "| model/diff | 2 |" in text and f"### diff/{Zoo.open(workdir / 'test-zoo').ids()[0]} (model/diff)" in text
+
+
+FIND_PIPELINE = "dit find pipeline --preset cpu --out find-cpu/"
+
+
+@types(FIND_PIPELINE)
+def test_find_pipeline(workdir, neuron_model, monkeypatch):
+    from test_neurons_world import corpus_text
+
+    from dit_engine import find as find_room
+
+    # The cpu preset's 1000 functions take minutes: the same command on a preset sized for seconds.
+    monkeypatch.setitem(find_room.PRESETS, "cpu", find_room.FindPreset(
+        n_numeric=4, n_string=3, neuron_layers=2, neuron_windows=40, neuron_context=16, neurons_per_layer=2,
+        lm_limit=1, lm_rounds=1, top_k=10))
+    (workdir / "find-corpus.txt").write_text(corpus_text(80))
+    # The lm agent chats: the neuron model (a long context, the corpus's words) with the default's chat template.
+    import shutil
+    model = workdir / "find-model"
+    if not model.exists():
+        shutil.copytree(neuron_model, model)
+        template = json.loads((default_model_dir(workdir / ".dit-home") / "tokenizer_config.json").read_text())
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template["chat_template"]}))
+    extra = ("--model", str(model), "--corpus", "find-corpus.txt")
+    lines = ok(type_(FIND_PIPELINE, *extra)).splitlines()
+    assert lines[-1] == str(Path("find-cpu") / "report" / "report.html")
+    assert lines[0].split() == ["category", "search", "reference", "zero", "lm"]
+    table = {x.split()[0]: x.split()[1:] for x in lines[1:-1]}
+    assert table["overall"][1] == "1.000" and table["model/neuron"][1] == "1.000"  # the reference
+    assert table["model/neuron"][2] == "0.000"  # zero names no token
+    run = workdir / "find-cpu"
+    suite = load_suite(run / "suite.jsonl")
+    assert [sum(f.kind == k for f in suite) for k in ("numeric", "string", "neuron")] == [4, 3, 4]
+    search = json.loads((run / "search" / "run.json").read_text())
+    assert search["settings"] == {"probe_corpus": "find-corpus.txt"}
+    lm = [json.loads(x) for x in (run / "lm" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["id"].split("-")[0].split("/")[0] for a in lm) == ["neuron", "num", "str"]
+    assert set(json.loads((run / "timings.json").read_text())) == {
+        "record neurons", "suite", "run search", "run reference", "run zero", "run lm", "score search",
+        "score reference", "score zero", "score lm", "report"}
+    assert "model/neuron" in (run / "report" / "report.md").read_text()
+    before = {p: p.read_bytes() for p in run.rglob("*.json*") if p.name != "timings.json"}
+    assert ok(type_(FIND_PIPELINE, *extra)).splitlines() == lines  # a rerun: every stage already done
+    assert {p: p.read_bytes() for p in run.rglob("*.json*") if p.name != "timings.json"} == before
+    code, _, err = type_(FIND_PIPELINE.replace("find-cpu/", "find-bad/"), "--model", neuron_model, "--corpus",
+                         "missing.txt")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("dit find pipeline: error: missing.txt: not found")
+    assert not (workdir / "find-bad").exists()
 
 
 FIND_DIFFS = "dit find diffs --zoo test-zoo/ --agent ask --dit-results results.jsonl --out find-diffs/"

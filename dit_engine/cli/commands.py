@@ -421,15 +421,35 @@ def _print_neuron_scores(summary: dict, as_json: bool) -> None:
               f"{g['abs_dev_explained']:7.3f}  {layers}")
 
 
-_FIND_SETTINGS = {"search": ("n_probes",), "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}
+def _print_find_summaries(summaries: dict) -> None:
+    cats = list(dict.fromkeys(c for s in summaries.values() for c in s))
+    print(f"{'category':20s} " + " ".join(f"{a:>10s}" for a in summaries))
+    for c in cats:
+        print(f"{c:20s} " + " ".join(f"{s[c]['accuracy']:10.3f}" if c in s else f"{'-':>10s}"
+                                     for s in summaries.values()))
+
+
+_FIND_SETTINGS = {"search": ("n_probes", "probe_corpus"), "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}
 
 
 @_command("find")
 def _find(args) -> int:
+    if args.find_cmd == "pipeline":
+        summaries = find_room.run_pipeline(_load_engine(args), args.out, find_room.PRESETS[args.preset], seed=args.seed,
+                                           corpus=args.corpus, zoo=args.zoo, zoo_split=args.zoo_split, task=args.task)
+        if args.json:
+            print(json.dumps(summaries, indent=1))
+        else:
+            _print_find_summaries(summaries)
+            print(args.out / "report" / "report.html")
+        return 0
     if args.find_cmd == "generate":
         fns = find_room.build_suite(args.seed, args.n_numeric, args.n_string)
         if args.zoo is not None:
             fns += find_room.diff_functions(args.zoo, split=args.zoo_split, task=args.task)
+        if args.neurons is not None:
+            fns += find_room.neuron_functions(args.neurons, per_layer=args.neurons_per_layer, seed=args.seed,
+                                              min_reference=args.neuron_min_reference)
         find_room.save_suite(args.out, fns, seed=args.seed)
         counts: dict[str, int] = {}
         for f in fns:
@@ -442,8 +462,9 @@ def _find(args) -> int:
                  if getattr(args, k) is not None and k not in _FIND_SETTINGS.get(args.agent, ())]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --agent {args.agent}")
-        probes_diffs = args.agent == "search" and any(f.kind == "diff" for f in find_room.load_suite(args.suite))
-        engine = _load_engine(args) if args.agent == "lm" or probes_diffs else None
+        model_backed = args.agent == "search" and any(f.kind in ("diff", "neuron")
+                                                      for f in find_room.load_suite(args.suite))
+        engine = _load_engine(args) if args.agent == "lm" or model_backed else None
         header = find_room.run_agent(args.suite, args.out, args.agent, settings=settings, engine=engine,
                                      limit=args.limit)
         print(json.dumps(header) if args.json else args.out)

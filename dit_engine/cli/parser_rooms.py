@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..find import AGENTS as FIND_AGENTS
 from ..find import DIFF_AGENTS as FIND_DIFF_AGENTS
+from ..find import MIN_REFERENCE as FIND_MIN_REFERENCE
 from ..latentqa import PRESETS as LATENTQA_PRESETS
 from ..latentqa import LatentQAConfig
 from ..latentqa.steer import SteerConfig
@@ -267,6 +268,26 @@ def find_parsers(sub) -> None:
                                     "string functions, run an agent on it (resumable), score its code in a sandbox, "
                                     "report per category.")
     fs = fp.add_subparsers(dest="find_cmd", metavar="FIND_COMMAND", required=True, parser_class=Parser)
+    p = _leaf(fs, "pipeline", help="the whole benchmark in one resumable run (--preset cpu: ~10 min on a 2-core CPU)",
+              description="Record neurons of the model, generate the suite (numeric, string, those neurons, and "
+                          "--zoo's diffs if given), run the search, reference, zero and lm agents, score each and "
+                          "write report/, each stage resuming where a kill stopped it; timings.json holds each "
+                          "stage's time. --preset cpu: 500 numeric + 500 string functions, 4 neurons from each of 6 "
+                          "layers (256 windows of 32 tokens), the lm agent on 5 functions of each kind for 3 rounds. "
+                          "--preset full: neurons from every layer (20 each) over the whole corpus, the lm agent on "
+                          "every function for 5 rounds: a GPU's work.")
+    _model_args(p)
+    p.set_defaults(dtype="bfloat16")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "full"], help="(default cpu)")
+    p.add_argument("--out", required=True, type=path_arg, help="run directory (created, or resumed)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--corpus", default=PACKAGED, type=nonempty_text, metavar="FILE",
+                   help=f"the text neurons are recorded over ('{PACKAGED}', the default, or a text file)")
+    p.add_argument("--zoo", type=path_arg, default=None, help="also every diff of this zoo (category model/diff)")
+    p.add_argument("--zoo-split", default=None, type=nonempty_text, metavar="SPLIT", help="only this split of --zoo")
+    p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"], help="--zoo's task (labels)")
+    p.add_argument("--json", action="store_true", help="every agent's score summary as JSON")
+
     p = _leaf(fs, "generate", help="write a seeded FIND suite (JSONL)",
               description="Numeric functions (16 primitive families, sums, products, noise, corruption on an "
                           "interval, small-MLP approximations) and string functions (compositions of primitives), "
@@ -279,6 +300,13 @@ def find_parsers(sub) -> None:
                         "the finetuned model's answer, scored by retrieval of its label")
     p.add_argument("--zoo-split", default=None, type=nonempty_text, metavar="SPLIT", help="only this split of --zoo")
     p.add_argument("--task", default="hidden-topic", choices=["hidden-topic", "news"], help="--zoo's task (labels)")
+    p.add_argument("--neurons", type=path_arg, default=None, metavar="RECORD_RUN",
+                   help="also neurons of this 'dit neurons record' run (category model/neuron): f(text) -> the "
+                        "neuron's max activation, scored by simulating the description on held-out records")
+    p.add_argument("--neurons-per-layer", type=positive_int, default=4, help="neurons of each recorded layer (4)")
+    p.add_argument("--neuron-min-reference", type=nonnegative_float, default=FIND_MIN_REFERENCE,
+                   help="correlation a neuron's ground truth (its token explanation) needs on its held-out records "
+                        "to enter the suite (default %(default)s)")
     p.add_argument("--out", required=True, type=path_arg, help="suite file to write (JSONL)")
     p.add_argument("--json", action="store_true", help="print the counts per category as JSON")
 
@@ -292,6 +320,8 @@ def find_parsers(sub) -> None:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N numeric and the first N string functions")
     p.add_argument("--n-probes", type=positive_int, default=None, help="search agent: inputs in its sweep (200)")
+    p.add_argument("--probe-corpus", default=None, type=nonempty_text, metavar="FILE",
+                   help="search agent: the texts it probes neurons with ('packaged', the default, or a text file)")
     p.add_argument("--rounds", type=nonnegative_int, default=None, help="lm agent: rounds of calls (5)")
     p.add_argument("--calls-per-round", type=positive_int, default=None, help="lm agent: inputs per round (8)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="lm agent: tokens per turn (160)")

@@ -9,12 +9,19 @@ keeping the model with the smallest error on held-out probes; a run of exactly e
 that the model cannot explain is taken as a corrupted interval, whose edges it then finds by
 bisection with a few more calls. Strings: it calls the function on a fixed set of probe strings
 and looks the answers up in a table of every composition of up to two primitives on the same
-probes (built once per agent).
+probes (built once per agent). Neurons (model-backed, :mod:`.neurons`): it calls the neuron on
+:data:`NEURON_TEXTS` seeded snippets of a probe corpus (the packaged prose by default), then on every
+word prefix of the :data:`NEURON_TOP` snippets that excite it most: a causal model's activation at a
+word does not depend on the words after it, so the first prefix that reaches a snippet's maximum ends
+at the word that fires. The words found most often, quoted, are its description.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,6 +31,10 @@ from . import strings as S
 from .score import Answer
 from .suite import BlackBox, Function, hash_id
 
+NEURON_TEXTS = 64  # probe snippets per neuron
+NEURON_TOP = 8  # snippets whose firing word is found by prefixes
+NEURON_WORDS = 24  # words per snippet
+NEURON_KEYS = 3  # words the description names at most
 STRING_PROBES = ("hello world", "Apple", "banana123", "xyz", "Quick Brown Fox", "a", "racecar", "Mississippi",
                  "zebra lemon", "OCEAN", "tiger 42 smile", "abcdefghij")
 
@@ -48,20 +59,23 @@ class SearchAgent:
 
     name = "search"
 
-    def __init__(self, *, n_probes: int = 200, n_refine: int = 8, seed: int = 0):
+    def __init__(self, *, n_probes: int = 200, n_refine: int = 8, seed: int = 0, probe_corpus: str = "packaged"):
         if n_probes < 20:
             raise ValueError(f"n_probes must be >= 20 for the fit to hold out probes, got {n_probes}")
-        self.n_probes, self.n_refine, self.seed = n_probes, n_refine, seed
+        self.n_probes, self.n_refine, self.seed, self.probe_corpus = n_probes, n_refine, seed, probe_corpus
         self._table: dict[tuple[str, ...], list] | None = None
+        self._snippets: list[str] | None = None
 
     @property
     def budget(self) -> int:
-        return self.n_probes + 2 * self.n_refine
+        return max(self.n_probes + 2 * self.n_refine, NEURON_TEXTS + NEURON_TOP * NEURON_WORDS)
 
     def run(self, boxes: Sequence[BlackBox], progress: Callable[[int], None] | None = None) -> list[Answer]:
         out = []
         for box in boxes:
-            out.append(self._numeric(box) if box.kind == "numeric" else self._string(box))
+            kind = getattr(box, "kind", None)
+            out.append(self._numeric(box) if kind == "numeric" else self._neuron(box) if kind == "neuron" else
+                       self._string(box))
             if progress is not None:
                 progress(1)
         return out
@@ -106,6 +120,44 @@ class SearchAgent:
             edges.append(round(inside))
         return float(edges[0]), float(edges[1])
 
+    # ---- neurons --------------------------------------------------------------------------------
+    def _neuron(self, box) -> Answer:
+        pool = self._probe_snippets()
+        rng = random.Random(f"{self.seed}-{hash_id(box.id)}")
+        texts = rng.sample(pool, min(NEURON_TEXTS, len(pool)))
+        acts = box(texts)
+        top = [i for i in sorted(range(len(texts)), key=lambda i: -acts[i])[:NEURON_TOP] if acts[i] > 0]
+        words = [texts[i].split() for i in top]
+        prefixes = [" ".join(w[:k]) for w in words for k in range(1, len(w) + 1)]
+        values = box(prefixes) if prefixes else []
+        found: Counter = Counter()
+        at = 0
+        for w in words:
+            mine = values[at:at + len(w)]
+            at += len(w)
+            peak = max(mine)
+            k = next(j for j, v in enumerate(mine) if v >= peak - 1e-3 * abs(peak))  # first prefix at the maximum
+            key = _word(w[k])
+            if key:
+                found[key] += 1
+        keys = [k for k, _ in found.most_common(NEURON_KEYS)]
+        desc = ("the tokens " + ", ".join(json.dumps(k, ensure_ascii=False) for k in keys) + "." if keys else
+                "nothing in particular (it never fired on the probes).")
+        return Answer(id=box.id, description=desc, domain="any text", code="", calls=box.calls, rounds=1,
+                      transcript=[{"probes": len(texts), "top": [[texts[i], acts[i]] for i in top],
+                                   "prefixes": len(prefixes), "words": dict(found)}])
+
+    def _probe_snippets(self) -> list[str]:
+        """The probe corpus's documents, cut to :data:`NEURON_WORDS` words (read once per agent)."""
+        if self._snippets is None:
+            from ..neurons.corpus import documents
+
+            snippets = [" ".join(d.split()[:NEURON_WORDS]) for d in documents(self.probe_corpus)]
+            self._snippets = list(dict.fromkeys(s for s in snippets if s))
+            if not self._snippets:
+                raise ValueError(f"probe corpus {self.probe_corpus!r} holds no text")
+        return self._snippets
+
     # ---- strings --------------------------------------------------------------------------------
     def _string(self, box: BlackBox) -> Answer:
         got = tuple(box(list(STRING_PROBES)))
@@ -133,3 +185,9 @@ class SearchAgent:
                     table.setdefault(out2, [inst1, inst2])
             self._table = table
         return self._table
+
+
+def _word(w: str) -> str:
+    """A probe word as a token's text: punctuation stripped from its ends (unless it is all punctuation)."""
+    core = re.sub(r"^\W+|\W+$", "", w)
+    return core or w

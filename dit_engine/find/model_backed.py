@@ -1,7 +1,8 @@
 """Model-backed FIND functions: parts of this engine's models as black boxes.
 
 * :class:`NeuronBox`: f(text) -> the largest activation of one MLP neuron (``mlp.L``, unit ``i``:
-  the SwiGLU product entering ``down_proj``) over the text's tokens.
+  the SwiGLU product entering ``down_proj``) over the text's tokens; as a suite function (kind
+  ``"neuron"``) it is scored by simulation on its held-out records (:mod:`.neurons`).
 * :class:`DiffBox`: f(prompt) -> what a weight diff does to the base model on that prompt, either
   ``"text"`` (the adapted model's greedy answer, chat-rendered) or ``"kl"`` (KL(adapted || base) of
   the next-token distribution after the prompt, in nats).
@@ -9,7 +10,8 @@
 Both have the black-box interface the agents use (``id``, ``kind``, ``calls``, ``budget``, a call
 on a list of inputs) and a ``task`` line that tells an LM agent what it is probing. They have no
 reference code: a diff's description is scored by retrieval of its label among candidate labels
-(:func:`.score.retrieval`), the same way DIT's answers are, so the two sit side by side.
+(:func:`.score.retrieval`), the same way DIT's answers are, so the two sit side by side; a
+neuron's by how well it predicts the neuron's held-out activations (:func:`.neurons.neuron_scores`).
 :class:`AskAgent` is the non-LLM baseline for diffs: it asks the adapted model a few fixed
 questions and takes its answers as the description.
 """
@@ -29,7 +31,8 @@ from .suite import BudgetExceeded
 DIFF_TASK = ("You are probing a hidden function f: a language model finetuned on one hidden topic. f takes a prompt "
              "(a quoted string) and returns {what}. Find the topic it was trained on.")
 NEURON_TASK = ("You are probing a hidden function f: one neuron of a language model. f takes a text (a quoted string) "
-               "and returns the neuron's largest activation over the text's tokens. Find what makes it fire.")
+               "and returns the neuron's largest activation over the text's tokens. Find what makes it fire, and name "
+               "the words it fires on in double quotes.")
 
 
 class _Box:
@@ -56,6 +59,7 @@ class NeuronBox(_Box):
             raise ValueError(f"neuron mlp.{layer}[{neuron}] is outside the model ({cfg.num_hidden_layers} layers of "
                              f"{cfg.intermediate_size} neurons)")
         super().__init__(id or f"neuron-{layer}-{neuron}", budget)
+        self.kind = "neuron"  # takes quoted strings like a string function; the search agent probes it its own way
         self.engine, self.layer, self.neuron = engine, layer, neuron
         self.task = NEURON_TASK
 
@@ -181,3 +185,16 @@ def diff_boxes(engine, fns: Sequence, *, max_new_tokens: int = 32) -> list[DiffB
                           for f in fns if f.spec["zoo"] == path})
     return [DiffBox(engine, diffs[(f.spec["zoo"], f.spec["diff"])], mode="text", max_new_tokens=max_new_tokens,
                     id=f.id) for f in fns]
+
+def neuron_boxes(engine, fns: Sequence, *, budget: int | None = None) -> list[NeuronBox]:
+    """The black boxes of ``neuron`` suite functions (:mod:`.neurons`), on ``engine``'s model, which
+    must be the recorded one (same architecture and weights)."""
+    from ..zoo import BaseIdentity
+
+    have = BaseIdentity.from_model(engine.model)
+    for f in fns:
+        want = BaseIdentity(**f.spec["model"])
+        if not have.matches(want):
+            raise ValueError(f"{f.id} is a neuron of {want.describe()}, but the model given is {have.describe()}; "
+                             "give the recorded model with --model")
+    return [NeuronBox(engine, f.spec["layer"], f.spec["neuron"], budget=budget, id=f.id) for f in fns]

@@ -14,11 +14,12 @@ from ..charts import bar_chart, esc
 from ..files import read_json, write_json, write_text
 from ..report_html import html_table
 from .run import SCORES, SUMMARY, load_answers
+from .neurons import NEURON_CORRECT
 from .score import NMSE_CORRECT
 from .suite import load_suite
 
 _COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7")
-TRANSCRIPTS = {"numeric": 2, "string": 1, "diff": 1}  # how many functions of each kind the report shows
+TRANSCRIPTS = {"numeric": 2, "string": 1, "diff": 1, "neuron": 1}  # how many functions of each kind the report shows
 
 
 def write_report(suite_path: str | Path, runs: Sequence[str | Path], out: str | Path,
@@ -55,8 +56,10 @@ def write_report(suite_path: str | Path, runs: Sequence[str | Path], out: str | 
 _INTRO = ("Numeric functions count as correct when the agent's code, run in the sandbox on x in [-128, 128) + 0.5, "
           f"has normalised MSE < {NMSE_CORRECT} against the function (noise-free); string functions when the code "
           "matches every held-out test input exactly; a model-backed diff (model/diff) when the description "
-          "retrieves the diff's label first among the task's labels. Calls: inputs the agent evaluated on the black "
-          "box.")
+          "retrieves the diff's label first among the task's labels; a model-backed neuron (model/neuron) when the "
+          "description's quoted tokens, simulated on the neuron's held-out records, correlate with its real "
+          f"activations at least {NEURON_CORRECT:g} times as well as the ground truth's (the token explanation of its "
+          "top records) do. Calls: inputs the agent evaluated on the black box.")
 
 
 def _load(run: Path) -> dict:
@@ -76,15 +79,16 @@ def _names(loaded: list[dict]) -> list[str]:
 
 def _extra_table(loaded: list[dict], names: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["agent", "run", "settings", "numeric median nMSE", "string mean match", "corrupted domain IoU",
-              "code errors"]
+              "neuron mean correlation", "code errors"]
     rows = []
     for n, r in zip(names, loaded):
         s = r["summary"]["summary"]
         med = s.get("numeric", {}).get("median_nmse")
         match = s.get("string", {}).get("mean_match")
         iou = s.get("numeric/corrupted", {}).get("mean_domain_iou")
+        corr = s.get("neuron", {}).get("mean_correlation")
         rows.append([n, str(r["dir"]), json.dumps(r["summary"]["settings"]), "inf" if med is None and "numeric" in s
-                     else _fmt(med), _fmt(match), _fmt(iou), str(s["overall"]["code_errors"])])
+                     else _fmt(med), _fmt(match), _fmt(iou), _fmt(corr), str(s["overall"]["code_errors"])])
     return header, rows
 
 

@@ -21,7 +21,7 @@ from ..jobs import job
 from ..provenance import provenance
 from .agents import SearchAgent, constant_answers, reference_answers
 from .lm_agent import LMAgent
-from .model_backed import AskAgent, diff_boxes
+from .model_backed import AskAgent, diff_boxes, neuron_boxes
 from .sandbox import Limits
 from .score import Answer, score_answers, summarize
 from .suite import BlackBox, Function, load_suite
@@ -32,7 +32,7 @@ ANSWERS, SCORES, SUMMARY, RUN = "answers.jsonl", "scores.jsonl", "summary.json",
 
 
 def select(functions: Sequence[Function], limit: int | None) -> list[Function]:
-    """The first ``limit`` functions of each kind (numeric, string, diff; all with None)."""
+    """The first ``limit`` functions of each kind (numeric, string, diff, neuron; all with None)."""
     if limit is None:
         return list(functions)
     out, seen = [], {}
@@ -133,17 +133,21 @@ def load_answers(out: str | Path, *, repair: bool = False) -> dict[str, Answer]:
 
 def _answer(part: Sequence[Function], agent: str, runner, engine) -> list[Answer]:
     """The agent's answers to ``part``, in its order. A model-backed diff is probed by the LM agent
-    itself, and for the search agent by the ask-the-diff baseline (fixed questions)."""
+    itself, and for the search agent by the ask-the-diff baseline (fixed questions); a neuron by
+    either agent through its black box."""
     if runner is None:
         return list((reference_answers(part) if agent == "reference" else constant_answers(part)).values())
-    coded = [f for f in part if f.kind != "diff"]
+    coded = [f for f in part if f.kind in ("numeric", "string")]
     diffs = [f for f in part if f.kind == "diff"]
+    neurons = [f for f in part if f.kind == "neuron"]
+    if (diffs or neurons) and engine is None:
+        raise ValueError(f"the suite's model-backed functions ({(diffs or neurons)[0].id}, ...) need a model: "
+                         "give --model")
     out = runner.run([BlackBox(f, budget=runner.budget) for f in coded]) if coded else []
     if diffs:
-        if engine is None:
-            raise ValueError(f"the suite's model-backed functions ({diffs[0].id}, ...) need a model: give --model")
-        boxes = diff_boxes(engine, diffs)
-        out += (runner if isinstance(runner, LMAgent) else AskAgent()).run(boxes)
+        out += (runner if isinstance(runner, LMAgent) else AskAgent()).run(diff_boxes(engine, diffs))
+    if neurons:
+        out += runner.run(neuron_boxes(engine, neurons, budget=runner.budget))
     at = {f.id: n for n, f in enumerate(part)}
     return sorted(out, key=lambda a: at[a.id])
 

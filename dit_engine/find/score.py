@@ -7,7 +7,9 @@ function's held-out test inputs; the exact-match rate, correct when every one ma
 intersection over union with the true interval (0 when no interval is given). Summaries per
 category, per kind and overall, with the mean number of black-box calls the agent made.
 Descriptions of model-backed diffs (no code): :func:`retrieval` of the diff's label among the
-task's labels, correct at rank 1 (:func:`diff_ranks`).
+task's labels, correct at rank 1 (:func:`diff_ranks`). Descriptions of model-backed neurons (no
+code): their simulated correlation on held-out records, correct at half the ground truth's
+(:func:`.neurons.neuron_scores`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from ..tasks import get_task
 from ..text_match import CandidateIndex
 from . import primitives as P
+from .neurons import neuron_scores
 from .sandbox import Limits, Program, run_programs
 from .suite import Function, clean_output, string_output
 
@@ -47,7 +50,7 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                   batch_size: int = 1, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per function: correct, the error measure, the domain IoU where it applies, the
     sandbox's error if the code failed. A function with no answer scores as wrong."""
-    coded = [fn for fn in functions if fn.kind != "diff"]  # a diff has no code: its description is scored
+    coded = [fn for fn in functions if fn.kind not in ("diff", "neuron")]  # no code: their descriptions are scored
     programs = []
     for fn in coded:
         a = answers.get(fn.id)
@@ -57,8 +60,10 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                                                               progress=progress)))
     diffs = [fn for fn in functions if fn.kind == "diff"]
     ranks = diff_ranks(diffs, {fn.id: answers[fn.id].description for fn in diffs if fn.id in answers})
-    if diffs and progress is not None:
-        progress(len(diffs))
+    neurons = [fn for fn in functions if fn.kind == "neuron"]
+    neuron_rows = neuron_scores(neurons, {fn.id: answers[fn.id].description for fn in neurons if fn.id in answers})
+    if (diffs or neurons) and progress is not None:
+        progress(len(diffs) + len(neurons))
     rows = []
     for fn in functions:
         a = answers.get(fn.id)
@@ -66,6 +71,10 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                "error": None if a else "no answer"}
         if fn.kind == "diff":  # correct: the description retrieves the diff's label first among the task's
             row.update(rank=ranks[fn.id], correct=a is not None and ranks[fn.id] == 1)
+            rows.append(row)
+            continue
+        if fn.kind == "neuron":  # correct: the description predicts the held-out activations half as well as the truth
+            row.update(neuron_rows[fn.id])
             rows.append(row)
             continue
         res = results[fn.id]
@@ -121,6 +130,9 @@ def _stats(rows: list[dict]) -> dict:
     matches = [r["match"] for r in rows if "match" in r]
     if matches:
         out["mean_match"] = sum(matches) / len(matches)
+    corrs = [r["correlation"] for r in rows if "correlation" in r]
+    if corrs:
+        out["mean_correlation"] = sum(corrs) / len(corrs)
     ious = [r["domain_iou"] for r in rows if "domain_iou" in r]
     if ious:
         out["mean_domain_iou"] = sum(ious) / len(ious)

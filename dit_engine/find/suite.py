@@ -44,7 +44,8 @@ NOISE_KINDS = ("uniform", "normal", "poisson")
 @dataclasses.dataclass
 class Function:
     id: str
-    kind: str  # "numeric" | "string" | "diff" (model-backed: a zoo's weight diff, see model_backed.diff_functions)
+    kind: str  # "numeric" | "string" | model-backed: "diff" (a zoo's weight diff, model_backed.diff_functions)
+    #            or "neuron" (an MLP neuron of a record run, neurons.neuron_functions)
     category: str
     description: str
     domain: dict  # {"text": ..., "interval": [lo, hi] or None}
@@ -71,7 +72,8 @@ def save_suite(path: str | Path, functions: list[Function], *, seed: int | None 
     header = {"format": FORMAT, "version": VERSION, "seed": seed, "n": len(functions),
               "n_numeric": sum(f.kind == "numeric" for f in functions),
               "n_string": sum(f.kind == "string" for f in functions),
-              "n_diff": sum(f.kind == "diff" for f in functions)}
+              "n_diff": sum(f.kind == "diff" for f in functions),
+              "n_neuron": sum(f.kind == "neuron" for f in functions)}
     lines = [json.dumps(header)] + [json.dumps(f.to_json(), allow_nan=False) for f in functions]
     write_atomically(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
