@@ -40,8 +40,8 @@ def _dit(*argv):
             code = main(list(map(str, argv)))
         except SystemExit as e:
             code = e.code
-    raw = err.getvalue()  # the error line may follow a progress bar's text on the same line
-    lines = [x[x.index("dit "):] for x in re.split(r"[\r\n]", raw) if "error:" in x and "dit " in x]
+    raw = err.getvalue()  # progress bars clear their line (\r) before the error line starts its own
+    lines = [x for x in re.split(r"[\r\n]", raw) if x.startswith("dit ")]
     return code, out.getvalue(), lines[-1] if lines else raw
 
 

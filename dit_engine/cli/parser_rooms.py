@@ -265,8 +265,9 @@ def neurons_parsers(sub) -> None:
 def find_parsers(sub) -> None:
     fp = sub.add_parser("find", help="FIND: describe black-box functions, scored by the code an agent writes",
                         description="FIND (Schwettmann et al. 2023) offline: generate a seeded suite of numeric and "
-                                    "string functions, run an agent on it (resumable), score its code in a sandbox, "
-                                    "report per category.")
+                                    "string functions (and model-backed ones: neurons, weight diffs), run an agent "
+                                    "on it (resumable), score its code in a sandbox, report per category; or all "
+                                    "of it with 'dit find pipeline'.")
     fs = fp.add_subparsers(dest="find_cmd", metavar="FIND_COMMAND", required=True, parser_class=Parser)
     p = _leaf(fs, "pipeline", help="the whole benchmark in one resumable run (--preset cpu: ~10 min on a 2-core CPU)",
               description="Record neurons of the model, generate the suite (numeric, string, those neurons, and "
@@ -312,13 +313,15 @@ def find_parsers(sub) -> None:
 
     p = _leaf(fs, "run", help="run an agent over a suite (resumable: rerun the same command to continue)",
               description="Agents: search (probing + least squares over the primitive families; composition "
-                          "search for strings), lm (a local language model in FIND's call-and-describe loop), "
-                          "reference (the ground-truth code), zero (a constant 0 / empty string).")
+                          "search for strings; the firing words of a neuron by word prefixes of probe snippets; "
+                          "three fixed questions to a diff), lm (a local language model in FIND's call-and-describe "
+                          "loop), reference (the ground truth), zero (a constant 0 / empty string). A suite with "
+                          "neurons or diffs needs --model (the recorded model, the zoo's base).")
     p.add_argument("--suite", required=True, type=path_arg)
     p.add_argument("--agent", required=True, choices=FIND_AGENTS)
     p.add_argument("--out", required=True, type=path_arg, help="run directory (created, or resumed)")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="only the first N numeric and the first N string functions")
+                   help="only the first N functions of each kind (numeric, string, diff, neuron)")
     p.add_argument("--n-probes", type=positive_int, default=None, help="search agent: inputs in its sweep (200)")
     p.add_argument("--probe-corpus", default=None, type=nonempty_text, metavar="FILE",
                    help="search agent: the texts it probes neurons with ('packaged', the default, or a text file)")

@@ -13,7 +13,8 @@ probes (built once per agent). Neurons (model-backed, :mod:`.neurons`): it calls
 :data:`NEURON_TEXTS` seeded snippets of a probe corpus (the packaged prose by default), then on every
 word prefix of the :data:`NEURON_TOP` snippets that excite it most: a causal model's activation at a
 word does not depend on the words after it, so the first prefix that reaches a snippet's maximum ends
-at the word that fires. The words found most often, quoted, are its description.
+at the word that fires; then on the character prefixes of that word (its first piece may be the
+token that fires). The pieces found most often, quoted, are its description.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from . import strings as S
 from .score import Answer
 from .suite import BlackBox, Function, hash_id
 
-NEURON_TEXTS = 64  # probe snippets per neuron
+NEURON_TEXTS = 128  # probe snippets per neuron
 NEURON_TOP = 8  # snippets whose firing word is found by prefixes
 NEURON_WORDS = 24  # words per snippet
 NEURON_KEYS = 3  # words the description names at most
+NEURON_CHARS = 8  # character prefixes of a firing word tried at most
 STRING_PROBES = ("hello world", "Apple", "banana123", "xyz", "Quick Brown Fox", "a", "racecar", "Mississippi",
                  "zebra lemon", "OCEAN", "tiger 42 smile", "abcdefghij")
 
@@ -68,7 +70,7 @@ class SearchAgent:
 
     @property
     def budget(self) -> int:
-        return max(self.n_probes + 2 * self.n_refine, NEURON_TEXTS + NEURON_TOP * NEURON_WORDS)
+        return max(self.n_probes + 2 * self.n_refine, NEURON_TEXTS + NEURON_TOP * (NEURON_WORDS + NEURON_CHARS))
 
     def run(self, boxes: Sequence[BlackBox], progress: Callable[[int], None] | None = None) -> list[Answer]:
         out = []
@@ -128,16 +130,27 @@ class SearchAgent:
         acts = box(texts)
         top = [i for i in sorted(range(len(texts)), key=lambda i: -acts[i])[:NEURON_TOP] if acts[i] > 0]
         words = [texts[i].split() for i in top]
-        prefixes = [" ".join(w[:k]) for w in words for k in range(1, len(w) + 1)]
-        values = box(prefixes) if prefixes else []
-        found: Counter = Counter()
-        at = 0
+        # 1. the word: the first word prefix of each snippet at the snippet's maximum
+        values = box([" ".join(w[:k]) for w in words for k in range(1, len(w) + 1)]) if words else []
+        firing, at = [], 0
         for w in words:
             mine = values[at:at + len(w)]
             at += len(w)
-            peak = max(mine)
-            k = next(j for j, v in enumerate(mine) if v >= peak - 1e-3 * abs(peak))  # first prefix at the maximum
-            key = _word(w[k])
+            k = _first_at_peak(mine)
+            firing.append((" ".join(w[:k]), w[k], max(mine)))
+        # 2. the token: the first character prefix of that word at the maximum (a word's first piece
+        # may be what fires: "P" of "Pasta"); the whole word when none is
+        heads = [(before + " " if before else "") + word[:j] for before, word, _ in firing
+                 for j in range(1, min(len(word), NEURON_CHARS + 1))]
+        values = box(heads) if heads else []
+        found: Counter = Counter()
+        at = 0
+        for before, word, peak in firing:
+            n = min(len(word), NEURON_CHARS + 1) - 1
+            mine = values[at:at + n]
+            at += n
+            j = next((j for j, v in enumerate(mine, 1) if _at_peak(v, peak)), len(word))
+            key = _word(word[:j])
             if key:
                 found[key] += 1
         keys = [k for k, _ in found.most_common(NEURON_KEYS)]
@@ -145,7 +158,7 @@ class SearchAgent:
                 "nothing in particular (it never fired on the probes).")
         return Answer(id=box.id, description=desc, domain="any text", code="", calls=box.calls, rounds=1,
                       transcript=[{"probes": len(texts), "top": [[texts[i], acts[i]] for i in top],
-                                   "prefixes": len(prefixes), "words": dict(found)}])
+                                   "firing": [[b, w] for b, w, _ in firing], "tokens": dict(found)}])
 
     def _probe_snippets(self) -> list[str]:
         """The probe corpus's documents, cut to :data:`NEURON_WORDS` words (read once per agent)."""
@@ -191,3 +204,13 @@ def _word(w: str) -> str:
     """A probe word as a token's text: punctuation stripped from its ends (unless it is all punctuation)."""
     core = re.sub(r"^\W+|\W+$", "", w)
     return core or w
+
+
+def _at_peak(v: float, peak: float) -> bool:
+    """``v`` is the maximum ``peak`` (to 1%: batched rows of one text may differ in the last bits)."""
+    return v >= peak - 1e-2 * abs(peak)
+
+
+def _first_at_peak(values: Sequence[float]) -> int:
+    peak = max(values)
+    return next(j for j, v in enumerate(values) if _at_peak(v, peak))

@@ -78,7 +78,8 @@ class NeuronBox(_Box):
         mask = positions_mask(lengths, [list(range(n)) for n in lengths])
         point = f"mlp.{self.layer}"
         probes = Probes().capture(point, mask.to(model.device))
-        model(batch.to(model.device), attention_mask=mask.to(model.device), output="last", probes=probes)
+        # output="probes": the blocks after this neuron's are not run
+        model(batch.to(model.device), attention_mask=mask.to(model.device), output="probes", probes=probes)
         acts = probes.captured[point][:, self.neuron].float().cpu()  # [sum(lengths)], row-major
         return [float(a.max()) for a in torch.split(acts, lengths)]
 

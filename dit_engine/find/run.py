@@ -70,14 +70,14 @@ def run_agent(suite_path: str | Path, out: str | Path, agent: str, *, settings: 
     chunk = chunk or (runner.gen["batch_size"] if isinstance(runner, LMAgent) else 16)
     bar = tqdm(total=len(functions), initial=len(functions) - len(todo), desc=f"find run ({agent})", unit="fn",
                disable=not progress, leave=False)
-    with job("dit find run") as j, open(out / ANSWERS, "ab", buffering=0) as fh:
+    # The bar closes (and clears its line) before an error propagates: the error line then starts a line.
+    with bar, job("dit find run") as j, open(out / ANSWERS, "ab", buffering=0) as fh:
         for s in range(0, len(todo), chunk):
             answers = _answer(todo[s:s + chunk], agent, runner, engine)
             append_answers(fh, answers, out / ANSWERS)
             bar.update(len(answers))
             j.checkpointed()
             j.stop_if_requested(out)
-    bar.close()
     return header
 
 
@@ -97,9 +97,8 @@ def score_run(suite_path: str | Path, out: str | Path, *, limits: Limits = Limit
     if missing:
         raise ValueError(f"{out}: {len(missing)} of {len(functions)} functions have no answer yet (first: "
                          f"{missing[0]}); finish the run with 'dit find run' first")
-    bar = tqdm(total=len(functions), desc="find score", unit="fn", disable=not progress, leave=False)
-    rows = score_answers(functions, answers, limits=limits, batch_size=batch_size, progress=bar.update)
-    bar.close()
+    with tqdm(total=len(functions), desc="find score", unit="fn", disable=not progress, leave=False) as bar:
+        rows = score_answers(functions, answers, limits=limits, batch_size=batch_size, progress=bar.update)
     summary = {"agent": header["agent"], "settings": header["settings"], "suite": header["suite"],
                "summary": summarize(rows), "provenance": provenance()}
     write_text(out / SCORES, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
