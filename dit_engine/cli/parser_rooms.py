@@ -269,7 +269,7 @@ def find_parsers(sub) -> None:
                                     "on it (resumable), score its code in a sandbox, report per category; or all "
                                     "of it with 'dit find pipeline'.")
     fs = fp.add_subparsers(dest="find_cmd", metavar="FIND_COMMAND", required=True, parser_class=Parser)
-    p = _leaf(fs, "pipeline", help="the whole benchmark in one resumable run (--preset cpu: ~10 min on a 2-core CPU)",
+    p = _leaf(fs, "pipeline", help="the whole benchmark in one resumable run (--preset cpu: 6 min on a 2-core CPU)",
               description="Record neurons of the model, generate the suite (numeric, string, those neurons, and "
                           "--zoo's diffs if given), run the search, reference, zero and lm agents, score each and "
                           "write report/, each stage resuming where a kill stopped it; timings.json holds each "
