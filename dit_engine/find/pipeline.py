@@ -11,8 +11,8 @@ summed over resumes.
 
 Presets: ``cpu`` (500 numeric + 500 string functions, 4 neurons from each of 6 layers recorded over
 256 windows of 32 tokens, the lm agent on 5 functions of each kind for 3 rounds: 5 min 43 s
-measured on a 2-core CPU with the default model) and ``full`` (the same suite, neurons from every layer over the whole corpus, 20 a
-layer, the lm agent on every function for 5 rounds: a GPU's work).
+measured on a 2-core CPU with the default model) and ``full`` (the same suite, neurons from every
+layer over the whole corpus, 20 a layer, the lm agent on every function for 5 rounds: a GPU's work).
 """
 
 from __future__ import annotations
