@@ -27,8 +27,8 @@ def latentqa_parsers(sub) -> None:
                           "system prompt; its residual at --read-point over the dialog (the system prompt masked) "
                           "is written over placeholder tokens of the decoder (the base + a LIT adapter) at "
                           "--write-point, which learns to answer questions about the persona. --preset reference "
-                          "is the reference recipe; --preset laptop is sized for a 2-core CPU (14.5 min measured). A flag overrides the "
-                          "preset's value. Rerunning the same command resumes.")
+                          "is the reference recipe; --preset laptop is sized for a 2-core CPU (14.5 min measured). "
+                          "A flag overrides the preset's value. Rerunning the same command resumes.")
     _model_args(p)
     p.add_argument("--out", required=True, type=path_arg,
                    help="decoder directory (dialogs and checkpoint inside; rerun resumes)")
