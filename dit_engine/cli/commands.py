@@ -429,7 +429,8 @@ def _print_find_summaries(summaries: dict) -> None:
                                      for s in summaries.values()))
 
 
-_FIND_SETTINGS = {"search": ("n_probes", "probe_corpus"), "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}
+_FIND_SETTINGS = {"search": ("n_probes", "probe_corpus"),
+                  "lm": ("rounds", "calls_per_round", "max_new_tokens", "batch_size")}
 
 
 @_command("find")
@@ -462,7 +463,7 @@ def _find(args) -> int:
                  if getattr(args, k) is not None and k not in _FIND_SETTINGS.get(args.agent, ())]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to --agent {args.agent}")
-        model_backed = args.agent == "search" and any(f.kind in ("diff", "neuron")
+        model_backed = args.agent == "search" and any(f.kind in find_room.MODEL_KINDS
                                                       for f in find_room.load_suite(args.suite))
         engine = _load_engine(args) if args.agent == "lm" or model_backed else None
         header = find_room.run_agent(args.suite, args.out, args.agent, settings=settings, engine=engine,

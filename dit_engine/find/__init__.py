@@ -16,9 +16,9 @@ from .report import write_report
 from .run import AGENTS, load_answers, run_agent, score_run, select
 from .sandbox import Limits, Program, Result, run_program, run_programs
 from .score import NMSE_CORRECT, Answer, retrieval, score_answers, summarize
-from .suite import BlackBox, BudgetExceeded, Function, build_suite, clean_output, load_suite, save_suite
+from .suite import MODEL_KINDS, BlackBox, BudgetExceeded, Function, build_suite, clean_output, load_suite, save_suite
 
-__all__ = ["MIN_REFERENCE", "NEURON_CORRECT", "neuron_functions", "neuron_scores", "neuron_boxes", "PRESETS",
+__all__ = ["MODEL_KINDS", "MIN_REFERENCE", "NEURON_CORRECT", "neuron_functions", "neuron_scores", "neuron_boxes", "PRESETS",
            "FindPreset", "run_pipeline", "AGENTS", "DIFF_AGENTS", "describe_diffs", "format_diff_table", "Answer", "AskAgent", "DiffBox", "NeuronBox", "diff_functions", "retrieval", "BlackBox", "BudgetExceeded", "Function", "LMAgent", "Limits", "NMSE_CORRECT",
            "Program", "Result", "SearchAgent", "build_suite", "clean_output", "constant_answers", "load_answers",
            "load_suite", "reference_answers", "run_agent", "run_program", "run_programs", "save_suite", "score_answers",

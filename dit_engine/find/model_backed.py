@@ -187,6 +187,7 @@ def diff_boxes(engine, fns: Sequence, *, max_new_tokens: int = 32) -> list[DiffB
     return [DiffBox(engine, diffs[(f.spec["zoo"], f.spec["diff"])], mode="text", max_new_tokens=max_new_tokens,
                     id=f.id) for f in fns]
 
+
 def neuron_boxes(engine, fns: Sequence, *, budget: int | None = None) -> list[NeuronBox]:
     """The black boxes of ``neuron`` suite functions (:mod:`.neurons`), on ``engine``'s model, which
     must be the recorded one (same architecture and weights)."""

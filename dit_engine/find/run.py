@@ -24,7 +24,7 @@ from .lm_agent import LMAgent
 from .model_backed import AskAgent, diff_boxes, neuron_boxes
 from .sandbox import Limits
 from .score import Answer, score_answers, summarize
-from .suite import BlackBox, Function, load_suite
+from .suite import MODEL_KINDS, BlackBox, Function, load_suite
 
 RUN_FORMAT = "dit-find-run"
 AGENTS = ("search", "lm", "reference", "zero")
@@ -136,7 +136,7 @@ def _answer(part: Sequence[Function], agent: str, runner, engine) -> list[Answer
     either agent through its black box."""
     if runner is None:
         return list((reference_answers(part) if agent == "reference" else constant_answers(part)).values())
-    coded = [f for f in part if f.kind in ("numeric", "string")]
+    coded = [f for f in part if f.kind not in MODEL_KINDS]
     diffs = [f for f in part if f.kind == "diff"]
     neurons = [f for f in part if f.kind == "neuron"]
     if (diffs or neurons) and engine is None:

@@ -27,7 +27,7 @@ from ..text_match import CandidateIndex
 from . import primitives as P
 from .neurons import neuron_scores
 from .sandbox import Limits, Program, run_programs
-from .suite import Function, clean_output, string_output
+from .suite import MODEL_KINDS, Function, clean_output, string_output
 
 NMSE_CORRECT = 0.1
 
@@ -50,7 +50,7 @@ def score_answers(functions: Sequence[Function], answers: dict[str, Answer], *, 
                   batch_size: int = 1, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per function: correct, the error measure, the domain IoU where it applies, the
     sandbox's error if the code failed. A function with no answer scores as wrong."""
-    coded = [fn for fn in functions if fn.kind not in ("diff", "neuron")]  # no code: their descriptions are scored
+    coded = [fn for fn in functions if fn.kind not in MODEL_KINDS]  # no code: their descriptions are scored
     programs = []
     for fn in coded:
         a = answers.get(fn.id)

@@ -39,6 +39,7 @@ N_TEST_INPUTS = 16
 MLP_HIDDEN = 48
 MLP_FIT = 0.02
 NOISE_KINDS = ("uniform", "normal", "poisson")
+MODEL_KINDS = ("diff", "neuron")  # model-backed: no reference code, their descriptions are scored; need a model
 
 
 @dataclasses.dataclass
