@@ -166,6 +166,9 @@ def test_the_cli_generates_runs_scores_and_reports_neurons(planted, tmp_path, mo
     write_neuron_model(other, seed=4)
     code, _, err = _dit("find", "run", "--suite", "suite.jsonl", "--agent", "search", "--out", "s2", "--model", other)
     assert code == 1 and err.startswith("dit find run: error: neuron/0/") and "give the recorded model with --model" in err
+    code, _, err = _dit("find", "run", "--suite", "suite.jsonl", "--agent", "search", "--out", "s3", "--model", model,
+                        "--probe-corpus", tmp_path / "missing.txt")
+    assert code == 1 and err.startswith("dit find run: error: ") and "missing.txt" in err, err
     code, _, err = _dit("find", "generate", "--neurons", tmp_path / "nowhere", "--out", "bad.jsonl")
     assert code == 1 and err.startswith("dit find generate: error: ") and "nowhere/records.json: not found" in err
     assert not (tmp_path / "bad.jsonl").exists()
