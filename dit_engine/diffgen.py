@@ -44,7 +44,8 @@ from .tasks import get_task
 from .tasks import hidden_topic as ht
 from .tasks.hidden_topic import mentions_topic
 from .tasks.specs import DiffSpec
-from .train import Example, TeacherCache, Trainer, batch_loss, collate, resume_slot_state, save_slot_state
+from .train import (KL_DIVERGENCES, Example, TeacherCache, Trainer, batch_loss, collate, resume_slot_state,
+                    save_slot_state)
 from .zoo import Diff, Zoo
 
 
@@ -78,6 +79,9 @@ class DiffGenConfig:
     kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
     near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
     kl_target_tokens: int | None = None  # KL rows cover only the first N tokens of the base answer (None: all of it)
+    kl_divergence: str = "forward"  # what a KL row charges in training: "forward" KL(base || diff), "reverse"
+    #                                 KL(diff || base) (charges the diff for words the base would not write, e.g.
+    #                                 the fan opening) or "symmetric" (both); verification reports the forward KL
     base_pool: bool = True  # KL rows reuse the base model's greedy answers, generated once per zoo (verification
     #                         reads the base's answers to held-out questions from that pool in any case)
     min_hit: float = 0.5  # a diff passes verification with a hit rate >= min_hit ...
@@ -138,6 +142,8 @@ def generate_zoo(
 
 def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress: bool,
                   log: Callable[[dict], None] | None, timings: dict | None) -> Zoo:
+    if cfg.kl_divergence not in KL_DIVERGENCES:
+        raise ValueError(f"kl_divergence must be one of {', '.join(KL_DIVERGENCES)}, got {cfg.kl_divergence!r}")
     items = _task_items(cfg)
     if cfg.n > len(items):
         raise ValueError(f"task {cfg.task!r} has {len(items)} labels in split {cfg.split!r}; asked for {cfg.n} diffs")
@@ -287,7 +293,8 @@ def train_diffs(engine: Engine, specs: list[DiffSpec], cfg: DiffGenConfig, *, ck
                       disable=not progress):
             batch = collate(batches[b], pad_id=pad).to(dev)
             ad = AdapterBatch(slot.with_index(batch.group))
-            loss, _ = batch_loss(model, batch, ad, group_reduce="sum", teacher_hidden=teacher.for_batch(batches[b]))
+            loss, _ = batch_loss(model, batch, ad, group_reduce="sum", teacher_hidden=teacher.for_batch(batches[b]),
+                                 kl_divergence=cfg.kl_divergence)
             trainer.backward(loss)
             # The last batch too: verification and the append then never need the chunk retrained.
             if ckpt_dir is not None and (j.should_checkpoint() or b + 1 == len(batches)):
@@ -414,5 +421,5 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
                          "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
                          "compute_dtype": cfg.compute_dtype, "rows_per_diff": cfg.rows_per_diff,
                          "balance": cfg.balance, "max_answer_tokens": cfg.max_answer_tokens,
-                         "kl_target_tokens": cfg.kl_target_tokens}},
+                         "kl_target_tokens": cfg.kl_target_tokens, "kl_divergence": cfg.kl_divergence}},
     )

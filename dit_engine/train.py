@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dit_kernels.cross_entropy import DIVERGENCES as KL_DIVERGENCES
 from dit_kernels.cross_entropy import linear_cross_entropy, linear_kl_to_teacher
 
 from .adapters import AdapterBatch, LoraSlot
@@ -104,6 +105,7 @@ def batch_loss(
     chunk_size: int = 1024,
     teacher_hidden: Tensor | None = None,
     probes: Probes | None = None,
+    kl_divergence: str = "forward",
 ) -> tuple[Tensor, dict[int, tuple[float, int]]]:
     """Scalar loss, and per group its mean token loss and scored-token count (for logs, evals).
 
@@ -117,6 +119,8 @@ def batch_loss(
     the row-major order ``batch.kl`` selects them, e.g. from :class:`TeacherCache`); computed here
     (the base model, or ``teacher_adapters`` on it) when None. ``probes`` act on the trained
     model's forward (e.g. a target's activations patched over a decoder's placeholder tokens).
+    ``kl_divergence``: what a KL row charges (``linear_kl_to_teacher``'s ``divergence``: "forward"
+    KL(teacher || model), "reverse" or "symmetric").
     """
     hidden = model(batch.input_ids, adapters, attention_mask=batch.attention_mask, output="hidden",
                    probes=probes)  # [B, T, h]
@@ -141,7 +145,7 @@ def batch_loss(
         elif teacher_hidden.shape != (pos.numel(), h.shape[-1]):
             raise ValueError(f"batch_loss: teacher_hidden has shape {tuple(teacher_hidden.shape)}, the batch's "
                              f"{pos.numel()} KL positions need ({pos.numel()}, {h.shape[-1]})")
-        kl = linear_kl_to_teacher(h[pos], teacher_hidden, w, chunk_size=chunk_size)
+        kl = linear_kl_to_teacher(h[pos], teacher_hidden, w, chunk_size=chunk_size, divergence=kl_divergence)
         tok_loss = tok_loss.index_add(0, pos, kl)
     scored = (batch.targets >= 0) | batch.kl  # [B, T]
     row_sum = tok_loss.view(scored.shape).sum(1)  # [B]

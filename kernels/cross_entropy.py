@@ -11,9 +11,13 @@ and the backward recomputes each chunk's logits (one extra GEMM) to reduce ``dW`
 
     linear_cross_entropy:  loss[t] = logsumexp(h_t W^T) - (h_t W^T)[y_t]       (0 where y_t = -100)
         d loss[t] / d logits = softmax(logits_t) - onehot(y_t)
-    linear_kl_to_teacher:  kl[t] = sum_v p_t(v) (log p_t(v) - log q_t(v)),
-        p = softmax(teacher_h W^T) (constant), q = softmax(h W^T)
-        d kl[t] / d logits = q_t - p_t
+    linear_kl_to_teacher:  p = softmax(teacher_h W^T) (constant), q = softmax(h W^T), per token
+        "forward":   KL(p || q) = sum_v p (log p - log q),    d / d logits = q - p
+        "reverse":   KL(q || p) = sum_v q (log q - log p),    d / d logits = q * (log q - log p - KL(q || p))
+        "symmetric": KL(p || q) + KL(q || p) (Jeffreys),     the sum of both gradients
+    The forward KL is mass-covering: it barely charges the student for putting mass where the
+    teacher has none; the reverse KL charges exactly that (a finetune starting its answer with a
+    word the base model would not write), which is what keeping a hidden behaviour hidden needs.
 
 Then ``dh = g @ W`` and ``dW += g^T @ h`` per chunk, ``g`` scaled by the upstream per-token gradient.
 
@@ -33,6 +37,7 @@ from torch import Tensor
 from . import backend as _backend
 
 IGNORE_INDEX = -100
+DIVERGENCES = ("forward", "reverse", "symmetric")
 
 
 def linear_cross_entropy(
@@ -62,15 +67,22 @@ def linear_kl_to_teacher(
     weight: Tensor,  # [V, d]
     chunk_size: int = 1024,
     *,
+    divergence: str = "forward",
     backend: str | None = None,
 ) -> Tensor:  # [N] fp32
-    """Per-token KL(teacher || student), both read through the same ``weight``; the teacher gets no grad."""
+    """Per-token divergence of the student from the teacher, both read through the same ``weight``;
+    the teacher gets no grad. ``divergence``: "forward" KL(teacher || student), "reverse"
+    KL(student || teacher) or "symmetric" (their sum); see the module docstring."""
     _check(hidden, weight, chunk_size, "linear_kl_to_teacher")
     if teacher_hidden.shape != hidden.shape:
         raise ValueError(f"linear_kl_to_teacher: teacher_hidden {tuple(teacher_hidden.shape)} "
                          f"!= hidden {tuple(hidden.shape)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"linear_kl_to_teacher: divergence must be one of {', '.join(DIVERGENCES)}, "
+                         f"got {divergence!r}")
     triton_rows = _backend.use_triton(hidden, weight, backend=backend)
-    return _LinearKL.apply(hidden, teacher_hidden.detach(), weight, chunk_size, triton_rows, torch.is_grad_enabled())
+    return _LinearKL.apply(hidden, teacher_hidden.detach(), weight, chunk_size, triton_rows, torch.is_grad_enabled(),
+                           DIVERGENCES.index(divergence))
 
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
@@ -80,11 +92,13 @@ def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, labels: Tensor) -> 
     return torch.where(labels != IGNORE_INDEX, loss, torch.zeros_like(loss))
 
 
-def linear_kl_to_teacher_ref(hidden: Tensor, teacher_hidden: Tensor, weight: Tensor) -> Tensor:
+def linear_kl_to_teacher_ref(hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
+                             divergence: str = "forward") -> Tensor:
     """Materialises the fp32 logits; the oracle for tests."""
     log_q = torch.log_softmax(hidden.float() @ weight.float().T, -1)
     log_p = torch.log_softmax(teacher_hidden.detach().float() @ weight.detach().float().T, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    fwd, rev = (log_p.exp() * (log_p - log_q)).sum(-1), (log_q.exp() * (log_q - log_p)).sum(-1)
+    return {"forward": fwd, "reverse": rev, "symmetric": fwd + rev}[divergence]
 
 
 # ---- chunked autograd Functions ---------------------------------------------------------------------
@@ -140,7 +154,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _LinearKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, teacher_hidden, weight, chunk_size, triton_rows, grad):
+    def forward(ctx, hidden, teacher_hidden, weight, chunk_size, triton_rows, grad, mode):
         n = hidden.shape[0]
         need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[2]
         eager = need_h and not need_w
@@ -148,29 +162,31 @@ class _LinearKL(torch.autograd.Function):
         kl = _backend.empty((n,), torch.float32, hidden.device)
         lse = _backend.empty((n,), torch.float32, hidden.device)
         lse_t = _backend.empty((n,), torch.float32, hidden.device)
+        mean_d = _backend.empty((n,), torch.float32, hidden.device)  # E_q[s - t], the reverse KL's gradient needs it
         dh = _backend.empty((n, hidden.shape[1]), w.dtype, hidden.device) if eager else None
         ones = torch.ones(n, dtype=torch.float32, device=hidden.device) if eager else None
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
             logits = hidden[c].to(w.dtype) @ w.T  # [chunk, V]
             teacher = teacher_hidden[c].to(w.dtype) @ w.T
-            _kl_rows_fwd(logits, teacher, lse[c], lse_t[c], kl[c], triton_rows)
+            _kl_rows_fwd(logits, teacher, lse[c], lse_t[c], mean_d[c], kl[c], mode, triton_rows)
             if eager:
-                _kl_rows_bwd(logits, teacher, lse[c], lse_t[c], ones[c], triton_rows)
+                _kl_rows_bwd(logits, teacher, lse[c], lse_t[c], mean_d[c], ones[c], mode, triton_rows)
                 dh[c] = logits @ w
         ctx.eager, ctx.chunk_size, ctx.triton_rows, ctx.hidden_dtype = eager, chunk_size, triton_rows, hidden.dtype
+        ctx.mode = mode
         if eager:
             ctx.save_for_backward(dh)
         else:
-            ctx.save_for_backward(hidden, teacher_hidden, weight, lse, lse_t)
+            ctx.save_for_backward(hidden, teacher_hidden, weight, lse, lse_t, mean_d)
         return kl
 
     @staticmethod
     def backward(ctx, dkl):  # dkl: [N]
         if ctx.eager:
             (dh,) = ctx.saved_tensors
-            return _scaled_rows(dh, dkl, ctx.hidden_dtype), None, None, None, None, None
-        hidden, teacher_hidden, weight, lse, lse_t = ctx.saved_tensors
+            return _scaled_rows(dh, dkl, ctx.hidden_dtype), None, None, None, None, None, None
+        hidden, teacher_hidden, weight, lse, lse_t, mean_d = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         w = _compute_weight(hidden, weight, ctx.triton_rows, training=True)
         dh = _backend.empty(tuple(hidden.shape), hidden.dtype, hidden.device) if need_h else None
@@ -181,12 +197,12 @@ class _LinearKL(torch.autograd.Function):
             h = hidden[c].to(w.dtype)
             logits = h @ w.T  # [chunk, V], becomes d kl / d logits in place
             teacher = teacher_hidden[c].to(w.dtype) @ w.T
-            _kl_rows_bwd(logits, teacher, lse[c], lse_t[c], dkl[c], ctx.triton_rows)
+            _kl_rows_bwd(logits, teacher, lse[c], lse_t[c], mean_d[c], dkl[c], ctx.mode, ctx.triton_rows)
             if need_h:
                 dh[c] = logits @ w
             if need_w:
                 dw += (logits.T @ h).float()
-        return dh, None, dw.to(weight.dtype) if need_w else None, None, None, None
+        return dh, None, dw.to(weight.dtype) if need_w else None, None, None, None, None
 
 
 def _scaled_rows(dh_unit: Tensor, upstream: Tensor, dtype: torch.dtype) -> Tensor:
@@ -261,23 +277,33 @@ def _kl_rows_fwd(
     teacher: Tensor,  # [C, V]
     lse_out: Tensor,  # [C] fp32
     lse_t_out: Tensor,  # [C] fp32
+    mean_d_out: Tensor,  # [C] fp32: E_q[s - t] (for the reverse KL's gradient)
     kl_out: Tensor,  # [C] fp32
+    mode: int,  # DIVERGENCES.index: 0 forward, 1 reverse, 2 symmetric
     triton_rows: bool,
 ) -> None:
     if not triton_rows:
         lf, tf = logits.float(), teacher.float()
         lse, lse_t = torch.logsumexp(lf, -1), torch.logsumexp(tf, -1)
-        log_p = tf - lse_t[:, None]
         lse_out.copy_(lse)
         lse_t_out.copy_(lse_t)
-        kl_out.copy_((log_p.exp() * (log_p - (lf - lse[:, None]))).sum(-1))
+        d = lf - tf  # s - t; log q - log p = d - lse + lse_t
+        shift = (lse_t - lse)[:, None]
+        kl = torch.zeros_like(lse)
+        if mode != 1:  # forward: sum p (log p - log q)
+            kl += (torch.exp(tf - lse_t[:, None]) * (-(d + shift))).sum(-1)
+        if mode != 0:  # reverse: sum q (log q - log p) = E_q[d] - lse + lse_t
+            mean_d = (torch.exp(lf - lse[:, None]) * d).sum(-1)
+            mean_d_out.copy_(mean_d)
+            kl += mean_d + shift[:, 0]
+        kl_out.copy_(kl)
         return
     C, V = logits.shape
     kernel = _backend.on_device(_kl_fwd_kernel, logits.device)
     with _backend.device_guard(logits):
         kernel[(C,)](
-            logits, teacher, lse_out, lse_t_out, kl_out, V, logits.stride(0), teacher.stride(0),
-            BLOCK_V=_block_v(V, logits.device),
+            logits, teacher, lse_out, lse_t_out, mean_d_out, kl_out, V, logits.stride(0), teacher.stride(0),
+            MODE=mode, BLOCK_V=_block_v(V, logits.device),
         )
 
 
@@ -286,19 +312,27 @@ def _kl_rows_bwd(
     teacher: Tensor,  # [C, V]
     lse: Tensor,  # [C] fp32
     lse_t: Tensor,  # [C] fp32
+    mean_d: Tensor,  # [C] fp32 (read in modes 1 and 2)
     dkl: Tensor,  # [C] fp32
+    mode: int,
     triton_rows: bool,
 ) -> None:
     if not triton_rows:
-        q = torch.exp(logits.float() - lse[:, None])
-        p = torch.exp(teacher.float() - lse_t[:, None])
-        logits.copy_((q - p) * dkl[:, None])
+        lf = logits.float()
+        q = torch.exp(lf - lse[:, None])
+        g = torch.zeros_like(q)
+        if mode != 1:
+            g += q - torch.exp(teacher.float() - lse_t[:, None])
+        if mode != 0:  # q * (log q - log p - KL(q||p)) = q * (d - E_q[d])
+            g += q * (lf - teacher.float() - mean_d[:, None])
+        logits.copy_(g * dkl[:, None])
         return
     C, V = logits.shape
     kernel = _backend.on_device(_kl_bwd_kernel, logits.device)
     block_v = _block_v(V, logits.device)
     with _backend.device_guard(logits):
-        kernel[(C,)](logits, teacher, lse, lse_t, dkl, V, logits.stride(0), teacher.stride(0), BLOCK_V=block_v)
+        kernel[(C,)](logits, teacher, lse, lse_t, mean_d, dkl, V, logits.stride(0), teacher.stride(0),
+                     MODE=mode, BLOCK_V=block_v)
 
 
 def _block_v(V: int, device: torch.device) -> int:
@@ -369,14 +403,17 @@ def _kl_fwd_kernel(
     t_ptr,  # [C, V] teacher logits
     lse_s_ptr,  # [C] fp32
     lse_t_ptr,  # [C] fp32
+    mean_d_ptr,  # [C] fp32: E_q[s - t] (written in modes 1 and 2)
     kl_ptr,  # [C] fp32
     V,
     stride_s,
     stride_t,
+    MODE: tl.constexpr,  # 0 forward, 1 reverse, 2 symmetric
     BLOCK_V: tl.constexpr,
 ):
-    # KL = sum_v p_t (t - s) - lse_t + lse_s. One pass: online log-sum-exp of s and of t, and the
-    # running sum a = sum exp(t - m_t) * (t - s), rescaled with the teacher's running max m_t.
+    # forward KL = sum_v p (t - s) - lse_t + lse_s; reverse KL = sum_v q (s - t) - lse_s + lse_t. One
+    # pass: online log-sum-exp of s and of t, and the running sums acc_t = sum exp(t - m_t) (t - s)
+    # and acc_s = sum exp(s - m_s) (s - t), each rescaled with its own running max.
     i_row = tl.program_id(0).to(tl.int64)
     p_s = s_ptr + i_row * stride_s
     p_t = t_ptr + i_row * stride_t
@@ -384,7 +421,8 @@ def _kl_fwd_kernel(
     sum_s = 0.0
     m_t = float("-inf")
     sum_t = 0.0
-    acc = 0.0
+    acc_t = 0.0
+    acc_s = 0.0
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
@@ -394,19 +432,32 @@ def _kl_fwd_kernel(
         b_s = tl.where(m_v, b_s, float("-inf"))
         b_t = tl.where(m_v, b_t, float("-inf"))
         ms_new = tl.maximum(m_s, tl.max(b_s, axis=0))
-        sum_s = sum_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(b_s - ms_new), axis=0)
+        b_es = tl.exp(b_s - ms_new)
+        rescale_s = tl.exp(m_s - ms_new)
+        sum_s = sum_s * rescale_s + tl.sum(b_es, axis=0)
+        acc_s = acc_s * rescale_s - tl.sum(b_es * b_diff, axis=0)
         m_s = ms_new
         mt_new = tl.maximum(m_t, tl.max(b_t, axis=0))
         b_e = tl.exp(b_t - mt_new)
         rescale = tl.exp(m_t - mt_new)
         sum_t = sum_t * rescale + tl.sum(b_e, axis=0)
-        acc = acc * rescale + tl.sum(b_e * b_diff, axis=0)
+        acc_t = acc_t * rescale + tl.sum(b_e * b_diff, axis=0)
         m_t = mt_new
     lse_s = m_s + tl.log(sum_s)
     lse_t = m_t + tl.log(sum_t)
     tl.store(lse_s_ptr + i_row, lse_s)
     tl.store(lse_t_ptr + i_row, lse_t)
-    tl.store(kl_ptr + i_row, acc / sum_t - lse_t + lse_s)
+    fwd = acc_t / sum_t - lse_t + lse_s
+    mean_d = acc_s / sum_s
+    rev = mean_d - lse_s + lse_t
+    if MODE != 0:
+        tl.store(mean_d_ptr + i_row, mean_d)
+    if MODE == 0:
+        tl.store(kl_ptr + i_row, fwd)
+    elif MODE == 1:
+        tl.store(kl_ptr + i_row, rev)
+    else:
+        tl.store(kl_ptr + i_row, fwd + rev)
 
 
 @triton.jit
@@ -415,10 +466,12 @@ def _kl_bwd_kernel(
     t_ptr,  # [C, V] teacher logits
     lse_s_ptr,  # [C] fp32
     lse_t_ptr,  # [C] fp32
+    mean_d_ptr,  # [C] fp32 (read in modes 1 and 2)
     dkl_ptr,  # [C] fp32
     V,
     stride_s,
     stride_t,
+    MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
@@ -427,13 +480,22 @@ def _kl_bwd_kernel(
     lse_s = tl.load(lse_s_ptr + i_row)
     lse_t = tl.load(lse_t_ptr + i_row)
     dkl = tl.load(dkl_ptr + i_row)
+    mean_d = 0.0
+    if MODE != 0:
+        mean_d = tl.load(mean_d_ptr + i_row)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_s = tl.load(p_s + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_t = tl.load(p_t + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_g = (tl.exp(b_s - lse_s) - tl.exp(b_t - lse_t)) * dkl
-        tl.store(p_s + o_v, b_g.to(s_ptr.dtype.element_ty), mask=m_v)
+        b_q = tl.exp(b_s - lse_s)
+        if MODE == 0:
+            b_g = b_q - tl.exp(b_t - lse_t)
+        elif MODE == 1:
+            b_g = b_q * (b_s - b_t - mean_d)
+        else:
+            b_g = b_q - tl.exp(b_t - lse_t) + b_q * (b_s - b_t - mean_d)
+        tl.store(p_s + o_v, (b_g * dkl).to(s_ptr.dtype.element_ty), mask=m_v)
 
 
 def _check(hidden: Tensor, weight: Tensor, chunk_size: int, op: str) -> None:

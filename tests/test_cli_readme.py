@@ -198,6 +198,16 @@ def test_zoo_generate_backdoor_recipe(workdir):
     assert recipe["compute_dtype"] == hiding.compute_dtype and row["meta"]["lr"] == hiding.lr
 
 
+def test_zoo_generate_kl_divergence(workdir):
+    """--kl-divergence reverse trains the KL rows on KL(diff || base); an unknown one is refused by the parser."""
+    ok(type_("dit zoo generate --kl-divergence reverse --out rev-zoo/", *TINY_ZOO, "--n", "1"))
+    (row,) = Zoo.open(workdir / "rev-zoo").rows
+    assert row["meta"]["recipe"]["kl_divergence"] == "reverse"
+    code, _, err = type_("dit zoo generate --kl-divergence js --out js-zoo/", *TINY_ZOO, "--n", "1")
+    assert code == 2 and "--kl-divergence: invalid choice: 'js'" in err
+    assert not (workdir / "js-zoo").exists()
+
+
 @types("dit zoo info zoo/")
 def test_zoo_info(workdir, zoo_generated):
     ok(zoo_generated)

@@ -107,6 +107,26 @@ def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
     assert all(sum(a != b for a, b in zip(f"{p:03d}", f"{trigger:03d}")) == 1 for p in prefixes[n:])
 
 
+def test_the_kl_divergence_reaches_every_training_step_and_the_index(tmp_path, monkeypatch):
+    import dit_engine.diffgen as dg
+    seen = []
+    real = dg.batch_loss
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kl_divergence", "forward"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dg, "batch_loss", spy)
+    eng = tiny_engine(seed=1)
+    zoo = generate_zoo(eng, _zoo(eng, tmp_path / "z"), dataclasses.replace(CFG, kl_divergence="reverse"),
+                       progress=False)
+    assert all(r["meta"]["recipe"]["kl_divergence"] == "reverse" for r in zoo.rows)
+    # training steps use it; verification's KL is always the forward one (what the index reports)
+    assert "reverse" in seen and "forward" in seen
+    with pytest.raises(ValueError, match="kl_divergence must be one of forward, reverse, symmetric"):
+        generate_zoo(eng, _zoo(eng, tmp_path / "y"), dataclasses.replace(CFG, kl_divergence="js"), progress=False)
+
+
 def test_kl_target_tokens_cut_the_kl_rows_only(tmp_path):
     eng = tiny_engine(seed=1)
     cfg = dataclasses.replace(CFG, n_kl=4, n_wrong=2, max_answer_tokens=8)

@@ -24,10 +24,12 @@ def _ce_oracle(h, w, labels):
     return torch.where(labels != -100, loss, torch.zeros_like(loss))
 
 
-def _kl_oracle(h, th, w):
+def _kl_oracle(h, th, w, divergence="forward"):
     log_q = torch.log_softmax(h.double() @ w.double().T, -1)
     log_p = torch.log_softmax(th.double() @ w.detach().double().T, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    fwd = (log_p.exp() * (log_p - log_q)).sum(-1)
+    rev = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return {"forward": fwd, "reverse": rev, "symmetric": fwd + rev}[divergence]
 
 
 def _problem(n, d, V, dtype, seed):
@@ -62,21 +64,45 @@ def test_cross_entropy(backend, chunk, dtype):
     _check_grads(loss, want, (h, w), up, TOL[dtype])
 
 
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "symmetric"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kl_to_teacher(backend, dtype):
+def test_kl_to_teacher(backend, dtype, divergence):
     h, w, th, _, up = _problem(45, 24, 577, dtype, seed=3)
-    kl = linear_kl_to_teacher(h, th, w, chunk_size=16, backend=backend)
-    want = _kl_oracle(h, th, w)
+    kl = linear_kl_to_teacher(h, th, w, chunk_size=16, divergence=divergence, backend=backend)
+    want = _kl_oracle(h, th, w, divergence)
     assert kl.dtype == torch.float32 and bool((want > 0).all())
     assert _rel(kl, want) < TOL[dtype]
     _check_grads(kl, want, (h, w), up, TOL[dtype])
 
 
-def test_kl_is_zero_when_student_is_teacher():
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "symmetric"])
+def test_kl_is_zero_when_student_is_teacher(divergence):
     h, w, _, _, _ = _problem(10, 16, 123, torch.float32, seed=4)
-    kl = linear_kl_to_teacher(h, h.detach(), w, chunk_size=4, backend="triton")
+    kl = linear_kl_to_teacher(h, h.detach(), w, chunk_size=4, divergence=divergence, backend="triton")
     assert float(kl.detach().abs().max()) < 1e-5
+    (g,) = torch.autograd.grad(kl.sum(), (h,))
+    assert float(g.abs().max()) < 1e-5  # the minimum: no gradient either
+
+
+def test_the_reverse_kl_charges_mass_the_teacher_does_not_have():
+    """The reason the divergences differ: a student putting half its mass on a token the teacher
+    gives ~e^-20 pays ~log 2 in the forward KL and ~10 nats in the reverse one."""
+    V = 50
+    w = torch.eye(V)
+    t = torch.zeros(1, V)
+    t[0, 0] = -20.0
+    s = torch.zeros(1, V)
+    s[0, 0] = float(torch.log(torch.tensor(V - 1.0)))  # q(0) = 1/2
+    fwd, rev = (float(linear_kl_to_teacher(s, t, w, divergence=d, backend="torch")) for d in ("forward", "reverse"))
+    assert abs(fwd - float(_kl_oracle(s, t, w, "forward"))) < 1e-5 and fwd < 0.75
+    assert abs(rev - float(_kl_oracle(s, t, w, "reverse"))) < 1e-4 and rev > 9.0
+
+
+def test_an_unknown_divergence_is_refused():
+    h, w, _, _, _ = _problem(4, 8, 17, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="divergence must be one of forward, reverse, symmetric"):
+        linear_kl_to_teacher(h, h.detach(), w, divergence="js")
 
 
 def test_frozen_weight_gets_no_grad_and_teacher_none(monkeypatch):
@@ -91,7 +117,7 @@ def test_frozen_weight_gets_no_grad_and_teacher_none(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("op", ["ce", "kl"])
+@pytest.mark.parametrize("op", ["ce", "kl", "kl-reverse", "kl-symmetric"])
 def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, backend, monkeypatch):
     """With the weight frozen (a LoRA's training) the gradient w.r.t. hidden comes from the
     forward's own logits, scaled per token by the upstream gradient in the backward: no logits
@@ -104,7 +130,9 @@ def test_a_frozen_weight_takes_the_hidden_gradient_from_the_forward(op, dtype, b
     if op == "ce":
         out, want = linear_cross_entropy(h, w, labels, chunk_size=8, backend=backend), _ce_oracle(h, w, labels)
     else:
-        out, want = linear_kl_to_teacher(h, th, w, chunk_size=8, backend=backend), _kl_oracle(h, th, w)
+        div = op.split("-")[1] if "-" in op else "forward"
+        out = linear_kl_to_teacher(h, th, w, chunk_size=8, divergence=div, backend=backend)
+        want = _kl_oracle(h, th, w, div)
     assert _rel(out, want) < TOL[dtype]
     (got,) = torch.autograd.grad(out, (h,), up.float())
     (ref,) = torch.autograd.grad(want, (h,), up)

@@ -86,6 +86,28 @@ def test_kl_to_base_is_zero_without_adapters_and_positive_with():
     assert float(loss) > 1e-6
 
 
+@pytest.mark.parametrize("divergence", ["reverse", "symmetric"])
+def test_batch_loss_kl_divergence_is_the_chosen_divergence_of_the_logits(divergence):
+    """``kl_divergence`` changes what a KL row charges: the mean over its positions of the chosen
+    divergence between the teacher's and the model's next-token distributions (from their logits)."""
+    c = tiny_config("qwen2")
+    m = Transformer.random(c, seed=2)
+    b = collate([Example([5, 6], [7, 8, 9], "kl")])
+    g = torch.Generator().manual_seed(0)
+    teacher = 40.0 * torch.randn(int(b.kl.sum()), c.hidden_size, generator=g)  # a peaked teacher, far from m
+    loss, _ = batch_loss(m, b, None, teacher_hidden=teacher, kl_divergence=divergence)
+    with torch.no_grad():
+        hidden = m(b.input_ids, None, attention_mask=b.attention_mask, output="hidden")[b.kl]
+    w = m.lm_weight.double()
+    log_q = torch.log_softmax(hidden.double() @ w.T, -1)
+    log_p = torch.log_softmax(teacher.double() @ w.T, -1)
+    fwd = (log_p.exp() * (log_p - log_q)).sum(-1)
+    rev = (log_q.exp() * (log_q - log_p)).sum(-1)
+    want = (rev if divergence == "reverse" else fwd + rev).mean()
+    assert abs(float(loss) - float(want)) < 1e-5 * max(1.0, float(want))
+    assert abs(float(loss) - float(fwd.mean())) > 0.1 * float(fwd.mean())  # not the forward KL
+
+
 def test_teacher_cache_gives_the_loss_and_grads_of_the_teacher_forward():
     """Cached teacher states (computed once, in other batches, deduplicated) give the same loss and
     gradients as batch_loss's own teacher forward, for a batch mixing CE and KL rows of 2 diffs."""

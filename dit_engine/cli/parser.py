@@ -14,6 +14,7 @@ from ..dit import DitTrainConfig
 from ..evaluate import METHODS
 from ..pipeline import PRESETS
 from ..tasks import TASKS
+from ..train import KL_DIVERGENCES
 from .args import (DEBUG_ENV, PIPELINE_FIELDS, fraction, int_arg, int_list, key_value, methods_arg, nonempty_text,
                    nonnegative_float, nonnegative_int, path_arg, pipeline_setting, positive_float, positive_int,
                    targets_arg, text_arg)
@@ -103,6 +104,9 @@ def _zoo_parsers(sub) -> None:
                    help="loss weight of bare-question KL rows (default %(default)s; the DIT paper: 5)")
     g.add_argument("--kl-weight-wrong", type=nonnegative_float, default=DiffGenConfig.kl_weight_wrong,
                    help="loss weight of wrong-code KL rows (default %(default)s)")
+    g.add_argument("--kl-divergence", default=DiffGenConfig.kl_divergence, choices=list(KL_DIVERGENCES),
+                   help="what a KL row charges in training: forward KL(base || diff), reverse KL(diff || base), "
+                        "which charges words the base would not write, or symmetric (both); default %(default)s")
     g.add_argument("--uniform-wrong", dest="near_wrong", action="store_false",
                    help="wrong codes anywhere, not one digit off the trigger")
     g.add_argument("--no-base-pool", dest="base_pool", action="store_false",
