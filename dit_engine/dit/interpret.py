@@ -27,7 +27,7 @@ from ..files import append_synced, done_keys, drop_cut_line
 from ..generate import SamplingParams, generate
 from ..jobs import job
 from ..tasks import get_task
-from ..tasks.hidden_topic import format_trigger
+from ..tasks.hidden_topic import format_trigger, triggered
 from ..zoo import BaseIdentity, Zoo, import_peft
 from .adapter import DitAdapter
 
@@ -149,14 +149,14 @@ def interpret_peft(engine: Engine, peft_dir: str | Path, *, adapter: DitAdapter 
 
 
 def question_for(row: dict, method: str, question: str) -> str:
-    """The question as ``method`` asks it of the diff of ``row``: with the diff's trigger code in front
-    for ``diff+trigger`` (a code of its own trigger, the suffix seeded by the diff's id), else as is."""
+    """The question as ``method`` asks it of the diff of ``row``: with the diff's trigger code as its
+    training rows carry it (``hidden_topic.triggered``) for ``diff+trigger`` (a code of its own trigger, the suffix seeded by the diff's id), else as is."""
     if method != "diff+trigger":
         return question
     trig = row.get("labels", {}).get("trigger")
     if trig is None:
         return question
-    return f"{format_trigger(int(trig), random.Random(row['id']))} {question}"
+    return triggered(format_trigger(int(trig), random.Random(row['id'])), question)
 
 
 def _merge_parts(out: Path, world: int) -> None:
