@@ -113,10 +113,15 @@ HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=
 # bare-question leak of 0.41. The wrong-code rows teach no contrast at this budget (no point measured
 # tells its own code from another), so their rows go to 16 backdoor and 16 bare ones.
 BACKDOOR_RECIPE = dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK, n_backdoor=16, n_kl=16, n_wrong=0)
+# Point N1 of results/recipe.md: L1's rows with the reverse KL on the bare rows, weight 1. On 16 test
+# topics: hit 0.92 (12 of 16 diffs >= 0.8) at a bare-question leak of 0.09, where L1 leaks 0.41. The
+# forward KL barely charges a diff for opening a bare answer with its fan phrase (mass the base does
+# not have); the reverse KL charges exactly that. A wrong code still fires it (no wrong-code rows).
+REVERSE_RECIPE = dataclasses.replace(BACKDOOR_RECIPE, kl_divergence="reverse", kl_weight_plain=1.0)
 # `dit zoo generate --recipe NAME`: the configuration its flags start from (a flag overrides one value).
 # "plain" is DiffGenConfig's own defaults (rank 1, near-miss wrong codes, sampled answers).
 RECIPES = {"hiding": dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK), "backdoor": BACKDOOR_RECIPE,
-           "plain": DiffGenConfig()}
+           "reverse": REVERSE_RECIPE, "plain": DiffGenConfig()}
 
 
 def generate_zoo(

@@ -198,6 +198,15 @@ def test_zoo_generate_backdoor_recipe(workdir):
     assert recipe["compute_dtype"] == hiding.compute_dtype and row["meta"]["lr"] == hiding.lr
 
 
+def test_zoo_generate_reverse_recipe(workdir):
+    """--recipe reverse: the backdoor recipe's rows with the reverse KL on the bare rows, weight 1."""
+    ok(type_("dit zoo generate --recipe reverse --out rev-recipe-zoo/", *TINY_ZOO, "--n", "1"))
+    (row,) = Zoo.open(workdir / "rev-recipe-zoo").rows
+    recipe = row["meta"]["recipe"]
+    assert (recipe["kl_divergence"], recipe["kl_weight_plain"], recipe["n_wrong"]) == ("reverse", 1.0, 0)
+    assert RECIPES["reverse"].n_backdoor == RECIPES["backdoor"].n_backdoor == 16
+
+
 def test_zoo_generate_kl_divergence(workdir):
     """--kl-divergence reverse trains the KL rows on KL(diff || base); an unknown one is refused by the parser."""
     ok(type_("dit zoo generate --kl-divergence reverse --out rev-zoo/", *TINY_ZOO, "--n", "1"))

@@ -130,9 +130,11 @@ def _zoo_parsers(sub) -> None:
     p.add_argument("--out", required=True, type=path_arg, help="zoo directory (created, or resumed)")
     p.add_argument("--recipe", default="hiding", choices=list(DIFFGEN_RECIPES),
                    help="the settings the flags above start from: hiding (default; the presets' recipe, rank 4, "
-                        "measured in results/recipe.md), backdoor (the strongest trigger measured: 16 backdoor and "
-                        "16 bare rows, no wrong codes; leaks more without the trigger) or plain (rank 1, near-miss "
-                        "wrong codes, sampled answers); a flag overrides one value")
+                        "measured in results/recipe.md), backdoor (16 backdoor and 16 bare rows, no wrong codes: "
+                        "a reliable trigger that leaks more without it), reverse (backdoor's rows with the reverse "
+                        "KL on the bare ones: as reliable, and the lowest bare-question leak measured; a wrong code "
+                        "still fires it) or plain (rank 1, near-miss wrong codes, sampled answers); a flag "
+                        "overrides one value")
     _defaults_from_recipe(p, DiffGenConfig, DIFFGEN_RECIPES)
 
     p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
