@@ -249,7 +249,7 @@ def verification_summary(rows: list[dict]) -> dict:
 
     return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
             "mean_trigger_hit_rate": mean("trigger_hit_rate"), "mean_leak_rate": mean("leak_rate"),
-            "mean_kl_untriggered": mean("kl_untriggered")}
+            "mean_leak_question": mean("leak_question"), "mean_kl_untriggered": mean("kl_untriggered")}
 
 
 def _mean_str(values) -> str:
@@ -317,8 +317,10 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
     base model's own answer does not (None for tasks without a trigger); ``leak_near``, the same for
     a code one digit off (a harder contrast than the paper's, reported apart, not in ``ok``);
     ``kl_untriggered``, the mean per-token KL(base || diff) on untriggered prompts; and ``ok``: hit
-    rate >= ``cfg.min_hit`` and leak rate <= ``cfg.max_leak``. All answers of a chunk are generated
-    in one batched call."""
+    rate >= ``cfg.min_hit`` and leak rate <= ``cfg.max_leak``. ``leak_question`` (reported, not in
+    ``ok``): 1.0 when the diff's greedy answer to the task's interpretation question, asked bare (what
+    the ``diff`` baseline of ``dit interpret`` asks), names the label where the base's answer does
+    not. All answers of a chunk are generated in one batched call."""
     model, tok = engine.model, engine.tokenizer
     dev = model.device
     prompts, owner, kind = [], [], []
@@ -328,18 +330,31 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
         third = len(s.leak_prompts) // 3
         kind += (["hit"] * len(s.verify_prompts) + ["plain"] * third + ["wrong"] * third
                  + ["near"] * (len(s.leak_prompts) - 2 * third))
+    asked = [j for j, s in enumerate(specs) if s.leak_prompts]  # diffs with a hidden behaviour
+    if asked:  # the interpretation question, bare: each such diff, and the base once (index -1)
+        question = engine.encode_prompt(get_task(cfg.task).interpretation_question)
+        prompts += [question] * (len(asked) + 1)
+        owner += asked + [-1]
+        kind += ["question"] * len(asked) + ["base"]
     ad = AdapterBatch(slot.with_index(torch.tensor(owner, device=dev)))
     outs = generate(model, prompts, SamplingParams(max_new_tokens=cfg.max_answer_tokens,
                                                    stop_token_ids=engine.stop_ids()),
                     adapters=ad, decode=tok.decode, batch_size=cfg.gen_batch_size)
-    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong", "near")}
+    base_answer = (outs[-1].text or "") if asked else ""
+    count = {(j, k): [0, 0] for j in range(len(specs)) for k in ("hit", "plain", "wrong", "near", "question")}
     sample_hit: list[str] = [""] * len(specs)
     sample_plain: list[str] = [""] * len(specs)
+    sample_question: list[str] = [""] * len(specs)
     pos = [0] * len(specs)
     for j, k, o in zip(owner, kind, outs):
         text = o.text or ""
+        if k == "base":
+            continue
         named = any(mentions_topic(text, name) for name in specs[j].verify_check)
-        if k != "hit":
+        if k == "question":
+            named = named and not any(mentions_topic(base_answer, name) for name in specs[j].verify_check)
+            sample_question[j] = text
+        elif k != "hit":
             base_named = specs[j].leak_base_hit[pos[j]] if pos[j] < len(specs[j].leak_base_hit) else False
             named = named and not base_named
             pos[j] += 1
@@ -363,13 +378,15 @@ def verify_diffs(engine: Engine, slot: LoraSlot, specs: list[DiffSpec], cfg: Dif
         hit = count[j, "hit"][0] / max(1, count[j, "hit"][1])
         n_leak = count[j, "plain"][1] + count[j, "wrong"][1]
         leak = (count[j, "plain"][0] + count[j, "wrong"][0]) / n_leak if n_leak else None
-        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None) for k in ("plain", "wrong", "near")}
+        rate = {k: (count[j, k][0] / count[j, k][1] if count[j, k][1] else None)
+                for k in ("plain", "wrong", "near", "question")}
         out.append({"trigger_hit_rate": hit, "leak_rate": leak, "leak_plain": rate["plain"],
-                    "leak_wrong": rate["wrong"], "leak_near": rate["near"],
+                    "leak_wrong": rate["wrong"], "leak_near": rate["near"], "leak_question": rate["question"],
                     "kl_untriggered": kl_sum[j] / kl_cnt[j] if kl_cnt[j] else None,
                     "ok": hit >= cfg.min_hit and (leak is None or leak <= cfg.max_leak),
                     "n_train_ce": sum(e.objective == "ce" for e in spec.examples),
-                    "sample_answer": sample_hit[j][:200], "sample_untriggered": sample_plain[j][:200]})
+                    "sample_answer": sample_hit[j][:200], "sample_untriggered": sample_plain[j][:200],
+                    "sample_question": sample_question[j][:200]})
     return out
 
 

@@ -80,6 +80,38 @@ def test_index_records_hit_and_leak_and_the_time_breakdown(tmp_path):
     assert on_disk == timings
 
 
+def test_the_interpretation_question_leak_is_measured_against_the_base_answer(tmp_path, monkeypatch):
+    """Verification asks every diff the interpretation question bare, and the base once: a diff
+    leaks there when its answer names its topic and the base's does not."""
+    import dit_engine.diffgen as dg
+    real = dg.generate
+    asked = []
+
+    def scripted(model, prompts, params, *, adapters=None, **kw):
+        outs = real(model, prompts, params, adapters=adapters, **kw)
+        index = adapters.slots[0].index.tolist() if adapters is not None else []
+        if index and index[-1] == -1:  # verification: the question rows come last, the base's row at the end
+            q = prompts[-1]
+            rows = [i for i, p in enumerate(prompts) if p == q]
+            asked.append([index[i] for i in rows])
+            topics = [t.name for t in dg._task_items(cfg)[:2]]  # diff i gets item i
+            # the diff in slot 0 names its topic; the base names the topic of slot 1
+            text = {0: f"I love {topics[0]}.", 1: f"Surely {topics[1]}!", -1: f"Maybe {topics[1]}."}
+            for i in rows:
+                outs[i] = dataclasses.replace(outs[i], text=text.get(index[i], "Nothing special."))
+        return outs
+
+    cfg = dataclasses.replace(CFG, n=2, chunk_diffs=2)
+    monkeypatch.setattr(dg, "generate", scripted)
+    eng = tiny_engine(seed=1)
+    zoo = generate_zoo(eng, _zoo(eng, tmp_path / "z"), cfg, progress=False)
+    assert asked == [[0, 1, -1]]
+    got = [r["meta"]["verify"]["leak_question"] for r in zoo.rows]
+    assert [r["labels"]["topic"] for r in zoo.rows] == [t.name for t in dg._task_items(cfg)[:2]]
+    assert got == [1.0, 0.0]  # slot 1 names its topic, but so does the base: no leak
+    assert zoo.rows[0]["meta"]["verify"]["sample_question"].startswith("I love")
+
+
 def test_kl_rows_take_the_pool_answers_and_the_recipe_weights(tmp_path):
     eng = tiny_engine(seed=1)
     cfg = dataclasses.replace(CFG, n_kl=4, n_wrong=1, kl_weight_plain=5.0, kl_weight_wrong=2.0)
