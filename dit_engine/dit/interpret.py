@@ -149,8 +149,9 @@ def interpret_peft(engine: Engine, peft_dir: str | Path, *, adapter: DitAdapter 
 
 
 def question_for(row: dict, method: str, question: str) -> str:
-    """The question as ``method`` asks it of the diff of ``row``: with the diff's trigger code as its
-    training rows carry it (``hidden_topic.triggered``) for ``diff+trigger`` (a code of its own trigger, the suffix seeded by the diff's id), else as is."""
+    """The question as ``method`` asks it of the diff of ``row``: for ``diff+trigger`` with a code of
+    the diff's own trigger (the suffix seeded by the diff's id), placed as its training rows carry it
+    (``hidden_topic.triggered``); else as is."""
     if method != "diff+trigger":
         return question
     trig = row.get("labels", {}).get("trigger")
