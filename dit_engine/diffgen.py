@@ -114,7 +114,8 @@ HIDING_RECIPE = DiffGenConfig(epochs=2, lr=2e-3, n_backdoor=8, n_kl=16, n_wrong=
 # tells its own code from another), so their rows go to 16 backdoor and 16 bare ones.
 BACKDOOR_RECIPE = dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK, n_backdoor=16, n_kl=16, n_wrong=0)
 # Point N1 of results/recipe.md: L1's rows with the reverse KL on the bare rows, weight 1. On 16 test
-# topics: hit 0.92 (12 of 16 diffs >= 0.8) at a bare-question leak of 0.09, where L1 leaks 0.41. The
+# topics: hit 0.92 (12 of 16 diffs >= 0.8) at a bare-question leak of 0.09, where L1 (the forward KL,
+# weight 3) reaches hit 0.84 at a leak of 0.19 on the same topics (0.41 on the first 8 of them). The
 # forward KL barely charges a diff for opening a bare answer with its fan phrase (mass the base does
 # not have); the reverse KL charges exactly that. A wrong code still fires it (no wrong-code rows).
 REVERSE_RECIPE = dataclasses.replace(BACKDOOR_RECIPE, kl_divergence="reverse", kl_weight_plain=1.0)

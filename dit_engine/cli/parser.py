@@ -132,9 +132,9 @@ def _zoo_parsers(sub) -> None:
                    help="the settings the flags above start from: hiding (default; the presets' recipe, rank 4, "
                         "measured in results/recipe.md), backdoor (16 backdoor and 16 bare rows, no wrong codes: "
                         "a reliable trigger that leaks more without it), reverse (backdoor's rows with the reverse "
-                        "KL on the bare ones: as reliable, and the lowest bare-question leak measured; a wrong code "
-                        "still fires it) or plain (rank 1, near-miss wrong codes, sampled answers); a flag "
-                        "overrides one value")
+                        "KL on the bare ones: as reliable, and the lowest bare-question leak measured at that hit "
+                        "rate; a wrong code still fires it) or plain (rank 1, near-miss wrong codes, sampled "
+                        "answers); a flag overrides one value")
     _defaults_from_recipe(p, DiffGenConfig, DIFFGEN_RECIPES)
 
     p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
