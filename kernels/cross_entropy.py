@@ -290,15 +290,14 @@ def _kl_rows_fwd(
         lse, lse_t = torch.logsumexp(lf, -1), torch.logsumexp(tf, -1)
         lse_out.copy_(lse)
         lse_t_out.copy_(lse_t)
-        d = lf - tf  # s - t; log q - log p = d - lse + lse_t
-        shift = (lse_t - lse)[:, None]
         kl = torch.zeros_like(lse)
         if mode != 1:  # forward: sum p (log p - log q)
-            kl += (torch.exp(tf - lse_t[:, None]) * (-(d + shift))).sum(-1)
-        if mode != 0:  # reverse: sum q (log q - log p) = E_q[d] - lse + lse_t
-            mean_d = (torch.exp(lf - lse[:, None]) * d).sum(-1)
+            log_p = tf - lse_t[:, None]
+            kl += (log_p.exp() * (log_p - (lf - lse[:, None]))).sum(-1)
+        if mode != 0:  # reverse: sum q (log q - log p) = E_q[s - t] - lse + lse_t
+            mean_d = (torch.exp(lf - lse[:, None]) * (lf - tf)).sum(-1)
             mean_d_out.copy_(mean_d)
-            kl += mean_d + shift[:, 0]
+            kl += mean_d - lse + lse_t
         kl_out.copy_(kl)
         return
     C, V = logits.shape
@@ -321,13 +320,14 @@ def _kl_rows_bwd(
     triton_rows: bool,
 ) -> None:
     if not triton_rows:
-        lf = logits.float()
+        lf, tf = logits.float(), teacher.float()
         q = torch.exp(lf - lse[:, None])
-        g = torch.zeros_like(q)
-        if mode != 1:
-            g += q - torch.exp(teacher.float() - lse_t[:, None])
-        if mode != 0:  # q * (log q - log p - KL(q||p)) = q * (d - E_q[d])
-            g += q * (lf - teacher.float() - mean_d[:, None])
+        if mode == 0:
+            g = q - torch.exp(tf - lse_t[:, None])
+        else:  # reverse: q * (log q - log p - KL(q||p)) = q * (s - t - E_q[s - t]); symmetric adds forward's
+            g = q * (lf - tf - mean_d[:, None])
+            if mode == 2:
+                g += q - torch.exp(tf - lse_t[:, None])
         logits.copy_(g * dkl[:, None])
         return
     C, V = logits.shape
