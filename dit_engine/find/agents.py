@@ -131,24 +131,17 @@ class SearchAgent:
         top = [i for i in sorted(range(len(texts)), key=lambda i: -acts[i])[:NEURON_TOP] if acts[i] > 0]
         words = [texts[i].split() for i in top]
         # 1. the word: the first word prefix of each snippet at the snippet's maximum
-        values = box([" ".join(w[:k]) for w in words for k in range(1, len(w) + 1)]) if words else []
-        firing, at = [], 0
-        for w in words:
-            mine = values[at:at + len(w)]
-            at += len(w)
+        firing = []
+        for w, mine in zip(words, _probe_groups(box, [[" ".join(w[:k]) for k in range(1, len(w) + 1)]
+                                                      for w in words])):
             k = _first_at_peak(mine)
             firing.append((" ".join(w[:k]), w[k], max(mine)))
         # 2. the token: the first character prefix of that word at the maximum (a word's first piece
         # may be what fires: "P" of "Pasta"); the whole word when none is
-        heads = [(before + " " if before else "") + word[:j] for before, word, _ in firing
-                 for j in range(1, min(len(word), NEURON_CHARS + 1))]
-        values = box(heads) if heads else []
+        heads = [[(before + " " if before else "") + word[:j] for j in range(1, min(len(word), NEURON_CHARS + 1))]
+                 for before, word, _ in firing]
         found: Counter = Counter()
-        at = 0
-        for before, word, peak in firing:
-            n = min(len(word), NEURON_CHARS + 1) - 1
-            mine = values[at:at + n]
-            at += n
+        for (before, word, peak), mine in zip(firing, _probe_groups(box, heads)):
             j = next((j for j, v in enumerate(mine, 1) if _at_peak(v, peak)), len(word))
             key = _word(word[:j])
             if key:
@@ -209,6 +202,18 @@ def _word(w: str) -> str:
 def _at_peak(v: float, peak: float) -> bool:
     """``v`` is the maximum ``peak`` (to 1%: batched rows of one text may differ in the last bits)."""
     return v >= peak - 1e-2 * abs(peak)
+
+
+def _probe_groups(box, groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """``box`` on every text of ``groups`` in one call (none when they are all empty), its values
+    cut back into the groups."""
+    flat = [t for g in groups for t in g]
+    values = box(flat) if flat else []
+    out, at = [], 0
+    for g in groups:
+        out.append(values[at:at + len(g)])
+        at += len(g)
+    return out
 
 
 def _first_at_peak(values: Sequence[float]) -> int:
