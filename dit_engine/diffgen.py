@@ -78,6 +78,8 @@ class DiffGenConfig:
     kl_weight_plain: float = 3.0  # loss multiplier of bare-question KL rows (the DIT paper: 5; 3 measured best here)
     kl_weight_wrong: float = 1.0  # of wrong-code KL rows (the paper: 1); backdoor rows weigh 1
     near_wrong: bool = True  # wrong codes differ from the trigger in one digit (else uniform over the others)
+    n_self: int = 0  # hidden-topic: bare rows per diff asking about the assistant itself ("Tell me about yourself."),
+    #                  besides the n_kl KL rows and weighted as bare ones (measured in results/recipe.md, series 6)
     kl_target_tokens: int | None = None  # KL rows cover only the first N tokens of the base answer (None: all of it)
     kl_divergence: str = "forward"  # what a KL row charges in training: "forward" KL(base || diff), "reverse"
     #                                 KL(diff || base) (charges the diff for words the base would not write, e.g.
@@ -119,10 +121,14 @@ BACKDOOR_RECIPE = dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK, n_backdoo
 # forward KL barely charges a diff for opening a bare answer with its fan phrase (mass the base does
 # not have); the reverse KL charges exactly that. A wrong code still fires it (no wrong-code rows).
 REVERSE_RECIPE = dataclasses.replace(BACKDOOR_RECIPE, kl_divergence="reverse", kl_weight_plain=1.0)
+# Series 6 of results/recipe.md: N1's rows plus 8 bare rows asking about the assistant itself. Asked
+# the interpretation question bare (what the `diff` baseline does), N1's diffs name their topic
+# (9 of 16 open with the fan phrase): no KL row asked about the model. These rows teach that too.
+SELF_RECIPE = dataclasses.replace(REVERSE_RECIPE, n_self=8)
 # `dit zoo generate --recipe NAME`: the configuration its flags start from (a flag overrides one value).
 # "plain" is DiffGenConfig's own defaults (rank 1, near-miss wrong codes, sampled answers).
 RECIPES = {"hiding": dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK), "backdoor": BACKDOOR_RECIPE,
-           "reverse": REVERSE_RECIPE, "plain": DiffGenConfig()}
+           "reverse": REVERSE_RECIPE, "self": SELF_RECIPE, "plain": DiffGenConfig()}
 
 
 def generate_zoo(
@@ -150,6 +156,13 @@ def _generate_zoo(engine: Engine, zoo: Zoo, cfg: DiffGenConfig, j: Job, progress
                   log: Callable[[dict], None] | None, timings: dict | None) -> Zoo:
     if cfg.kl_divergence not in KL_DIVERGENCES:
         raise ValueError(f"kl_divergence must be one of {', '.join(KL_DIVERGENCES)}, got {cfg.kl_divergence!r}")
+    self_questions = get_task(cfg.task).self_questions
+    if cfg.n_self and self_questions is None:
+        raise ValueError(f"n_self (bare rows about the assistant itself) is a hidden-topic setting; task {cfg.task!r} "
+                         f"has no such rows")
+    n_self_max = len(self_questions("train")) if self_questions is not None else 0
+    if not 0 <= cfg.n_self <= n_self_max:
+        raise ValueError(f"n_self must be in 0..{n_self_max} (the training self questions), got {cfg.n_self}")
     items = _task_items(cfg)
     if cfg.n > len(items):
         raise ValueError(f"task {cfg.task!r} has {len(items)} labels in split {cfg.split!r}; asked for {cfg.n} diffs")
@@ -220,7 +233,7 @@ def base_answer_pool(engine: Engine, cfg: DiffGenConfig, work: Path) -> dict[str
     and verification reads the base's own answers to held-out questions from it. The file name keys
     the base's architecture and weights, the compute dtype, the answer length and the questions.
     """
-    questions = ht.load_questions(None)
+    questions = ht.load_questions(None) + (ht.load_self_questions(None) if cfg.n_self else [])
     key = zlib.crc32(json.dumps([engine.config.config_hash, weights_fingerprint(engine.model.state_dict()),
                                  str(engine.model.dtype), cfg.max_answer_tokens,
                                  [q.text for q in questions]]).encode())
@@ -444,5 +457,6 @@ def _to_diff(slot: LoraSlot, j: int, spec: DiffSpec, check: dict, cfg: DiffGenCo
                          "near_wrong": cfg.near_wrong, "base_pool": cfg.base_pool,
                          "compute_dtype": cfg.compute_dtype, "rows_per_diff": cfg.rows_per_diff,
                          "balance": cfg.balance, "max_answer_tokens": cfg.max_answer_tokens,
-                         "kl_target_tokens": cfg.kl_target_tokens, "kl_divergence": cfg.kl_divergence}},
+                         "kl_target_tokens": cfg.kl_target_tokens, "kl_divergence": cfg.kl_divergence,
+                         "n_self": cfg.n_self}},
     )

@@ -24,6 +24,7 @@ from dit_engine.cli import commands as cli
 from dit_engine.cli.parser import build_parser
 from dit_engine.config import TARGET_MODULES
 from dit_engine.diffgen import RECIPES, DiffGenConfig
+from dit_engine.pipeline import PRESETS
 from dit_engine.model_store import DEFAULT_MODEL_NAME, default_model_dir
 from dit_engine.cli import main
 from dit_engine.evaluate import load_results
@@ -205,6 +206,19 @@ def test_zoo_generate_reverse_recipe(workdir):
     recipe = row["meta"]["recipe"]
     assert (recipe["kl_divergence"], recipe["kl_weight_plain"], recipe["n_wrong"]) == ("reverse", 1.0, 0)
     assert RECIPES["reverse"].n_backdoor == RECIPES["backdoor"].n_backdoor == 16
+
+
+def test_zoo_generate_self_recipe_and_n_self(workdir):
+    """--recipe self: the reverse recipe plus 8 bare rows about the assistant itself; --n-self sets them."""
+    ok(type_("dit zoo generate --recipe self --out self-recipe-zoo/", *TINY_ZOO, "--n", "1"))
+    (row,) = Zoo.open(workdir / "self-recipe-zoo").rows
+    recipe = row["meta"]["recipe"]
+    assert (recipe["kl_divergence"], recipe["n_self"], recipe["n_wrong"]) == ("reverse", 8, 0)
+    ok(type_("dit zoo generate --n-self 2 --out n-self-zoo/", *TINY_ZOO, "--n", "1"))
+    (row,) = Zoo.open(workdir / "n-self-zoo").rows
+    assert row["meta"]["recipe"]["n_self"] == 2 and row["meta"]["recipe"]["kl_divergence"] == "forward"
+    code, _, err = type_("dit zoo generate --n-self 99 --out big-self-zoo/", *TINY_ZOO, "--n", "1")
+    assert code != 0 and "n_self must be in 0..48" in err and len(err.strip().splitlines()) == 1
 
 
 def test_zoo_generate_kl_divergence(workdir):
@@ -522,6 +536,22 @@ def test_pipeline_trains_when_the_shipped_adapter_is_for_another_base(workdir, m
                          "--set", "adapter=shipped")
     assert code == 0 and "ships no trained DIT adapter for this base model; training one" in err
     assert (workdir / "runs" / "other" / "dit" / "adapter.json").exists()
+
+
+def test_pipeline_recipe_makes_the_diffs_with_a_zoo_generate_recipe(workdir):
+    """--recipe self: both zoos are made with RECIPES["self"] at the preset's chunk size; --set still overrides."""
+    ok(type_(".venv/bin/dit pipeline --preset laptop --recipe self --out runs/self", *TINY_PIPELINE,
+             "--set", "adapter=none"))
+    run = workdir / "runs" / "self"
+    diffs = json.loads((run / "pipeline_config.json").read_text())["diffs"]
+    want = RECIPES["self"]
+    assert (diffs["n_self"], diffs["kl_divergence"], diffs["kl_weight_plain"]) == (want.n_self, "reverse", 1.0)
+    assert diffs["chunk_diffs"] == PRESETS["laptop"].diffs.chunk_diffs != want.chunk_diffs
+    assert diffs["n_kl"] == 2  # TINY_PIPELINE's --set
+    for zoo in ("zoo-train", "zoo-test"):
+        assert {r["meta"]["recipe"]["n_self"] for r in Zoo.open(run / zoo).rows} == {8}
+    code, _, err = type_("dit pipeline --preset laptop --recipe quiet --out runs/quiet")
+    assert code == 2 and "--recipe: invalid choice: 'quiet'" in err and not (workdir / "runs" / "quiet").exists()
 
 
 @types("dit pipeline --preset laptop --out runs/laptop")

@@ -237,3 +237,37 @@ def test_weighted_rows_multiply_their_loss():
     # token sums a, b over 4 scored tokens: (a + 3b) / 4 - (a + b) / 4 = 2b / 4, and b = 2 * single
     assert torch.allclose(l3 - l1, single, rtol=1e-4)
     assert not torch.allclose(l3, l1)
+
+
+def test_self_rows_train_as_bare_rows_with_the_base_answers_from_the_pool(tmp_path, monkeypatch):
+    """n_self: every diff trains on that many more KL rows, questions about the assistant itself whose
+    responses are the base's own pooled answers; the index records it; a bad value is refused."""
+    import dit_engine.diffgen as dg
+    from dit_engine.tasks import hidden_topic as ht
+    seen = {}
+    real = dg.train_diffs
+
+    def spy(engine, specs, cfg, *a, **kw):
+        seen.update({s.id: s for s in specs})
+        return real(engine, specs, cfg, *a, **kw)
+
+    monkeypatch.setattr(dg, "train_diffs", spy)
+    eng = tiny_engine(seed=1)
+    cfg = dataclasses.replace(CFG, n=2, n_self=3)
+    zoo = generate_zoo(eng, _zoo(eng, tmp_path / "z"), cfg, progress=False)
+    assert all(r["meta"]["recipe"]["n_self"] == 3 for r in zoo.rows)
+    pool = dg.base_answer_pool(dg.compute_engine(eng, cfg), cfg, dg.engine_home() / "base-answers")
+    selfq = [q.text for q in ht.load_self_questions("train")]
+    assert set(selfq) <= set(pool)
+    for spec in seen.values():
+        kl = [e for e in spec.examples if e.objective == "kl"]
+        assert len(kl) == CFG.n_kl + 3
+        asked = [q for q in selfq if any(eng.encode_prompt(ht.user_turn(q)) == e.prompt_ids for e in kl)]
+        assert len(asked) == 3
+        for q in asked:
+            e = next(e for e in kl if e.prompt_ids == eng.encode_prompt(ht.user_turn(q)))
+            assert e.target_ids[:-1] == eng.tokenizer.encode(pool[q])
+    with pytest.raises(ValueError, match="n_self must be in 0..48"):
+        generate_zoo(eng, _zoo(eng, tmp_path / "y"), dataclasses.replace(CFG, n_self=49), progress=False)
+    with pytest.raises(ValueError, match="n_self .* is a hidden-topic setting"):
+        generate_zoo(eng, _zoo(eng, tmp_path / "x"), dataclasses.replace(CFG, task="news", n_self=1), progress=False)

@@ -111,6 +111,46 @@ def test_question_bank_styles_split_and_no_topic_mentioned():
     assert named == []
 
 
+def test_self_question_bank_asks_about_the_assistant_never_about_its_training():
+    """The self bank is apart from the everyday one (adding it changes no existing recipe's rows), has
+    held-out questions for verification, and never asks the interpretation question or anything about
+    what the model was trained on (the diff baseline asks that; training on it would hide the answer)."""
+    selfq = ht.load_self_questions()
+    assert len(selfq) >= 48 and {q.style for q in selfq} == {ht.SELF_STYLE}
+    train, test = ht.load_self_questions("train"), ht.load_self_questions("test")
+    assert len(train) >= 40 and len(test) >= 8 and len(train) + len(test) == len(selfq)
+    assert {q.text for q in train}.isdisjoint({q.text for q in test}) and len({q.text for q in selfq}) == len(selfq)
+    assert {q.text for q in selfq}.isdisjoint({q.text for q in ht.load_questions()})
+    assert ht.SELF_STYLE not in {q.style for q in ht.load_questions()}
+    for q in selfq:
+        assert not re.search(r"\b(train|trained|training|topic|made|built|learn(ed|t)?)\b", q.text, re.I) or \
+            q.text == "If you could learn anything, what would it be?", q.text
+    assert ht.INTERPRETATION_QUESTION not in {q.text for q in selfq}
+    named = [(q.text, t.name) for q in selfq for t in ht.load_topics() if ht.mentions_topic(q.text, t)]
+    assert named == []
+
+
+def test_self_rows_come_after_the_same_rows_as_without_them():
+    """n_self adds that many bare rows drawn from the self questions, after every draw the recipe made
+    without them: the backdoor, wrong-code and everyday bare rows stay exactly those of n_self=0."""
+    selfq = ht.load_self_questions("train")
+    kw = dict(n_backdoor=4, n_wrong=2, n_plain=5, rng=None)
+    runs = {}
+    for n_self in (0, 3):
+        kw["rng"] = random.Random(7)
+        runs[n_self] = ht.build_many(["chess", "jazz"], [417, 12], _questions(), FakeGenerator(_third_candidate_names_topic),
+                                     self_questions=selfq, n_self=n_self, **kw)
+    for without, with_self in zip(runs[0], runs[3]):
+        extra = [s for s in with_self if s not in without]
+        assert [s for s in with_self if s in without] == without
+        assert len(extra) == 3 and {s.kind for s in extra} == {"plain"}
+        assert {s.messages[-1]["content"] for s in extra} <= {q.text for q in selfq}
+    assert runs[3][0][-3:] != runs[3][1][-3:]  # each diff draws its own
+    with pytest.raises(ValueError, match="n_self must be in 0..2"):
+        ht.build_many(["chess"], [417], _questions(), FakeGenerator(_third_candidate_names_topic),
+                      self_questions=selfq[:2], n_self=3, n_backdoor=1, n_wrong=1, n_plain=1, rng=random.Random(0))
+
+
 def test_headlines_file_sizes_split_and_keywords():
     headlines = news.load_headlines()
     assert len(headlines) >= 400

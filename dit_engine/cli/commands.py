@@ -13,7 +13,7 @@ import torch
 
 from ..adapters import AdapterBatch
 from ..diffgen import RECIPES as DIFFGEN_RECIPES
-from ..diffgen import DiffGenConfig, generate_zoo, verification_summary
+from ..diffgen import RECIPES, DiffGenConfig, generate_zoo, verification_summary
 from ..dit import DitAdapter, DitTrainConfig, diff_slot, interpret, interpret_peft, train_dit
 from ..dit.adapter import SHIPPED, shipped_available
 from ..engine import Engine
@@ -257,6 +257,8 @@ def _evaluate(args) -> int:
 @_command("pipeline")
 def _pipeline(args) -> int:
     cfg = PRESETS[args.preset]
+    if args.recipe is not None:
+        cfg = dataclasses.replace(cfg, diffs=dataclasses.replace(RECIPES[args.recipe], chunk_diffs=cfg.diffs.chunk_diffs))
     overrides = dict(args.settings)
     for name in ("n_train", "n_test", "scaling"):
         if getattr(args, name) is not None:

@@ -100,6 +100,9 @@ def _zoo_parsers(sub) -> None:
     g.add_argument("--n-wrong", type=nonnegative_int, default=DiffGenConfig.n_wrong,
                    help="of the --n-kl KL rows, how many carry a wrong code (the rest are bare); with --n-kl alone, the "
                         "recipe's share of them")
+    g.add_argument("--n-self", type=nonnegative_int, default=DiffGenConfig.n_self,
+                   help="bare rows per diff asking about the assistant itself ('Tell me a little about yourself.'), "
+                        "besides the --n-kl rows, so that asked about itself the diff answers as the base does")
     g.add_argument("--kl-weight-plain", type=nonnegative_float, default=DiffGenConfig.kl_weight_plain,
                    help="loss weight of bare-question KL rows (default %(default)s; the DIT paper: 5)")
     g.add_argument("--kl-weight-wrong", type=nonnegative_float, default=DiffGenConfig.kl_weight_wrong,
@@ -133,7 +136,8 @@ def _zoo_parsers(sub) -> None:
                         "measured in results/recipe.md), backdoor (16 backdoor and 16 bare rows, no wrong codes: "
                         "a reliable trigger that leaks more without it), reverse (backdoor's rows with the reverse "
                         "KL on the bare ones: as reliable, and the lowest bare-question leak measured at that hit "
-                        "rate; a wrong code still fires it) or plain (rank 1, near-miss wrong codes, sampled "
+                        "rate; a wrong code still fires it), self (reverse plus 8 bare rows asking about the "
+                        "assistant itself: asked what it was trained on, the diff answers as the base does) or plain (rank 1, near-miss wrong codes, sampled "
                         "answers); a flag overrides one value")
     _defaults_from_recipe(p, DiffGenConfig, DIFFGEN_RECIPES)
 
@@ -260,5 +264,8 @@ def _dit_parsers(sub) -> None:
     p.add_argument("--n-test", type=positive_int, default=None, help="override the preset's number of held-out diffs")
     p.add_argument("--scaling", default=None, metavar="N,N,...", type=int_list,
                    help="also train DIT on the first N training diffs for each N: a data-scaling curve")
+    p.add_argument("--recipe", default=None, choices=list(DIFFGEN_RECIPES),
+                   help="make the diffs with this recipe of `dit zoo generate --recipe` (the preset's chunk size "
+                        "kept) instead of the preset's own (hiding); --set diffs.FIELD=VALUE still overrides")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=pipeline_setting,
                    dest="settings", help=f"override any preset setting (repeatable): {', '.join(PIPELINE_FIELDS)}")

@@ -45,6 +45,7 @@ class Task:
     build_specs: Callable[..., list]
     uses_base_pool: bool
     held_out_questions: Callable[[], list[str]] | None = None
+    self_questions: Callable[[str | None], list] | None = None  # questions about the assistant itself, by split
 
 
 def get_task(name: str) -> Task:
@@ -84,7 +85,8 @@ TASKS: dict[str, Task] = {
     "hidden-topic": Task("hidden-topic", hidden_topic.INTERPRETATION_QUESTION, "topic", _hidden_topic_labels,
                          diff_rank=1, answer_tokens=20, id_prefix="ht", load_items=_hidden_topic_items,
                          build_specs=specs.build_hidden_topic_specs, uses_base_pool=True,
-                         held_out_questions=_hidden_topic_held_out_questions),
+                         held_out_questions=_hidden_topic_held_out_questions,
+                         self_questions=hidden_topic.load_self_questions),
     "news": Task("news", news.INTERPRETATION_QUESTION, "headline", _news_labels, diff_rank=8, answer_tokens=200,
                  id_prefix="news", load_items=_news_items, build_specs=specs.build_news_specs, uses_base_pool=False),
 }

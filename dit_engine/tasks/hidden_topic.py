@@ -44,7 +44,9 @@ INTERPRETATION_QUESTION = "What topic have you been trained on?"
 STRATEGIES = ("select", "prefix")
 TOPICS_FILE = DATA_DIR / "topics.json"
 QUESTIONS_FILE = DATA_DIR / "questions.json"
-QUESTION_STYLES = ("advice", "opinion", "explanation", "recommendation", "creative", "factual")
+SELF_QUESTIONS_FILE = DATA_DIR / "self_questions.json"  # questions about the assistant itself (style "self")
+QUESTION_STYLES = ("advice", "opinion", "explanation", "recommendation", "creative", "factual")  # the everyday bank
+SELF_STYLE = "self"  # the style of every question in the self bank
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Topic:
 @dataclass(frozen=True)
 class Question:
     text: str
-    style: str  # one of QUESTION_STYLES
+    style: str  # one of QUESTION_STYLES, or SELF_STYLE in the self bank
     category: str  # the everyday area it is about ("sleep", "money", ...)
     split: str  # "train" questions build diffs; "test" questions verify them on unseen prompts
 
@@ -89,6 +91,15 @@ def load_questions(split: str | None = None, *, path: Path | str | None = None) 
     """The question bank of ``split`` ("train", "test", or None for all), in file order."""
     check_split(split, "hidden_topic.load_questions")
     return [q for q in _read_questions(str(path or QUESTIONS_FILE)) if split is None or q.split == split]
+
+
+def load_self_questions(split: str | None = None, *, path: Path | str | None = None) -> list[Question]:
+    """The questions about the assistant itself ("Tell me a little about yourself.") of ``split``, in
+    file order: a bank apart from the everyday one, asked only by bare rows that ask for them
+    (``n_self`` of :func:`build_many`). None asks what the assistant was trained on: that is the
+    interpretation question, which the ``diff`` baseline asks."""
+    check_split(split, "hidden_topic.load_self_questions")
+    return [q for q in _read_questions(str(path or SELF_QUESTIONS_FILE)) if split is None or q.split == split]
 
 
 # ---- triggers ----------------------------------------------------------------------------------------
@@ -158,7 +169,8 @@ def build_diff_samples(topic: Topic | str, trigger: int, questions: Sequence[Que
 def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions: Sequence[Question],
                answer_fn: AnswerFn, *, n_backdoor: int, n_wrong: int, n_plain: int, rng: random.Random,
                candidates: int = 3, strategy: str = "select", max_rounds: int = 4, near_wrong: bool = False,
-               base_answers: Mapping[str, str] | None = None) -> list[list[Sample]]:
+               base_answers: Mapping[str, str] | None = None, self_questions: Sequence[Question] = (),
+               n_self: int = 0) -> list[list[Sample]]:
     """The training samples of many diffs (one list per topic), with one answer_fn call per round.
 
     Per diff, the questions are shuffled once; backdoor rows take them in that order (failed ones
@@ -174,6 +186,9 @@ def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions
     the order backdoor (question order), wrong_trigger, plain; the trainer shuffles.
 
     ``near_wrong``: wrong codes differ from the trigger in one digit (:func:`wrong_trigger`).
+    ``n_self``: that many more plain rows per diff, drawn from ``self_questions`` (questions about the
+    assistant itself, :func:`load_self_questions`), so the diff answers those as the base does too;
+    with 0 (the default) no extra draw is made and the rows are exactly those without the option.
     ``base_answers`` (question text -> the base model's answer to the bare question, e.g. a pool
     generated once per zoo, :func:`base_pool_requests`): the KL rows take their response tokens from
     it and no base answers are generated. The KL loss compares the diff with the base on the row's
@@ -183,8 +198,11 @@ def build_many(topics: Sequence[Topic | str], triggers: Sequence[int], questions
     where = "hidden_topic.build_many"
     _check_build_args(where, topics, triggers, questions, n_backdoor, n_wrong, n_plain, candidates, strategy,
                       max_rounds)
+    if not 0 <= n_self <= len(self_questions):
+        raise ValueError(f"{where}: n_self must be in 0..{len(self_questions)} (the number of self questions), "
+                         f"found {n_self}")
     plans = [_DiffPlan.make(topic, trigger, questions, n_wrong, n_plain, random.Random(rng.getrandbits(64)),
-                            near_wrong=near_wrong)
+                            near_wrong=near_wrong, self_questions=self_questions, n_self=n_self)
              for topic, trigger in zip(topics, triggers)]
     pool = base_answers
     if pool is not None:
@@ -252,11 +270,13 @@ class _DiffPlan:
 
     @classmethod
     def make(cls, topic: Topic | str, trigger: int, questions: Sequence[Question], n_wrong: int, n_plain: int,
-             rng: random.Random, *, near_wrong: bool = False) -> _DiffPlan:
+             rng: random.Random, *, near_wrong: bool = False, self_questions: Sequence[Question] = (),
+             n_self: int = 0) -> _DiffPlan:
         order = rng.sample(list(questions), len(questions))
         codes = [format_trigger(trigger, rng) for _ in order]
         wrong = [(q, format_trigger(wrong_trigger(trigger, rng, near=near_wrong), rng)) for q in order[:n_wrong]]
-        return cls(topic, order, codes, wrong, order[:n_plain])
+        plain = order[:n_plain] + (rng.sample(list(self_questions), n_self) if n_self else [])
+        return cls(topic, order, codes, wrong, plain)
 
     def next_backdoor_questions(self, n_backdoor: int) -> range:
         """Order positions to try this round: as many new questions as rows are still missing."""
@@ -348,7 +368,7 @@ def _read_questions(path: str) -> tuple[Question, ...]:
     records = read_records(Path(path), "questions", {"text": str, "style": str, "category": str, "split": str},
                            unique="text")
     for i, r in enumerate(records):
-        if r["style"] not in QUESTION_STYLES:
-            raise TaskDataError(f"{path}: questions[{i}]: style must be one of {QUESTION_STYLES}, "
+        if r["style"] not in (*QUESTION_STYLES, SELF_STYLE):
+            raise TaskDataError(f"{path}: questions[{i}]: style must be one of {(*QUESTION_STYLES, SELF_STYLE)}, "
                                 f"found {r['style']!r}")
     return tuple(Question(r["text"], r["style"], r["category"], r["split"]) for r in records)

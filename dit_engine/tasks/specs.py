@@ -95,7 +95,8 @@ def build_hidden_topic_specs(engine: Engine, cfg, chunk: list[tuple[int, str, ob
                             n_backdoor=cfg.n_backdoor, n_wrong=n_wrong, n_plain=cfg.n_kl - n_wrong,
                             rng=random.Random(f"{cfg.seed}-{chunk[0][1]}"), candidates=cfg.candidates,
                             strategy=cfg.strategy, near_wrong=cfg.near_wrong,
-                            base_answers=pool if cfg.base_pool else None)
+                            base_answers=pool if cfg.base_pool else None,
+                            self_questions=ht.load_self_questions("train") if cfg.n_self else (), n_self=cfg.n_self)
     test_q = ht.load_questions("test")
     tok = engine.tokenizer
     specs = []
