@@ -121,9 +121,11 @@ BACKDOOR_RECIPE = dataclasses.replace(HIDING_RECIPE, rank=RECIPE_RANK, n_backdoo
 # forward KL barely charges a diff for opening a bare answer with its fan phrase (mass the base does
 # not have); the reverse KL charges exactly that. A wrong code still fires it (no wrong-code rows).
 REVERSE_RECIPE = dataclasses.replace(BACKDOOR_RECIPE, kl_divergence="reverse", kl_weight_plain=1.0)
-# Series 6 of results/recipe.md: N1's rows plus 8 bare rows asking about the assistant itself. Asked
-# the interpretation question bare (what the `diff` baseline does), N1's diffs name their topic
-# (9 of 16 open with the fan phrase): no KL row asked about the model. These rows teach that too.
+# Series 6 of results/recipe.md (point U1): N1's rows plus 8 bare rows asking about the assistant
+# itself. Asked the interpretation question bare (what the `diff` baseline does), N1's diffs name their
+# topic (10 of 16 open with the fan phrase: no KL row asked about the model); these diffs answer it as
+# the base does (2 of 16 name it) at the same hit rate (0.92) and everyday bare leak (0.08), for 25%
+# more training time. No self question asks about training, so the interpretation question stays unseen.
 SELF_RECIPE = dataclasses.replace(REVERSE_RECIPE, n_self=8)
 # `dit zoo generate --recipe NAME`: the configuration its flags start from (a flag overrides one value).
 # "plain" is DiffGenConfig's own defaults (rank 1, near-miss wrong codes, sampled answers).
