@@ -265,6 +265,7 @@ def verification_summary(rows: list[dict]) -> dict:
 
     return {"verified": len(checks), "ok": sum(bool(c.get("ok")) for c in checks),
             "mean_trigger_hit_rate": mean("trigger_hit_rate"), "mean_leak_rate": mean("leak_rate"),
+            "mean_leak_plain": mean("leak_plain"), "mean_leak_wrong": mean("leak_wrong"),
             "mean_leak_question": mean("leak_question"), "mean_kl_untriggered": mean("kl_untriggered")}
 
 

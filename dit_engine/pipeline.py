@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .diffgen import HIDING_RECIPE, RECIPE_RANK, DiffGenConfig, generate_zoo  # noqa: F401 (re-exported)
+from .diffgen import HIDING_RECIPE, RECIPE_RANK, DiffGenConfig, generate_zoo, verification_summary  # noqa: F401 (re-exported)
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .dit.adapter import SHIPPED, shipped_available
 from .engine import Engine
@@ -120,6 +120,10 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         adapter = dit_stage("dit", None)
     made = provenance(str(engine.model.device) if engine.model.device.type == "cuda" else None)
     heldout_title = f"DIT on held-out diffs, never seen in training ({cfg.task})"
+    zoo_checks = {(f"held-out, rank {r}" if r != cfg.rank else "held-out"): verification_summary(z.rows)
+                  for r, z in test_zoos.items()}
+    if train_zoo is not None:
+        zoo_checks["training"] = verification_summary(train_zoo.rows)
 
     results = out / "results.jsonl"
     for r, zoo in test_zoos.items():
@@ -129,7 +133,7 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
     if shipped:  # no training zoo here: the shipped adapter's own report holds its training view
         return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task,
                                                       f"{heldout_title}, shipped adapter", provenance=made,
-                                                      training=adapter.recipe.get("epochs")))
+                                                      training=adapter.recipe.get("epochs"), diffs=zoo_checks))
     train_ids = train_zoo.ids()[: cfg.n_train_eval]
     seen = out / "results-train.jsonl"
     stage("interpret-train", lambda: interpret(engine, train_zoo, seen, adapter=adapter, methods=("dit",),
@@ -146,12 +150,12 @@ def run_pipeline(engine: Engine, out_dir: str | Path, cfg: PipelineConfig, *, pr
         scaling.append((n, res_n))
     stage("evaluate-train", lambda: evaluate_run(seen, out / "report-train", cfg.task,
                                                  f"DIT on {len(train_ids)} of its training diffs ({cfg.task})",
-                                                 provenance=made))
+                                                 provenance=made, diffs={"training": zoo_checks["training"]}))
     if scaling:
         scaling.append((cfg.n_train, results))
     return stage("evaluate", lambda: evaluate_run(results, out / "report", cfg.task, heldout_title,
                                                   scaling=scaling, training=out / "dit" / "epochs.jsonl",
-                                                  provenance=made))
+                                                  provenance=made, diffs=zoo_checks))
 
 
 def _shipped_for(base: BaseIdentity, engine: Engine) -> DitAdapter | None:
@@ -166,17 +170,19 @@ def _shipped_for(base: BaseIdentity, engine: Engine) -> DitAdapter | None:
 def evaluate_run(results, report_dir: Path, task: str, title: str | None = None,
                  scaling: list[tuple[int, Path]] | None = None,
                  training: str | Path | Sequence[Mapping[str, Any]] | None = None,
-                 provenance: Mapping[str, Any] | None = None) -> Path:
+                 provenance: Mapping[str, Any] | None = None,
+                 diffs: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Score results file(s) against every label of the task's splits and write the report;
     ``scaling``: (number of training diffs, results file of that DIT run) for the data-scaling curve;
     ``training``: DIT's per-epoch losses for the loss chart, as records or as the path of the
-    adapter's ``epochs.jsonl`` (a missing file: no chart)."""
+    adapter's ``epochs.jsonl`` (a missing file: no chart); ``diffs``: zoo name -> its verification
+    summary, for the report's "The diffs" table."""
     metrics = _metrics(results, task)
     curve = [(n, _metrics(p, task)) for n, p in scaling] if scaling else None
     if isinstance(training, (str, Path)):
         training = load_training(training)
     path = write_report(metrics, report_dir, title or f"DIT evaluation ({task})", scaling=curve, training=training,
-                        provenance=provenance)
+                        provenance=provenance, diffs=diffs)
     print(summarize(metrics))
     return path
 

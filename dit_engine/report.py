@@ -25,10 +25,12 @@ from .files import write_text
 from .report_html import html_report
 from .report_tables import (
     BREAKDOWN_FIELDS,
+    DIFFS_NOTE,
     breakdown,
     comparison_note,
     comparison_table,
     definitions,
+    diffs_table,
     examples,
     fmt,
     has_rank_sweep,
@@ -52,6 +54,7 @@ def write_report(
     scaling: Sequence[tuple[int, Metrics]] | None = None,
     training: Sequence[Mapping[str, Any]] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    diffs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the report files into ``out_dir`` (created if needed); return the HTML report's path.
 
@@ -62,6 +65,8 @@ def write_report(
     as "DIT loss per epoch"; absent or empty: no chart.
     ``provenance``: machine, commit and date of the run (:func:`dit_engine.provenance.provenance`),
     printed under the title and kept in metrics.json.
+    ``diffs``: zoo name -> its verification summary (:func:`dit_engine.diffgen.verification_summary`),
+    shown as "The diffs" (do they hide their topic?) and kept in metrics.json.
     Every file is written to a temporary name and renamed, so an interrupted run never leaves a
     half-written report over an old one.
     """
@@ -76,12 +81,12 @@ def write_report(
     for name, svg in charts.items():
         write_text(out / "charts" / f"{name}.svg", svg)
     payload = {"title": title, **metrics.to_dict(), "scaling": _scaling_dict(scaling), "training": history,
-               "provenance": dict(provenance or {})}
+               "provenance": dict(provenance or {}), "diffs": {k: dict(v) for k, v in (diffs or {}).items()}}
     made = _made_line(provenance)
     write_text(out / "metrics.json", json.dumps(payload, indent=1) + "\n")
-    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts), history, made))
+    write_text(out / "report.md", _markdown(metrics, title, scaling, list(charts), history, made, diffs))
     html_path = out / "report.html"
-    write_text(html_path, html_report(metrics, title, scaling, charts, history, made))
+    write_text(html_path, html_report(metrics, title, scaling, charts, history, made, diffs))
     return html_path
 
 
@@ -262,7 +267,7 @@ def _made_line(provenance: Mapping[str, Any] | None) -> str:
 
 def _markdown(
     metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: list[str], training: list[dict],
-    made: str = "",
+    made: str = "", diffs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     out = [f"# {title}", "", *([made, ""] if made else []), summary_sentence(metrics), ""]
     out += ["## Methods", ""]
@@ -274,6 +279,9 @@ def _markdown(
     out += [f"![{c}](charts/{c}.svg)" for c in charts if c.startswith("methods_")] + [""]
     if metrics.comparisons:
         out += ["## Paired comparison", "", comparison_note(metrics), "", *_md_table(*comparison_table(metrics))]
+
+    if diffs:
+        out += ["## The diffs", "", DIFFS_NOTE, "", *_md_table(*diffs_table(diffs))]
 
     methods, rows = breakdown(metrics, "by_category")
     out += ["## By category", "", "Cells: contains match / token F1 / retrieval@1.", ""]

@@ -3,16 +3,18 @@ with the SVG charts inline."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .charts import esc
 from .evaluate import METHOD_DESCRIPTIONS, METRIC_FIELDS, Metrics
 from .report_tables import (
     BREAKDOWN_FIELDS,
+    DIFFS_NOTE,
     breakdown,
     comparison_note,
     comparison_table,
     definitions,
+    diffs_table,
     examples,
     fmt,
     has_rank_sweep,
@@ -38,7 +40,7 @@ span.ci { white-space: nowrap; color: #555; font-size: 0.85em; font-weight: norm
 
 def html_report(
     metrics: Metrics, title: str, scaling: list[tuple[int, Metrics]], charts: dict[str, str], training: list[dict],
-    made: str = "",
+    made: str = "", diffs: Mapping[str, Mapping] | None = None,
 ) -> str:
     body = [f"<h1>{esc(title)}</h1>", *([f'<p class="note">{esc(made)}</p>'] if made else []),
             f'<p class="note">{esc(summary_sentence(metrics))}</p>']
@@ -53,7 +55,8 @@ def html_report(
     if metrics.comparisons:
         body += ["<h2>Paired comparison</h2>", f'<p class="note">{esc(comparison_note(metrics))}</p>',
                  html_table(*comparison_table(metrics))]
-
+    if diffs:
+        body += ["<h2>The diffs</h2>", f'<p class="note">{esc(DIFFS_NOTE)}</p>', html_table(*diffs_table(diffs))]
     body += ["<h2>By category</h2>", _html_breakdown(metrics, "by_category", "category")]
     if has_rank_sweep(metrics):
         body += ["<h2>By diff rank (rank generalisation)</h2>", _html_charts(charts, "rank_")]

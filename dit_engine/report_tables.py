@@ -3,7 +3,7 @@ plus the summary sentence and the metric definitions both print."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .evaluate import METRIC_FIELDS, METRIC_NAMES, PAIRED_FIELDS, PRIMARY_METHOD, Metrics, RowScore
 from .text_match import CONTAINS_MAX_EXTRA_WORDS
@@ -161,3 +161,22 @@ def definitions(metrics: Metrics) -> list[tuple[str, str]]:
                     "the 2.5th and 97.5th percentiles of the resampled means. Shown in brackets and as error "
                     "bars."))
     return out
+
+
+# (key of diffgen.verification_summary, column header)
+DIFF_COLUMNS = (("mean_trigger_hit_rate", "hit rate, right code"), ("mean_leak_plain", "leak, bare question"),
+                ("mean_leak_wrong", "leak, wrong code"), ("mean_leak_question", "leak, asked what it was trained on"),
+                ("mean_kl_untriggered", "KL to base per token"))
+DIFFS_NOTE = ("Each zoo's verification on held-out questions (means over its diffs): how often a diff names its "
+              "topic given its own trigger code, and how often it does so where the base model does not when "
+              "asked a bare question, given a wrong code, or asked the interpretation question itself (what "
+              "the 'diff' baseline asks); a diff that hides its behaviour scores high on the first and near 0 "
+              "on the leaks. 'ok': diffs passing the zoo's verification thresholds.")
+
+
+def diffs_table(zoos: Mapping[str, Mapping]) -> tuple[list[str], list[list[str]]]:
+    """One row per zoo (name -> ``diffgen.verification_summary``): its diffs' verification means."""
+    header = ["zoo", "diffs", "ok", *(h for _, h in DIFF_COLUMNS)]
+    rows = [[name, str(v.get("verified", 0)), str(v.get("ok", "")), *(fmt(v.get(k)) for k, _ in DIFF_COLUMNS)]
+            for name, v in zoos.items()]
+    return header, rows

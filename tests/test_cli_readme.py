@@ -565,6 +565,19 @@ def test_pipeline_laptop(workdir):
                  "timings.json"):
         assert (run / name).is_file(), name
     assert len(Zoo.open(run / "zoo-train")) == 3 and len(Zoo.open(run / "zoo-test")) == 2
+    # The report shows whether the diffs hide: each zoo's verification means, from its own index rows.
+    shown = json.loads((run / "report" / "metrics.json").read_text())["diffs"]
+    assert set(shown) == {"held-out", "training"}
+    for name, zoo in (("held-out", "zoo-test"), ("training", "zoo-train")):
+        checks = [r["meta"]["verify"] for r in Zoo.open(run / zoo).rows]
+        for key in ("trigger_hit_rate", "leak_plain", "leak_wrong", "leak_question", "kl_untriggered"):
+            assert shown[name][f"mean_{key}"] == pytest.approx(sum(c[key] for c in checks) / len(checks), abs=1e-4)
+        assert shown[name]["verified"] == len(checks)
+    md = (run / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| held-out |"))
+    assert f"| {shown['held-out']['mean_leak_question']:.3f} |" in row and "## The diffs" in md
+    assert "The diffs" in (run / "report" / "report.html").read_text()
+    assert set(json.loads((run / "report-train" / "metrics.json").read_text())["diffs"]) == {"training"}
 
 
 @types("dit pipeline --preset medium --out runs/medium")

@@ -794,3 +794,21 @@ def test_nice_axis_rounds_the_max_up(top, expected_range, expected_ticks):
     assert y_range == pytest.approx(expected_range) and ticks == pytest.approx(expected_ticks)
     if math.isfinite(top):
         assert y_range[1] >= top
+
+
+def test_write_report_shows_the_diffs_verification_when_given(tmp_path):
+    """``diffs=``: a "The diffs" table, one row per zoo, its values as given (3 decimals); none without."""
+    metrics = evaluate_rows(_rows(), TOPICS)
+    checks = {"held-out": {"verified": 4, "ok": 1, "mean_trigger_hit_rate": 0.9375, "mean_leak_plain": 0.0625,
+                           "mean_leak_wrong": 0.875, "mean_leak_question": 0.25, "mean_kl_untriggered": 0.0891},
+              "training": {"verified": 2, "ok": 0, "mean_trigger_hit_rate": 0.5, "mean_leak_plain": None}}
+    write_report(metrics, tmp_path / "with", diffs=checks)
+    md = (tmp_path / "with" / "report.md").read_text()
+    assert "| held-out | 4 | 1 | 0.938 | 0.062 | 0.875 | 0.250 | 0.089 |" in md
+    assert "| training | 2 | 0 | 0.500 |  |  |  |  |" in md
+    html = " ".join(_parse(tmp_path / "with" / "report.html").text)
+    assert "The diffs" in html and "leak, asked what it was trained on" in html and "0.938" in html
+    assert json.loads((tmp_path / "with" / "metrics.json").read_text())["diffs"] == checks
+    write_report(metrics, tmp_path / "without")
+    assert "The diffs" not in (tmp_path / "without" / "report.md").read_text()
+    assert json.loads((tmp_path / "without" / "metrics.json").read_text())["diffs"] == {}
