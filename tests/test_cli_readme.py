@@ -519,6 +519,15 @@ def test_pipeline_with_the_shipped_adapter_skips_training(workdir, monkeypatch):
     assert "shipped adapter" in report and "Measured on " in report and "commit " in report
     methods = {json.loads(line)["method"] for line in (run / "results.jsonl").read_text().splitlines()}
     assert methods == {"dit", "diff", "diff+trigger", "base"}
+    # The same run directory, now training its own adapter: the shipped adapter's answers are not
+    # resumed as if they were the new adapter's; one line says so, and the old answers stay.
+    before = (run / "results.jsonl").read_bytes()
+    code, _, err = type_(".venv/bin/dit pipeline --preset laptop --out runs/shipped", *TINY_PIPELINE,
+                         "--set", "adapter=none", "--set", "dit.lr=0.01")  # (the same lr trains the same adapter)
+    last = err.strip().splitlines()[-1]  # after the training stages' progress bars
+    assert code == 1 and last.startswith("dit pipeline: error: ") and err.count("error") == 1, err
+    assert "results.jsonl: its DIT answers were made with another adapter" in last
+    assert (run / "results.jsonl").read_bytes() == before and (run / "dit" / "adapter.json").is_file()
 
 
 def test_pipeline_trains_when_the_shipped_adapter_is_for_another_base(workdir, monkeypatch, tmp_path):

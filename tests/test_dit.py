@@ -137,6 +137,33 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(world):
     assert _answers(part) == _answers(full)
 
 
+def test_a_results_file_of_another_adapter_is_refused_not_resumed(world, tmp_path):
+    """DIT rows carry the adapter's fingerprint; resuming a file another adapter wrote (the shipped one,
+    say, before a run trained its own) would keep that adapter's answers, so it is refused untouched.
+    The same adapter, or its bf16 copy, resumes it."""
+    eng, zoo, adapter, _, root = world
+    out = tmp_path / "res.jsonl"
+    interpret(eng, zoo, out, adapter=adapter, methods=("dit", "base"), ids=zoo.ids()[:3], max_new_tokens=2,
+              progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["adapter"] for r in rows if r["method"] == "dit"} == {adapter.fingerprint()}
+    assert all("adapter" not in r for r in rows if r["method"] == "base")
+    adapter.save(tmp_path / "bf16", dtype=torch.bfloat16)
+    copy = DitAdapter.load(tmp_path / "bf16")
+    assert copy.fingerprint() == adapter.fingerprint()
+    interpret(eng, zoo, out, adapter=copy, methods=("dit",), ids=zoo.ids()[:4], max_new_tokens=2, progress=False)
+    assert len(out.read_text().splitlines()) == 7  # resumed: one more DIT row
+    other = DitAdapter.load(root / "dit")
+    with torch.no_grad():
+        for b in other.slot.B.values():
+            b.mul_(2.0)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"res\.jsonl: its DIT answers were made with another adapter \(fingerprint "
+                                         f"{adapter.fingerprint()}; this one is {other.fingerprint()}\)"):
+        interpret(eng, zoo, out, adapter=other, methods=("dit",), max_new_tokens=2, progress=False)
+    assert out.read_bytes() == before
+
+
 def test_dit_training_resumes_from_its_checkpoint(world, tmp_path):
     eng, zoo, _, _, _ = world
     cfg = DitTrainConfig(question=QUESTION, rank=4, lr=3e-3, epochs=2, batch_size=8, val_fraction=0.0,

@@ -174,10 +174,17 @@ _CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "sch
             "adapter": ("shipped", "none"), "compute_dtype": ("bfloat16", "float32")}
 
 
+# The job configs' fields the pipeline sets per stage itself (PipelineConfig's docstring): a --set of
+# one would be silently replaced, so it is refused, naming the pipeline field that decides it.
+_STAGE_FIELDS = {"diffs.task": "task", "diffs.n": "n_train / n_test", "diffs.split": "the stage",
+                 "diffs.rank": "rank / test_ranks", "diffs.seed": "seed", "dit.task": "task", "dit.seed": "seed",
+                 "dit.max_diffs": "n_train / scaling"}
+
+
 def _settable_fields() -> dict[str, dataclasses.Field]:
     out = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in _SUBCONFIGS}
     for prefix, cls in _SUBCONFIGS.items():
-        out.update({f"{prefix}.{f.name}": f for f in dataclasses.fields(cls)})
+        out.update({f"{prefix}.{f.name}": f for f in dataclasses.fields(cls) if f"{prefix}.{f.name}" not in _STAGE_FIELDS})
     return out
 
 
@@ -188,6 +195,8 @@ def pipeline_setting(s: str) -> tuple[str, object]:
     """``FIELD=VALUE`` for :class:`~dit_engine.pipeline.PipelineConfig` (``diffs.X`` / ``dit.X`` for its
     job configs), typed like the field's default."""
     key, value = key_value(s)
+    if key in _STAGE_FIELDS:
+        raise argparse.ArgumentTypeError(f"{key!r} is set by the pipeline for each stage; set {_STAGE_FIELDS[key]} instead")
     if key not in PIPELINE_FIELDS:
         raise argparse.ArgumentTypeError(f"{key!r} is not a pipeline setting; known: {', '.join(PIPELINE_FIELDS)}")
     field = PIPELINE_FIELDS[key]

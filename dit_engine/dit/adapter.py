@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import LoraSlot, load_single, save_single
+from ..checkpoint import weights_fingerprint
 from ..files import write_json
 from ..zoo import BaseIdentity, Diff, export_peft
 
@@ -66,6 +67,12 @@ class DitAdapter:
         except Exception as e:  # corrupt JSON or safetensors, a missing tensor or field
             raise ValueError(f"{path}: unreadable DIT adapter ({type(e).__name__}: {e})") from None
         return cls(slot, meta["question"], meta["task"], meta["base"], meta.get("recipe", {}))
+
+    def fingerprint(self) -> str:
+        """A short hash of the adapter's weights (module names, shapes, a sample of values rounded to
+        bf16, so the fp32 adapter and its bf16 copy share it): which adapter made a DIT answer."""
+        return weights_fingerprint({f"{m}.{side}": t for side, ts in (("A", self.slot.A), ("B", self.slot.B))
+                                    for m, t in ts.items()})
 
     def export_peft(self, out_dir: str | Path, config, base_model_name: str) -> Path:
         """Write the adapter as a PEFT LoRA directory (for other tools: merge it, serve it, ...)."""

@@ -50,6 +50,8 @@ def interpret(
     """Answer ``question`` for every diff (of ``split`` / ``ids``) with each method; append JSONL rows.
 
     Rows already in ``out_jsonl`` (same id and method) are skipped, so an interrupted run resumes.
+    DIT rows carry the adapter's fingerprint (:meth:`DitAdapter.fingerprint`); a file whose DIT rows
+    another adapter made is refused (resuming would mix, or keep, that adapter's answers).
     Under torchrun each rank takes every world-th diff and writes ``<out>.rank<r>``; rank 0 merges.
     """
     methods = list(methods)
@@ -71,6 +73,13 @@ def interpret(
     if adapter is not None:
         adapter.check_base(BaseIdentity.from_model(model))
         dit_slot = adapter.slot.to(dev, model.dtype)
+    fingerprint = adapter.fingerprint() if "dit" in methods else None
+    if fingerprint is not None:
+        for f in dict.fromkeys((out, part)):
+            other = _other_adapter(f, fingerprint)
+            if other is not None:
+                raise ValueError(f"{f}: its DIT answers were made with another adapter (fingerprint {other}; this "
+                                 f"one is {fingerprint}); write to another file, or remove that one to read again")
     wanted = None if ids is None else set(ids)
     rows = [r for r in zoo.rows if (split is None or r.get("split") == split) and (wanted is None or r["id"] in wanted)]
     rows = rows[rank::world]
@@ -99,10 +108,11 @@ def interpret(
                     gens = generate(model, prompts, params, adapters=AdapterBatch(*slots), decode=tok.decode,
                                     batch_size=n)
                 dt = (time.perf_counter() - t0) / len(chunk)
+                made_by = {"adapter": fingerprint} if m == "dit" else {}
                 data = "".join(json.dumps({"id": r["id"], "method": m, "labels": r.get("labels", {}),
                                            "label_key": label_key, "answer": (g.text or "").strip(),
                                            "rank": r.get("rank"), "split": r.get("split"),
-                                           "n_tokens": len(g.token_ids), "time_s": round(dt, 5)}) + "\n"
+                                           "n_tokens": len(g.token_ids), "time_s": round(dt, 5), **made_by}) + "\n"
                                for r, g in zip(chunk, gens)).encode()
                 append_synced(fh, data, part)  # a full disk: the rows already there stay; a cut last line is redone
                 bar.update(len(chunk))
@@ -114,6 +124,23 @@ def interpret(
             _merge_parts(out, world)
         dist.barrier()
     return out
+
+
+def _other_adapter(path: Path, fingerprint: str) -> str | None:
+    """The fingerprint of another adapter whose DIT rows ``path`` holds (None: none, or the file's DIT
+    rows predate fingerprints)."""
+    if not path.exists():
+        return None
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            made = row.get("adapter") if isinstance(row, dict) and row.get("method") == "dit" else None
+            if made is not None and made != fingerprint:
+                return made
+    return None
 
 
 def diff_slot(diff, n_rows: int, *, device="cpu", dtype=torch.float32) -> LoraSlot:
