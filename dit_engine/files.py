@@ -13,7 +13,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,17 +141,20 @@ def drop_cut_line(path: Path) -> None:
             fh.truncate(data.rfind(b"\n") + 1)
 
 
-def done_keys(path: Path) -> set[tuple[str, str]]:
-    """``(id, method)`` of every complete row of a results JSONL file (a line cut by a kill is
-    skipped: its row is redone); the empty set when the file does not exist."""
+def complete_rows(path: Path) -> Iterator[dict]:
+    """Every complete row of a results JSONL file, in order (a line cut by a kill is skipped); none
+    when the file does not exist."""
     if not path.exists():
-        return set()
-    keys = set()
+        return
     with open(path) as fh:
         for line in fh:
             try:
-                d = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            keys.add((d["id"], d["method"]))
-    return keys
+
+
+def done_keys(path: Path) -> set[tuple[str, str]]:
+    """``(id, method)`` of every complete row of a results JSONL file (a line cut by a kill is
+    skipped: its row is redone); the empty set when the file does not exist."""
+    return {(d["id"], d["method"]) for d in complete_rows(path)}

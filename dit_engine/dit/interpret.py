@@ -23,7 +23,7 @@ from ..adapters import AdapterBatch, LoraSlot
 from ..distributed import rank_world
 from ..engine import Engine
 from ..evaluate import METHODS
-from ..files import append_synced, done_keys, drop_cut_line
+from ..files import append_synced, complete_rows, done_keys, drop_cut_line
 from ..generate import SamplingParams, generate
 from ..jobs import job
 from ..tasks import get_task
@@ -129,17 +129,10 @@ def interpret(
 def _other_adapter(path: Path, fingerprint: str) -> str | None:
     """The fingerprint of another adapter whose DIT rows ``path`` holds (None: none, or the file's DIT
     rows predate fingerprints)."""
-    if not path.exists():
-        return None
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            made = row.get("adapter") if isinstance(row, dict) and row.get("method") == "dit" else None
-            if made is not None and made != fingerprint:
-                return made
+    for row in complete_rows(path):
+        made = row.get("adapter") if row.get("method") == "dit" else None
+        if made is not None and made != fingerprint:
+            return made
     return None
 
 
