@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .diffgen import HIDING_RECIPE, RECIPE_RANK, DiffGenConfig, generate_zoo, verification_summary  # noqa: F401 (re-exported)
+from .diffgen import HIDING_RECIPE, RECIPE_RANK, DiffGenConfig, generate_zoo  # noqa: F401 (re-exported)
+from .diffgen import verification_summary
 from .dit import DitAdapter, DitTrainConfig, interpret, train_dit
 from .dit.adapter import SHIPPED, shipped_available
 from .engine import Engine

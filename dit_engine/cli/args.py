@@ -184,7 +184,8 @@ _STAGE_FIELDS = {"diffs.task": "task", "diffs.n": "n_train / n_test", "diffs.spl
 def _settable_fields() -> dict[str, dataclasses.Field]:
     out = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in _SUBCONFIGS}
     for prefix, cls in _SUBCONFIGS.items():
-        out.update({f"{prefix}.{f.name}": f for f in dataclasses.fields(cls) if f"{prefix}.{f.name}" not in _STAGE_FIELDS})
+        out.update({f"{prefix}.{f.name}": f for f in dataclasses.fields(cls)
+                    if f"{prefix}.{f.name}" not in _STAGE_FIELDS})
     return out
 
 

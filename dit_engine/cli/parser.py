@@ -137,8 +137,8 @@ def _zoo_parsers(sub) -> None:
                         "a reliable trigger that leaks more without it), reverse (backdoor's rows with the reverse "
                         "KL on the bare ones: as reliable, and the lowest bare-question leak measured at that hit "
                         "rate; a wrong code still fires it), self (reverse plus 8 bare rows asking about the "
-                        "assistant itself: asked what it was trained on, the diff answers as the base does) or plain (rank 1, near-miss wrong codes, sampled "
-                        "answers); a flag overrides one value")
+                        "assistant itself: asked what it was trained on, the diff answers as the base does) or "
+                        "plain (rank 1, near-miss wrong codes, sampled answers); a flag overrides one value")
     _defaults_from_recipe(p, DiffGenConfig, DIFFGEN_RECIPES)
 
     p = _leaf(zs, "info", help="counts, base model, verification summary of a zoo")
