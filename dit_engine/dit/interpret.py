@@ -65,7 +65,15 @@ def interpret(
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
     drop_cut_line(part)
-    done = done_keys(out) | (done_keys(part) if part != out else set())
+    fingerprint = adapter.fingerprint() if "dit" in methods else None
+    done = set()
+    for f in dict.fromkeys((out, part)):  # one read of each file: what is done, and who made its DIT rows
+        for d in complete_rows(f):
+            done.add((d["id"], d["method"]))
+            made = d.get("adapter") if d["method"] == "dit" else None
+            if fingerprint is not None and made not in (None, fingerprint):
+                raise ValueError(f"{f}: its DIT answers were made with another adapter (fingerprint {made}; this "
+                                 f"one is {fingerprint}); write to another file, or remove that one to read again")
     question = question or (adapter.question if adapter else get_task(task).interpretation_question)
     label_key = get_task(adapter.task if adapter else task).label_key
     model, tok = engine.model, engine.tokenizer
@@ -73,13 +81,6 @@ def interpret(
     if adapter is not None:
         adapter.check_base(BaseIdentity.from_model(model))
         dit_slot = adapter.slot.to(dev, model.dtype)
-    fingerprint = adapter.fingerprint() if "dit" in methods else None
-    if fingerprint is not None:
-        for f in dict.fromkeys((out, part)):
-            other = _other_adapter(f, fingerprint)
-            if other is not None:
-                raise ValueError(f"{f}: its DIT answers were made with another adapter (fingerprint {other}; this "
-                                 f"one is {fingerprint}); write to another file, or remove that one to read again")
     wanted = None if ids is None else set(ids)
     rows = [r for r in zoo.rows if (split is None or r.get("split") == split) and (wanted is None or r["id"] in wanted)]
     rows = rows[rank::world]
@@ -124,16 +125,6 @@ def interpret(
             _merge_parts(out, world)
         dist.barrier()
     return out
-
-
-def _other_adapter(path: Path, fingerprint: str) -> str | None:
-    """The fingerprint of another adapter whose DIT rows ``path`` holds (None: none, or the file's DIT
-    rows predate fingerprints)."""
-    for row in complete_rows(path):
-        made = row.get("adapter") if row.get("method") == "dit" else None
-        if made is not None and made != fingerprint:
-            return made
-    return None
 
 
 def diff_slot(diff, n_rows: int, *, device="cpu", dtype=torch.float32) -> LoraSlot:
