@@ -176,7 +176,7 @@ _CHOICES = {"task": tuple(sorted(TASKS)), "strategy": ("select", "prefix"), "sch
 
 # The job configs' fields the pipeline sets per stage itself (PipelineConfig's docstring): a --set of
 # one would be silently replaced, so it is refused, naming the pipeline field that decides it.
-_STAGE_FIELDS = {"diffs.task": "task", "diffs.n": "n_train / n_test", "diffs.split": "the stage",
+_STAGE_FIELDS = {"diffs.task": "task", "diffs.n": "n_train / n_test", "diffs.split": "n_train / n_test (the training and held-out zoos)",
                  "diffs.rank": "rank / test_ranks", "diffs.seed": "seed", "dit.task": "task", "dit.seed": "seed",
                  "dit.max_diffs": "n_train / scaling"}
 
